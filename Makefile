@@ -1,0 +1,48 @@
+# Two commands for a fresh machine: `make train` and `make test`; each installs what it needs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU default: the torch wheel this platform ships. On a CUDA host with torch already in the venv,
+# `make install TORCH_SPEC=` keeps it.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+EXP ?= mixtral_small
+export OMP_NUM_THREADS ?= $(shell nproc 2>/dev/null || echo 2)
+
+.PHONY: install train test test-fast test-gpu lint format corpus bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q "$(TORCH_SPEC)"; fi
+	if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q -c constraints.txt -e ".[dev]"; \
+	else $(PY) -m pip install -q -e ".[dev]"; fi
+	touch $(STAMP)
+
+train: install
+	$(PY) -m moetrain.train +experiment=$(EXP) $(ARGS)
+
+test: install
+	$(PY) -m pytest -q -m "not gpu" $(ARGS)
+
+test-fast: install
+	$(PY) -m pytest -q -m "not gpu and not slow and not multiprocess" $(ARGS)
+
+test-gpu: install
+	$(PY) -m pytest -q -m gpu -rs $(ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check moetrain tests benchmarks scripts
+	$(VENV)/bin/ruff format --check moetrain tests benchmarks scripts
+
+format: install
+	$(VENV)/bin/ruff check --fix moetrain tests benchmarks scripts
+	$(VENV)/bin/ruff format moetrain tests benchmarks scripts
+
+corpus: install
+	$(PY) -m moetrain.data.corpus
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

@@ -1,0 +1,356 @@
+"""Typed configuration: Hydra composes YAML, these dataclasses validate it.
+
+Every check runs when the config is built, before any expensive work, and fails with a
+one-line ``ConfigError`` naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+MOE_BACKENDS = ("auto", "torch", "megablocks")
+EXPERT_IMPLS = ("auto", "grouped_mm", "loop")
+AUX_LOSS_TYPES = ("switch", "mixtral")
+AUX_LOSS_SCOPES = ("micro_batch", "global_batch")
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the message is one line."""
+
+
+def _require(ok: bool, field_name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{field_name}={value!r} is invalid: {allowed}")
+
+
+@dataclass
+class MoEConfig:
+    backend: str = "auto"  # auto: megablocks when CUDA + megablocks are present, else torch
+    expert_impl: str = "auto"  # torch backend kernel: grouped_mm where torch has it, else a loop
+    capacity_factor: float | None = None  # None = dropless
+    aux_loss_weight: float = 0.01
+    aux_loss_type: str = "switch"  # switch = E * sum(f_i * P_i); mixtral = transformers' formula
+    aux_loss_scope: str = "micro_batch"
+    z_loss_weight: float = 0.001
+    normalize_top_k: bool = True  # Mixtral renormalises the top-k softmax weights
+    jitter_eps: float = 0.0  # multiplicative input jitter during training (Switch)
+
+    def validate(self, prefix: str = "model.moe") -> None:
+        _require(self.backend in MOE_BACKENDS, f"{prefix}.backend", self.backend, f"one of {MOE_BACKENDS}")
+        _require(
+            self.expert_impl in EXPERT_IMPLS, f"{prefix}.expert_impl", self.expert_impl, f"one of {EXPERT_IMPLS}"
+        )
+        _require(
+            self.capacity_factor is None or self.capacity_factor > 0,
+            f"{prefix}.capacity_factor",
+            self.capacity_factor,
+            "null (dropless) or a positive number",
+        )
+        _require(self.aux_loss_weight >= 0, f"{prefix}.aux_loss_weight", self.aux_loss_weight, "must be >= 0")
+        _require(self.z_loss_weight >= 0, f"{prefix}.z_loss_weight", self.z_loss_weight, "must be >= 0")
+        _require(
+            self.aux_loss_type in AUX_LOSS_TYPES,
+            f"{prefix}.aux_loss_type",
+            self.aux_loss_type,
+            f"one of {AUX_LOSS_TYPES}",
+        )
+        _require(
+            self.aux_loss_scope in AUX_LOSS_SCOPES,
+            f"{prefix}.aux_loss_scope",
+            self.aux_loss_scope,
+            f"one of {AUX_LOSS_SCOPES}",
+        )
+        _require(self.jitter_eps >= 0, f"{prefix}.jitter_eps", self.jitter_eps, "must be >= 0")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "custom"
+    vocab_size: int = 8192
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 8
+    num_kv_heads: int = 2
+    head_dim: int | None = None  # None = hidden_size // num_heads
+    ffn_hidden_size: int = 512  # per expert (and of dense FFN layers unless dense_ffn_hidden_size)
+    dense_ffn_hidden_size: int | None = None
+    num_experts: int = 8  # 0 = dense model
+    top_k: int = 2
+    moe_every: int = 1  # layer i is MoE iff num_experts > 0 and (i + 1) % moe_every == 0
+    max_seq_len: int = 512
+    rope_theta: float = 10000.0
+    sliding_window: int | None = None
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+    @property
+    def dense_ffn_size(self) -> int:
+        return self.dense_ffn_hidden_size if self.dense_ffn_hidden_size is not None else self.ffn_hidden_size
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return self.num_experts > 0 and (layer_idx + 1) % self.moe_every == 0
+
+    @property
+    def moe_layer_ids(self) -> list[int]:
+        return [i for i in range(self.num_layers) if self.is_moe_layer(i)]
+
+    def validate(self, prefix: str = "model") -> None:
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size"):
+            v = getattr(self, name)
+            _require(isinstance(v, int) and v > 0, f"{prefix}.{name}", v, "must be a positive integer")
+        _require(self.max_seq_len > 0, f"{prefix}.max_seq_len", self.max_seq_len, "must be a positive integer")
+        _require(self.num_experts >= 0, f"{prefix}.num_experts", self.num_experts, "must be >= 0 (0 = dense)")
+        _require(self.moe_every >= 1, f"{prefix}.moe_every", self.moe_every, "must be >= 1")
+        if self.head_dim is None:
+            _require(
+                self.hidden_size % self.num_heads == 0,
+                f"{prefix}.num_heads",
+                self.num_heads,
+                f"must divide hidden_size={self.hidden_size} (or set {prefix}.head_dim)",
+            )
+        else:
+            _require(self.head_dim > 0, f"{prefix}.head_dim", self.head_dim, "must be a positive integer")
+        _require(self.head_size % 2 == 0, f"{prefix}.head_dim", self.head_size, "must be even for RoPE")
+        _require(
+            self.num_heads % self.num_kv_heads == 0,
+            f"{prefix}.num_kv_heads",
+            self.num_kv_heads,
+            f"must divide num_heads={self.num_heads}",
+        )
+        if self.num_experts > 0:
+            _require(
+                1 <= self.top_k <= self.num_experts,
+                f"{prefix}.top_k",
+                self.top_k,
+                f"must be between 1 and num_experts={self.num_experts}",
+            )
+        if self.dense_ffn_hidden_size is not None:
+            _require(
+                self.dense_ffn_hidden_size > 0,
+                f"{prefix}.dense_ffn_hidden_size",
+                self.dense_ffn_hidden_size,
+                "must be a positive integer or null",
+            )
+        if self.sliding_window is not None:
+            _require(self.sliding_window > 0, f"{prefix}.sliding_window", self.sliding_window, "positive or null")
+        _require(self.rope_theta > 0, f"{prefix}.rope_theta", self.rope_theta, "must be > 0")
+        _require(self.init_std > 0, f"{prefix}.init_std", self.init_std, "must be > 0")
+        self.moe.validate(f"{prefix}.moe")
+
+
+@dataclass
+class DataConfig:
+    name: str = "builtin"  # builtin | a datasets loader (json, text, parquet, csv) | a hub dataset name
+    data_files: Any = None  # str, list or {split: files} for local loaders
+    config_name: str | None = None
+    split: str = "train"
+    validation_split: str | None = None  # None: carve validation_fraction out of the train split
+    validation_fraction: float = 0.005
+    text_field: str = "text"
+    domain_field: str | None = "domain"
+    seq_len: int = 256
+    tokenizer: str | None = None  # None: the builtin BPE; else a name or path for AutoTokenizer
+    vocab_size: int = 8192  # of the builtin BPE
+    data_dir: str | None = None  # None: $MOETRAIN_DATA_DIR or ~/.cache/moetrain
+    num_workers: int = 0
+    max_documents: int | None = None  # cap on documents (quick experiments)
+
+    def validate(self, prefix: str = "data") -> None:
+        _require(bool(self.name), f"{prefix}.name", self.name, "must name a dataset ('builtin', 'json', ...)")
+        _require(self.seq_len > 0, f"{prefix}.seq_len", self.seq_len, "must be a positive integer")
+        _require(
+            0 < self.validation_fraction < 1,
+            f"{prefix}.validation_fraction",
+            self.validation_fraction,
+            "must be in (0, 1)",
+        )
+        _require(bool(self.text_field), f"{prefix}.text_field", self.text_field, "must name a text column")
+        _require(self.vocab_size >= 300, f"{prefix}.vocab_size", self.vocab_size, "must be >= 300 (bytes + specials)")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    micro_batch_size: int = 8  # per rank
+    grad_accum: int = 1
+
+    def validate(self, prefix: str = "optim") -> None:
+        _require(self.lr > 0, f"{prefix}.lr", self.lr, "must be > 0")
+        _require(0 <= self.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        _require(self.warmup_steps >= 0, f"{prefix}.warmup_steps", self.warmup_steps, "must be >= 0")
+        _require(self.weight_decay >= 0, f"{prefix}.weight_decay", self.weight_decay, "must be >= 0")
+        _require(len(self.betas) == 2, f"{prefix}.betas", self.betas, "must be two numbers")
+        _require(self.grad_clip >= 0, f"{prefix}.grad_clip", self.grad_clip, "must be >= 0 (0 = off)")
+        _require(self.micro_batch_size > 0, f"{prefix}.micro_batch_size", self.micro_batch_size, "must be > 0")
+        _require(self.grad_accum > 0, f"{prefix}.grad_accum", self.grad_accum, "must be > 0")
+
+
+@dataclass
+class ParallelConfig:
+    ep_size: int = 1
+    zero_stage: int = 0
+    dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    activation_checkpointing: bool = False
+    deepspeed_config: str | None = None  # a user JSON merged over the generated one
+    shm_comm: bool = False  # DeepSpeed's CPU shared-memory collectives (JIT-compiles an op once)
+
+    def validate(self, prefix: str = "parallel") -> None:
+        _require(self.ep_size >= 1, f"{prefix}.ep_size", self.ep_size, "must be >= 1")
+        _require(self.zero_stage in (0, 1, 2), f"{prefix}.zero_stage", self.zero_stage, "one of 0, 1, 2")
+        _require(self.dtype in ("auto", "fp32", "bf16"), f"{prefix}.dtype", self.dtype, "one of auto, fp32, bf16")
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "moetrain"
+    entity: str | None = None
+    name: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+    def validate(self, prefix: str = "logging.wandb") -> None:
+        modes = ("offline", "online", "disabled")
+        _require(self.mode in modes, f"{prefix}.mode", self.mode, f"one of {modes}")
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    progress: bool = True
+    heatmap_every: int = 100  # experts x layers heatmap to W&B
+    collapse_threshold: float = 0.1  # warn when an expert gets < this share of its fair load...
+    collapse_window: int = 20  # ...for this many consecutive logged steps
+
+    def validate(self, prefix: str = "logging") -> None:
+        self.wandb.validate(f"{prefix}.wandb")
+        _require(
+            0 <= self.collapse_threshold < 1,
+            f"{prefix}.collapse_threshold",
+            self.collapse_threshold,
+            "in [0, 1)",
+        )
+        _require(self.collapse_window >= 1, f"{prefix}.collapse_window", self.collapse_window, "must be >= 1")
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 100
+    seed: int = 1234
+    log_every: int = 10
+    eval_every: int = 50
+    eval_batches: int = 8
+    checkpoint_every: int = 50
+    keep_last: int = 2
+    resume: str | None = None  # null | auto | a checkpoint path
+    stop_at: int | None = None
+    stop_after_minutes: float | None = None
+    sample_prompt: str = "To be, or not to be"
+    sample_tokens: int = 40
+    deterministic: bool = True
+
+    def validate(self, prefix: str = "trainer") -> None:
+        _require(self.max_steps > 0, f"{prefix}.max_steps", self.max_steps, "must be > 0")
+        for name in ("log_every", "eval_every", "checkpoint_every"):
+            v = getattr(self, name)
+            _require(v >= 0, f"{prefix}.{name}", v, "must be >= 0 (0 = off)")
+        _require(self.keep_last >= 1, f"{prefix}.keep_last", self.keep_last, "must be >= 1")
+        if self.stop_at is not None:
+            _require(
+                0 < self.stop_at <= self.max_steps,
+                f"{prefix}.stop_at",
+                self.stop_at,
+                f"must be in 1..max_steps={self.max_steps}",
+            )
+        if self.stop_after_minutes is not None:
+            _require(self.stop_after_minutes > 0, f"{prefix}.stop_after_minutes", self.stop_after_minutes, "> 0")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def validate(self) -> TrainConfig:
+        self.model.validate()
+        self.data.validate()
+        self.optim.validate()
+        self.parallel.validate()
+        self.logging.validate()
+        self.trainer.validate()
+        if self.parallel.ep_size > 1:
+            _require(
+                self.model.num_experts > 0 and self.model.num_experts % self.parallel.ep_size == 0,
+                "parallel.ep_size",
+                self.parallel.ep_size,
+                f"must divide model.num_experts={self.model.num_experts}",
+            )
+        _require(
+            self.data.seq_len <= self.model.max_seq_len,
+            "data.seq_len",
+            self.data.seq_len,
+            f"must be <= model.max_seq_len={self.model.max_seq_len}",
+        )
+        return self
+
+
+def _build(cls: type, values: Any, prefix: str) -> Any:
+    """Recursively build dataclass ``cls`` from a mapping, rejecting unknown keys with a one-liner."""
+    if values is None:
+        return cls()
+    if dataclasses.is_dataclass(values):
+        return values
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix} must be a mapping, got {type(values).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            where = f"{prefix}.{key}" if prefix else key
+            raise ConfigError(f"{where} is not a known option (known: {', '.join(sorted(known))})")
+        f = known[key]
+        sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+        if sub is not None and dataclasses.is_dataclass(sub):
+            kwargs[key] = _build(sub, value, f"{prefix}.{key}" if prefix else key)
+        elif key == "betas" and value is not None:
+            kwargs[key] = tuple(value)
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def model_config_from_dict(values: dict[str, Any]) -> ModelConfig:
+    cfg = _build(ModelConfig, dict(values), "model")
+    cfg.validate()
+    return cfg
+
+
+def train_config_from_dict(values: dict[str, Any]) -> TrainConfig:
+    """Build and validate from a plain dict (e.g. ``OmegaConf.to_container(cfg, resolve=True)``).
+
+    Keys that are not ours (``hydra``, ``plan``, ``experiment`` ...) are ignored at the top level.
+    """
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = _build(TrainConfig, {k: v for k, v in values.items() if k in known}, "")
+    return cfg.validate()
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
