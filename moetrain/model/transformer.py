@@ -1,0 +1,132 @@
+"""Mixtral-style decoder: embed -> N x [RMSNorm -> GQA+RoPE -> +res; RMSNorm -> FFN -> +res] -> RMSNorm -> head.
+
+Any block's FFN is dense SwiGLU or an MoE layer (``ModelConfig.is_moe_layer``), so a dense baseline
+and interleaved MoE are configs, not code. The forward returns the LM loss and the router losses
+separately; ``loss`` is their weighted sum (the weights live in ``model.moe``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from moetrain.config import ModelConfig
+from moetrain.model.attention import Attention, KVCache
+from moetrain.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
+from moetrain.moe import MoELayer, RouterStats, load_balancing_loss, router_z_loss
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None  # lm_loss + aux_w * aux_loss + z_w * z_loss
+    lm_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None  # unweighted
+    z_loss: torch.Tensor | None = None  # unweighted
+    router_stats: list[RouterStats] = field(default_factory=list)  # one per MoE layer, in order
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.attention = Attention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_size, cfg.sliding_window)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.is_moe = cfg.is_moe_layer(layer_idx)
+        if self.is_moe:
+            self.ffn: nn.Module = MoELayer(cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_experts, cfg.top_k, cfg.moe)
+        else:
+            self.ffn = SwiGLU(cfg.hidden_size, cfg.dense_ffn_size)
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache | None = None
+    ) -> tuple[torch.Tensor, RouterStats | None]:
+        x = x + self.attention(self.attention_norm(x), rope, cache)
+        h = self.ffn_norm(x)
+        if self.is_moe:
+            y, stats = self.ffn(h)
+            return x + y, stats
+        return x + self.ffn(h), None
+
+
+class MoETransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.rope = RotaryEmbedding(cfg.head_size, cfg.max_seq_len, cfg.rope_theta)
+        self.activation_checkpointing = False
+        # Set by moetrain.distributed when aux_loss_scope=global_batch: balance stats span all ranks.
+        self.balance_group = None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std); residual output projections scaled by 1/sqrt(2 * num_layers) (GPT-2)."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.num_layers)
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p)
+            elif name.endswith(("o_proj.weight", "ffn.w2.weight", "experts.w2")):
+                nn.init.normal_(p, 0.0, out_std)
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    @property
+    def moe_layers(self) -> list[MoELayer]:
+        return [b.ffn for b in self.layers if b.is_moe]
+
+    def forward(
+        self,
+        input_ids_BT: torch.Tensor,
+        labels_BT: torch.Tensor | None = None,
+        caches: list[KVCache] | None = None,
+    ) -> ModelOutput:
+        T = input_ids_BT.shape[1]
+        start = caches[0].length if caches else 0
+        x = self.embed(input_ids_BT)
+        positions = torch.arange(start, start + T, device=input_ids_BT.device)
+        rope = self.rope(positions, x.dtype)
+        stats: list[RouterStats] = []
+        for i, block in enumerate(self.layers):
+            if self.activation_checkpointing and self.training and caches is None:
+                x, s = checkpoint(block, x, rope, use_reentrant=False)
+            else:
+                x, s = block(x, rope, caches[i] if caches else None)
+            if s is not None:
+                stats.append(s)
+        logits = self.lm_head(self.norm(x))
+        out = ModelOutput(logits=logits, router_stats=stats)
+        if labels_BT is not None:
+            out.lm_loss = F.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]), labels_BT.reshape(-1), ignore_index=-100
+            )
+            moe = self.cfg.moe
+            out.aux_loss = load_balancing_loss(
+                stats, self.cfg.num_experts, self.cfg.top_k, moe.aux_loss_type, self.balance_group
+            ).to(out.lm_loss.device)
+            out.z_loss = router_z_loss(stats).to(out.lm_loss.device)
+            out.loss = out.lm_loss + moe.aux_loss_weight * out.aux_loss + moe.z_loss_weight * out.z_loss
+        return out
+
+    def num_params(self, active: bool = False) -> int:
+        """Total parameters, or those touched per token (top_k of the experts) with ``active``."""
+        total = sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+        if not active:
+            return total
+        inactive = 0
+        for layer in self.moe_layers:
+            per_expert = sum(p[0].numel() for p in layer.experts.parameters())
+            inactive += per_expert * (self.cfg.num_experts - self.cfg.top_k)
+        return total - inactive

@@ -1,0 +1,71 @@
+"""The sparse FFN block: router -> dispatch -> (token exchange) -> experts -> combine.
+
+Each piece is replaceable: expert parallelism swaps ``exchange`` for an all-to-all (see
+``moetrain.distributed.expert_parallel``); the MegaBlocks backend swaps the exchange+experts
+kernel while reading the same parameters. Router and dispatch never change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moetrain.config import MoEConfig
+from moetrain.moe.dispatch import combine, plan_dispatch
+from moetrain.moe.experts import GroupedExperts
+from moetrain.moe.router import TopKRouter
+
+
+@dataclass
+class RouterStats:
+    """What one MoE layer reports per forward: differentiable loss terms plus detached statistics."""
+
+    tokens_per_expert_E: torch.Tensor  # routed copies per (global) expert, float, detached
+    prob_sum_E: torch.Tensor  # sum over tokens of router probabilities (differentiable, fp32)
+    num_tokens: int
+    z_loss: torch.Tensor  # mean over tokens of logsumexp(logits)^2 (differentiable)
+    entropy: torch.Tensor  # mean router entropy in nats (detached)
+    num_dropped: int  # capacity mode only
+
+
+class LocalExchange:
+    """No expert parallelism: all experts live here, so the 'exchange' is a direct call."""
+
+    def __call__(self, x_SH: torch.Tensor, tokens_per_expert_E: torch.Tensor, experts: nn.Module) -> torch.Tensor:
+        return experts(x_SH, tokens_per_expert_E)
+
+
+class MoELayer(nn.Module):
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, num_experts: int, top_k: int, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = num_experts, top_k
+        self.capacity_factor = cfg.capacity_factor
+        self.router = TopKRouter(hidden_size, num_experts, top_k, cfg.normalize_top_k, cfg.jitter_eps)
+        self.experts = GroupedExperts(num_experts, hidden_size, ffn_hidden_size, cfg.expert_impl)
+        self.exchange = LocalExchange()
+
+    def forward(self, x_BTH: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
+        B, T, H = x_BTH.shape
+        x_NH = x_BTH.reshape(B * T, H)
+        routing = self.router(x_NH)
+        plan = plan_dispatch(routing.expert_ids_NK, self.num_experts, self.capacity_factor)
+        x_SH = x_NH[plan.token_idx_S]
+        y_SH = self.exchange(x_SH, plan.tokens_per_expert_E, self.experts)
+        out_NH = combine(y_SH, plan, routing.weights_NK, B * T)
+        return out_NH.view(B, T, H), self._stats(routing, plan.routed_per_expert_E, plan.num_dropped)
+
+    @staticmethod
+    def _stats(routing, routed_E: torch.Tensor, num_dropped: int) -> RouterStats:
+        probs = routing.probs_NE
+        with torch.no_grad():
+            entropy = -(probs * torch.log(probs.clamp_min(1e-20))).sum(-1).mean()
+        return RouterStats(
+            tokens_per_expert_E=routed_E.detach().float(),
+            prob_sum_E=probs.sum(0),
+            num_tokens=probs.shape[0],
+            z_loss=torch.logsumexp(routing.logits_NE, dim=-1).pow(2).mean(),
+            entropy=entropy,
+            num_dropped=num_dropped,
+        )
