@@ -384,9 +384,8 @@ def plan_summary(
         f"({counts['active'] / counts['total']:.1%} active, total/active {counts['total'] / counts['active']:.2f}x)",
         f"compute: {fmt_flops(flops['training'])}/token training, {fmt_flops(flops['forward'])}/token forward "
         f"(seq_len {seq_len})",
-        f"memory/rank ({mem['dtype']}, ep={ep_size}, dp={dp_size}, ZeRO-{zero_stage}): "
-        f"weights {fmt_bytes(r['weights'])}, grads {fmt_bytes(r['grads'])}, "
-        f"optimizer {fmt_bytes(r['optimizer'])}, total {fmt_bytes(r['total'])} (activations not included)",
+        f"memory/rank ({mem['dtype']}, ep={ep_size}, dp={dp_size}, ZeRO-{zero_stage}): {fmt_bytes(r['total'])} = "
+        f"weights {fmt_bytes(r['weights'])} + grads {fmt_bytes(r['grads'])} + optimizer {fmt_bytes(r['optimizer'])}",
     ]
 
 
@@ -465,9 +464,10 @@ def render(plan: dict[str, Any], console: Any = None) -> None:
     console.print(t)
     pr = m["bf16"]["per_rank_params"]
     console.print(
-        f"params per rank: {fmt_count(pr['total'])} ({fmt_count(pr['non_expert'])} replicated + "
-        f"{fmt_count(pr['expert'])} expert). Bytes/param: fp32 4+4+8, bf16 2+2+12 (fp32 master + 2 moments)."
+        f"params per rank: {fmt_count(pr['total'])} = {fmt_count(pr['non_expert'])} replicated + "
+        f"{fmt_count(pr['expert'])} expert"
     )
+    console.print("bytes/param: fp32 4+4+8, bf16 2+2+12 (fp32 master + 2 fp32 moments)")
     console.print("Activations, buffers and allocator slack are not included.")
 
     d = plan["dense_equivalent"]

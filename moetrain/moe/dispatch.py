@@ -23,7 +23,8 @@ class DispatchPlan:
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
-    return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
+    # Round off float noise first: 1.1 * 25 * 2 / 5 == 11.000000000000002 must give 11, not 12.
+    return max(1, math.ceil(round(capacity_factor * num_tokens * top_k / num_experts, 9)))
 
 
 def plan_dispatch(expert_ids_NK: torch.Tensor, num_experts: int, capacity_factor: float | None) -> DispatchPlan:

@@ -49,7 +49,8 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_SH: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         """x_SH: token copies sorted by (local) expert; tokens_per_expert_E: their int counts."""
-        if self.resolved_impl(x_SH.dtype) == "grouped_mm":
+        # grouped_mm rejects an empty batch (an expert-parallel rank can receive no tokens at all).
+        if self.resolved_impl(x_SH.dtype) == "grouped_mm" and x_SH.shape[0] > 0:
             return self._grouped_mm(x_SH, tokens_per_expert_E)
         return self._loop(x_SH, tokens_per_expert_E)
 

@@ -1,0 +1,131 @@
+"""Saving and restoring whole training state, atomically.
+
+Layout of one checkpoint (``checkpoints/step_00000100/``): see ``moetrain/checkpoint/__init__.py``.
+Every rank writes into ``checkpoints/.tmp-step_00000100/``; after a barrier rank 0 renames it to
+its final name and only then rewrites ``latest`` (tmp file + rename), so an interruption at any point
+leaves the previous checkpoint as ``latest`` and never a half-written one under a final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from moetrain.checkpoint.model_file import LATEST, TOKENIZER_DIR, CheckpointError, save_model_file
+from moetrain.distributed import barrier
+
+STATE_FILE = "trainer_state.json"
+ENGINE_TAG = "engine"
+
+
+def step_dirname(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class CheckpointManager:
+    def __init__(self, root: Path, rank: int, keep_last: int) -> None:
+        self.root = root
+        self.rank = rank
+        self.keep_last = keep_last
+
+    # ---- saving -------------------------------------------------------------------------------
+    def save(
+        self,
+        *,
+        step: int,
+        engine: Any,
+        full_state_dict: dict[str, torch.Tensor] | None,
+        config: dict[str, Any],
+        trainer_state: dict[str, Any],
+        rank_state: dict[str, Any],
+        tokenizer: Any | None,
+        sharded_experts: bool = False,
+    ) -> Path:
+        """Collective: every rank calls it. ``full_state_dict`` is needed on rank 0 only."""
+        final = self.root / step_dirname(step)
+        tmp = self.root / f".tmp-{step_dirname(step)}"
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob(".tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+        barrier()
+        if sharded_experts:
+            from moetrain.distributed.expert_parallel import save_engine_state
+
+            save_engine_state(engine, tmp / ENGINE_TAG, self.rank)
+        else:
+            engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False)
+        (tmp / "rank_state").mkdir(exist_ok=True)
+        torch.save({**rank_state, "rng": rng_state()}, tmp / "rank_state" / f"rank_{self.rank:05d}.pt")
+        if self.rank == 0:
+            assert full_state_dict is not None
+            save_model_file(full_state_dict, tmp, config)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+            (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
+        barrier()
+        if self.rank == 0:
+            if final.exists():  # re-saving a step (e.g. a resumed run stopping where it started)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            pointer = self.root / f".{LATEST}.tmp"
+            pointer.write_text(final.name)
+            os.replace(pointer, self.root / LATEST)
+            self._prune(keep=final)
+        barrier()
+        return final
+
+    def _prune(self, keep: Path) -> None:
+        steps = sorted(p for p in self.root.glob("step_*") if p.is_dir())
+        for old in steps[: max(0, len(steps) - self.keep_last)]:
+            if old != keep:
+                shutil.rmtree(old, ignore_errors=True)
+
+    # ---- resuming -----------------------------------------------------------------------------
+    def latest(self) -> Path | None:
+        pointer = self.root / LATEST
+        if not pointer.is_file():
+            return None
+        path = self.root / pointer.read_text().strip()
+        return path if path.is_dir() else None
+
+
+def read_trainer_state(folder: Path) -> dict[str, Any]:
+    path = folder / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no {STATE_FILE}: not a training checkpoint (pass a step_* folder)")
+    return json.loads(path.read_text())
+
+
+def read_rank_state(folder: Path, rank: int) -> dict[str, Any] | None:
+    path = folder / "rank_state" / f"rank_{rank:05d}.pt"
+    if not path.is_file():
+        return None
+    return torch.load(path, weights_only=False)

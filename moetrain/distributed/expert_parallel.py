@@ -1,0 +1,206 @@
+"""Expert parallelism: shard each MoE layer's experts over ``parallel.ep_size`` ranks, applied to a
+built model from the outside (the model code never mentions ranks).
+
+How DeepSpeed is made to treat our layer correctly (see docs/ARCHITECTURE.md, "Expert parallelism"):
+the engine only gives expert parameters their own gradient reduction (sum over the expert-data-
+parallel group, divided by the full data-parallel size) and its MoE-aware ZeRO handling when the
+module *is an instance of* ``deepspeed.moe.layer.MoE``. ``parallelize`` therefore turns each sharded
+layer into ``ExpertParallelMoELayer``: our ``MoELayer`` that also satisfies DeepSpeed's MoE contract
+(``num_experts``, ``ep_size``, ``expert_group_name``, ``num_local_experts``, groups created through
+``deepspeed.utils.groups``) and tags its expert parameters (``allreduce=False``, ``group_name``).
+The all-to-all backward passes gradients unscaled, so no extra scaling is applied anywhere.
+
+DeepSpeed's own MoE *checkpoint* writer only understands its expert module names, so sharded runs
+save the engine state per rank through ``save_engine_state`` and the model through the layout-free
+``model.safetensors`` (all experts, global ids), which is what makes resharding possible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moetrain.config import TrainConfig
+from moetrain.distributed.env import DistEnv
+from moetrain.moe import MoELayer
+
+EXPERT_PARAM_NAMES = ("w1", "v1", "w2")
+
+
+@dataclass
+class ExpertParallelInfo:
+    enabled: bool
+    ep_size: int = 1
+    ep_rank: int = 0
+    group: Any = None
+    group_name: str = ""
+
+
+class AllToAllExchange:
+    """Send each token copy to the rank that owns its expert, run local experts, send results back.
+
+    Token copies arrive sorted by global expert id, so the copies for rank r are one contiguous
+    slice. Step 1 exchanges per-expert counts, step 2 the tokens (variable splits, dropless; empty
+    splits are fine), then received rows are regrouped by local expert for the grouped GEMM.
+    """
+
+    def __init__(self, group: Any, ep_size: int, num_local_experts: int) -> None:
+        self.group, self.ep_size, self.num_local_experts = group, ep_size, num_local_experts
+
+    def __call__(self, x_SH: torch.Tensor, tokens_per_expert_E: torch.Tensor, experts: nn.Module) -> torch.Tensor:
+        from torch.distributed.nn.functional import all_to_all_single
+
+        ep, El = self.ep_size, self.num_local_experts
+        counts_send = tokens_per_expert_E.to(torch.int64)
+        counts_recv = torch.empty_like(counts_send)  # [src rank, local expert] after the exchange
+        dist.all_to_all_single(counts_recv, counts_send, group=self.group)
+        send_splits = counts_send.view(ep, El).sum(1).tolist()
+        recv_splits = counts_recv.view(ep, El).sum(1).tolist()
+        x_recv = all_to_all_single(
+            x_SH.new_empty(sum(recv_splits), x_SH.shape[1]),
+            x_SH.contiguous(),
+            output_split_sizes=recv_splits,
+            input_split_sizes=send_splits,
+            group=self.group,
+        )
+        # Rows arrive grouped by source rank, then by local expert: regroup by local expert.
+        expert_of_row = torch.repeat_interleave(
+            torch.arange(El, device=x_SH.device).repeat(ep), counts_recv.to(x_SH.device)
+        )
+        order = torch.argsort(expert_of_row, stable=True)
+        y_sorted = experts(x_recv[order], counts_recv.view(ep, El).sum(0))
+        y_recv = torch.empty_like(y_sorted).index_copy(0, order, y_sorted)
+        return all_to_all_single(
+            x_SH.new_empty(sum(send_splits), y_recv.shape[1]),
+            y_recv,
+            output_split_sizes=send_splits,
+            input_split_sizes=recv_splits,
+            group=self.group,
+        )
+
+
+def _deepspeed_moe_base() -> type:
+    from deepspeed.moe.layer import MoE
+
+    return MoE
+
+
+_EP_CLASS: type | None = None
+
+
+def _ep_layer_class() -> type:
+    """``MoELayer`` + DeepSpeed's MoE contract (built lazily: importing deepspeed is slow)."""
+    global _EP_CLASS
+    if _EP_CLASS is None:
+
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False, **_: Any) -> None:
+            pass  # groups already exist: parallelize() created them before the engine
+
+        _EP_CLASS = type(
+            "ExpertParallelMoELayer",
+            (MoELayer, _deepspeed_moe_base()),
+            {"set_deepspeed_parallelism": set_deepspeed_parallelism, "__doc__": "MoELayer sharded over ranks."},
+        )
+    return _EP_CLASS
+
+
+def parallelize(model: nn.Module, cfg: TrainConfig, env: DistEnv) -> ExpertParallelInfo:
+    """Apply expert parallelism (and the global-batch balance group) to ``model`` in place."""
+    if cfg.model.moe.aux_loss_scope == "global_batch" and env.world_size > 1:
+        model.balance_group = dist.group.WORLD
+    ep_size = cfg.parallel.ep_size
+    if ep_size == 1:
+        return ExpertParallelInfo(enabled=False)
+    if env.world_size % ep_size != 0:
+        raise ValueError(f"parallel.ep_size={ep_size} is invalid: must divide the number of processes {env.world_size}")
+    from deepspeed.utils import groups
+
+    group_name = f"ep_size_{ep_size}"
+    if group_name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep_size)
+    group = groups._get_expert_parallel_group(group_name)
+    ep_rank = groups._get_expert_parallel_rank(group_name)
+    num_experts = cfg.model.num_experts
+    El = num_experts // ep_size
+    for layer in model.moe_layers:
+        with torch.no_grad():  # keep the shard of the full (identically seeded) init: same as 1 process
+            for name in EXPERT_PARAM_NAMES:
+                full = getattr(layer.experts, name)
+                shard = nn.Parameter(full.data[ep_rank * El : (ep_rank + 1) * El].clone())
+                shard.allreduce = False  # DeepSpeed: an expert param, reduced over its expert-DP group
+                shard.group_name = group_name
+                setattr(layer.experts, name, shard)
+        layer.experts.num_experts = El
+        layer.exchange = AllToAllExchange(group, ep_size, El)
+        layer.__class__ = _ep_layer_class()
+        layer.ep_size, layer.expert_group_name, layer.num_local_experts = ep_size, group_name, El
+        layer.enable_expert_tensor_parallelism = False
+    model.has_expert_parallel_params = True
+    return ExpertParallelInfo(True, ep_size, ep_rank, group, group_name)
+
+
+def _expert_param_names(model: nn.Module) -> list[str]:
+    out = []
+    for name, module in model.named_modules():
+        if isinstance(module, MoELayer):
+            out += [f"{name}.experts.{p}" for p in EXPERT_PARAM_NAMES]
+    return out
+
+
+def full_state_dict(model: nn.Module, env: DistEnv, ep: ExpertParallelInfo) -> dict[str, torch.Tensor] | None:
+    """Every parameter with all experts in global order (collective under EP; result on rank 0)."""
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    if ep.enabled:
+        for name in _expert_param_names(model):
+            local = sd[name].contiguous()
+            parts = [torch.empty_like(local) for _ in range(ep.ep_size)]
+            dist.all_gather(parts, local, group=ep.group)
+            sd[name] = torch.cat(parts, dim=0)
+    return sd if env.rank == 0 else None
+
+
+def load_full_state_dict(model: nn.Module, full: dict[str, torch.Tensor], env: DistEnv, ep: ExpertParallelInfo) -> None:
+    """Load a layout-free state dict, keeping this rank's expert shard."""
+    sd = dict(full)
+    if getattr(model, "cfg", None) is not None and model.cfg.tie_embeddings:
+        sd.setdefault("lm_head.weight", sd["embed.weight"])
+    if ep.enabled:
+        for name in _expert_param_names(model):
+            El = sd[name].shape[0] // ep.ep_size
+            sd[name] = sd[name][ep.ep_rank * El : (ep.ep_rank + 1) * El]
+    model.load_state_dict(sd, strict=True)
+
+
+# ---- engine state for sharded runs ----------------------------------------------------------------
+def save_engine_state(engine: Any, folder: Path, rank: int) -> None:
+    """Per-rank module shard, optimizer and LR-scheduler state (DeepSpeed's MoE writer can't name ours)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {
+            "module": engine.module.state_dict(),
+            "optimizer": engine.optimizer.state_dict(),
+            "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
+            "global_steps": engine.global_steps,
+            "global_samples": engine.global_samples,
+        },
+        folder / f"rank_{rank:05d}.pt",
+    )
+
+
+def load_engine_state(engine: Any, folder: Path, rank: int) -> None:
+    state = torch.load(folder / f"rank_{rank:05d}.pt", weights_only=False)
+    engine.module.load_state_dict(state["module"], strict=True)
+    opt = engine.optimizer
+    if type(opt).__module__.startswith("deepspeed.runtime.zero"):
+        opt.load_state_dict([state["optimizer"]], load_optimizer_states=True, load_from_fp32_weights=True)
+    else:
+        opt.load_state_dict(state["optimizer"])
+    if state["lr_scheduler"] is not None and engine.lr_scheduler is not None:
+        engine.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    engine.global_steps = state["global_steps"]
+    engine.global_samples = state["global_samples"]

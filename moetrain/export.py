@@ -1,0 +1,160 @@
+"""Export a checkpoint as a transformers model folder: ``python -m moetrain.export CHECKPOINT OUT_DIR``.
+
+CHECKPOINT is a checkpoint folder, a ``checkpoints/`` folder or a run folder (its latest checkpoint).
+OUT_DIR receives what ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained``
+read: ``config.json``, ``generation_config.json``, ``model.safetensors`` and the checkpoint's tokenizer.
+MoE models become ``MixtralForCausalLM``, fully dense ones ``MistralForCausalLM`` (see moetrain/hf.py).
+
+The folder is written under ``OUT_DIR.tmp-XXXX`` and renamed into place, so OUT_DIR is either absent
+or complete; a non-empty OUT_DIR is replaced only with ``--force``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from moetrain.checkpoint import read_model_config, resolve_checkpoint
+from moetrain.checkpoint.model_file import MODEL_FILE, TOKENIZER_DIR
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ExportError(ValueError):
+    """A user-facing export problem; the message is one line."""
+
+
+def _load_tokenizer(folder: Path) -> Any | None:
+    if not (folder / TOKENIZER_DIR).is_dir():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder / TOKENIZER_DIR))
+
+
+def _check_out_dir(out_dir: Path, force: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"{out_dir} exists and is not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise ExportError(f"{out_dir} exists and is not empty (pass --force to replace it)")
+
+
+def _move_into_place(tmp: Path, out_dir: Path) -> None:
+    """Rename ``tmp`` to ``out_dir``, replacing whatever is there (the caller checked --force)."""
+    if not out_dir.exists():
+        tmp.rename(out_dir)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.old-", dir=out_dir.parent))
+    old.rmdir()
+    out_dir.rename(old)
+    tmp.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export(
+    checkpoint: str | Path, out_dir: str | Path, *, force: bool = False, dtype: str | None = None
+) -> dict[str, Any]:
+    """Write the transformers folder for ``checkpoint`` to ``out_dir``; return a summary dict.
+
+    ``dtype`` (fp32 | bf16 | fp16) casts the weights; None keeps the checkpoint's dtype.
+    """
+    from safetensors.torch import load_file
+    from transformers import GenerationConfig
+
+    from moetrain.hf import hf_architecture, hf_model_from_state
+
+    folder = resolve_checkpoint(checkpoint)
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir, force)
+    if dtype is not None and dtype not in DTYPES:
+        raise ExportError(f"--dtype={dtype!r} is invalid: one of {tuple(DTYPES)}")
+    try:
+        model_cfg = read_model_config(folder)
+    except KeyError as e:
+        raise ExportError(f"{folder}/config.yaml has no {e} section") from e
+    arch = hf_architecture(model_cfg)  # refuses what transformers cannot hold, before any heavy work
+    state = load_file(str(folder / MODEL_FILE))
+    if dtype is not None:
+        state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
+    tokenizer = _load_tokenizer(folder)
+    if tokenizer is not None and len(tokenizer) > model_cfg.vocab_size:
+        raise ExportError(
+            f"the tokenizer in {folder / TOKENIZER_DIR} has {len(tokenizer)} tokens, more than the "
+            f"model's vocab_size={model_cfg.vocab_size}"
+        )
+    hf_model = hf_model_from_state(model_cfg, state, tokenizer)
+    hf_model.generation_config = GenerationConfig(
+        bos_token_id=hf_model.config.bos_token_id,
+        eos_token_id=hf_model.config.eos_token_id,
+        pad_token_id=hf_model.config.pad_token_id,
+    )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        hf_model.save_pretrained(str(tmp), safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        _check_out_dir(out_dir, force)  # someone may have written there meanwhile
+        _move_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    params = sum(p.numel() for p in {id(p): p for p in hf_model.parameters()}.values())
+    return {
+        "checkpoint": str(folder),
+        "out_dir": str(out_dir),
+        "architecture": arch,
+        "params": params,
+        "num_experts": model_cfg.num_experts,
+        "top_k": model_cfg.top_k,
+        "dtype": str(state["embed.weight"].dtype).removeprefix("torch."),
+        "tokenizer": tokenizer is not None,
+    }
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m moetrain.export",
+        description="Export a moetrain checkpoint as a transformers MixtralForCausalLM folder.",
+    )
+    parser.add_argument("checkpoint", help="checkpoint folder, checkpoints/ folder or run folder")
+    parser.add_argument("out_dir", help="folder to write (must be absent or empty unless --force)")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="cast weights (default: as stored)")
+    args = parser.parse_args(argv)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            summary = export(args.checkpoint, args.out_dir, force=args.force, dtype=args.dtype)
+        for w in caught:
+            if w.filename.endswith(("moetrain/hf.py", "moetrain/export.py")):
+                print(f"warning: {_first_line(w.message)}", file=sys.stderr)
+            else:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    except (ValueError, OSError, yaml.YAMLError) as e:  # ConfigError / CheckpointError are ValueErrors
+        print(f"error: {_first_line(e)}", file=sys.stderr)
+        return 2
+    experts = f"{summary['num_experts']} experts top-{summary['top_k']}, " if summary["num_experts"] else ""
+    print(
+        f"exported {summary['checkpoint']} -> {summary['out_dir']} ({summary['architecture']}, "
+        f"{summary['params'] / 1e6:.2f}M params, {experts}{summary['dtype']}, "
+        f"tokenizer: {'yes' if summary['tokenizer'] else 'no'})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Routing balance and expert utilisation from the per-layer ``RouterStats`` of each forward."""
+
+from __future__ import annotations
+
+import torch
+
+from moetrain.moe import RouterStats
+
+
+class RoutingAccumulator:
+    """Sums routed-token counts, entropy and drops per MoE layer over the micro-batches of a log window."""
+
+    def __init__(self, layer_ids: list[int], num_experts: int) -> None:
+        self.layer_ids = layer_ids
+        self.num_experts = num_experts
+        self.reset()
+
+    def reset(self) -> None:
+        L, E = len(self.layer_ids), self.num_experts
+        self.counts_LE = torch.zeros(L, E, dtype=torch.float64)
+        self.entropy_sum_L = torch.zeros(L, dtype=torch.float64)
+        self.dropped_L = torch.zeros(L, dtype=torch.float64)
+        self.forwards = 0
+
+    def add(self, stats: list[RouterStats]) -> None:
+        if not stats:
+            return
+        for i, s in enumerate(stats):
+            self.counts_LE[i] += s.tokens_per_expert_E.detach().to("cpu", torch.float64)
+            self.entropy_sum_L[i] += float(s.entropy)
+            self.dropped_L[i] += s.num_dropped
+        self.forwards += 1
+
+    def packed(self) -> torch.Tensor:
+        """One flat tensor to all-reduce (sum) across data-parallel ranks."""
+        return torch.cat(
+            [self.counts_LE.flatten(), self.entropy_sum_L, self.dropped_L, torch.tensor([float(self.forwards)])]
+        )
+
+    def unpack(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        L, E = self.counts_LE.shape
+        counts = flat[: L * E].view(L, E)
+        entropy = flat[L * E : L * E + L]
+        dropped = flat[L * E + L : L * E + 2 * L]
+        return counts, entropy, dropped, float(flat[-1])
+
+
+def routing_metrics(
+    layer_ids: list[int], counts_LE: torch.Tensor, entropy_sum_L: torch.Tensor, dropped_L: torch.Tensor, forwards: float
+) -> dict[str, object]:
+    """Per layer: fraction of routed copies per expert (sums to 1), imbalance = max/mean load,
+    coefficient of variation, mean router entropy (nats), dropped fraction (capacity mode)."""
+    out: dict[str, object] = {}
+    for i, layer in enumerate(layer_ids):
+        counts = counts_LE[i]
+        total = float(counts.sum())
+        if total <= 0:
+            continue
+        frac = counts / total
+        mean = counts.mean()
+        prefix = f"moe/layer_{layer}"
+        out[f"{prefix}/expert_fraction"] = [round(float(x), 6) for x in frac]
+        out[f"{prefix}/imbalance"] = float(counts.max() / mean)
+        out[f"{prefix}/cv"] = float(counts.std(unbiased=False) / mean)
+        out[f"{prefix}/entropy"] = float(entropy_sum_L[i] / max(forwards, 1.0))
+        out[f"{prefix}/dropped_fraction"] = float(dropped_L[i] / total)
+    if layer_ids and counts_LE.sum() > 0:
+        keys = [f"moe/layer_{layer}/imbalance" for layer in layer_ids if f"moe/layer_{layer}/imbalance" in out]
+        out["moe/max_imbalance"] = max(out[k] for k in keys)  # type: ignore[type-var]
+    return out

@@ -1,0 +1,56 @@
+"""``python -m moetrain.train +experiment=mixtral_small [key=value ...]`` — the Hydra entry point.
+
+Works the same under ``python``, ``torchrun`` and the ``deepspeed`` launcher. Bad configuration
+stops with one line ``error: ...`` (exit code 2) before any expensive work.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from moetrain.config import ConfigError, train_config_from_dict  # noqa: E402
+from moetrain.distributed.env import strip_launcher_args  # noqa: E402
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+
+
+def _fail(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
+def main(raw: DictConfig) -> int:
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        plain = OmegaConf.to_container(raw, resolve=True)
+        cfg = train_config_from_dict(plain)  # type: ignore[arg-type]
+    except (ConfigError, Exception) as e:  # interpolation errors included
+        _fail(str(e).splitlines()[0])
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    from moetrain.checkpoint.model_file import CheckpointError
+    from moetrain.trainer import Trainer
+
+    try:
+        from moetrain.data import DataError
+    except ImportError:  # pragma: no cover
+        DataError = ValueError  # type: ignore[misc,assignment]  # noqa: N806
+    try:
+        return Trainer(cfg, run_dir, plain).run()  # type: ignore[arg-type]
+    except (ConfigError, CheckpointError, DataError, FileNotFoundError) as e:
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.argv = strip_launcher_args(sys.argv)
+    main()

@@ -1,0 +1,99 @@
+"""Build the DeepSpeed engine from the typed config (the DeepSpeed JSON is generated, not hand-written).
+
+A user JSON (``parallel.deepspeed_config``) is merged over the generated one, so any DeepSpeed option
+stays reachable; the batch-size keys are always ours, since the data loader depends on them.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moetrain.config import TrainConfig
+from moetrain.trainer.schedule import lr_multiplier
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def deepspeed_config(cfg: TrainConfig, dp_world_size: int) -> dict[str, Any]:
+    o, p = cfg.optim, cfg.parallel
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": o.micro_batch_size,
+        "gradient_accumulation_steps": o.grad_accum,
+        "train_batch_size": o.micro_batch_size * o.grad_accum * dp_world_size,
+        "gradient_clipping": o.grad_clip,
+        "zero_optimization": {"stage": p.zero_stage},
+        "bf16": {"enabled": resolve_dtype(p.dtype) == torch.bfloat16},
+        "optimizer": {
+            "type": "AdamW",
+            # torch_adam: the torch implementation; DeepSpeed's fused Adam would JIT-compile on CPU.
+            "params": {
+                "lr": o.lr,
+                "betas": list(o.betas),
+                "eps": o.eps,
+                "weight_decay": o.weight_decay,
+                "torch_adam": True,
+            },
+        },
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if p.deepspeed_config:
+        path = Path(p.deepspeed_config)
+        if not path.is_file():
+            raise FileNotFoundError(f"parallel.deepspeed_config={p.deepspeed_config!r}: no such file")
+        user = json.loads(path.read_text())
+        for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
+            user.pop(key, None)
+        ds = _merge(ds, user)
+    return ds
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on norms (1-D params); decay on matrices, embeddings and experts."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})
+    return groups
+
+
+def build_engine(model: torch.nn.Module, cfg: TrainConfig, dp_world_size: int):
+    import deepspeed
+
+    ds_config = deepspeed_config(cfg, dp_world_size)
+    # Under expert parallelism the engine splits these groups into dense / expert (moe) groups itself.
+    groups = param_groups(model, cfg.optim.weight_decay)
+    schedule = partial(
+        lr_multiplier,
+        warmup_steps=cfg.optim.warmup_steps,
+        max_steps=cfg.trainer.max_steps,
+        min_lr_ratio=cfg.optim.min_lr_ratio,
+    )
+
+    def make_scheduler(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=groups, config=ds_config, lr_scheduler=make_scheduler
+    )
+    return engine, optimizer, scheduler, ds_config

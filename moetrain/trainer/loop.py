@@ -1,0 +1,409 @@
+"""The training loop, readable top to bottom: setup -> (resume) -> steps -> eval -> checkpoint -> sample.
+
+One optimizer step = ``optim.grad_accum`` micro-batches per rank; DeepSpeed scales the loss and
+reduces gradients at the boundary. Everything logged is global (mean or sum over data-parallel ranks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from moetrain.checkpoint.manager import CheckpointManager, read_rank_state, read_trainer_state, set_rng_state
+from moetrain.checkpoint.model_file import CheckpointError, resolve_checkpoint
+from moetrain.config import TrainConfig
+from moetrain.distributed import DistEnv, all_reduce_mean, all_reduce_sum, barrier, broadcast_object, init_distributed
+from moetrain.distributed.expert_parallel import (
+    full_state_dict,
+    load_engine_state,
+    load_full_state_dict,
+    parallelize,
+)
+from moetrain.model import MoETransformer
+from moetrain.tracking import CollapseDetector, MetricsFile, RoutingAccumulator, WandbRun, routing_metrics
+from moetrain.trainer.engine import build_engine, resolve_dtype
+
+# Dense bf16 peak TFLOP/s for MFU on known accelerators; unknown devices (and CPUs) log TFLOP/s only.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, run_dir: Path, raw_config: dict[str, Any]) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.raw_config = raw_config
+        self.env: DistEnv = init_distributed(shm_comm=cfg.parallel.shm_comm)
+        self.is_main = self.env.is_main
+        if self.env.device.type == "cpu":  # one process per core budget; no oversubscription
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        self.step = 0
+        self.tokens_seen = 0
+
+    # ---- setup ------------------------------------------------------------------------------------
+    def _log(self, msg: str) -> None:
+        if self.is_main:
+            print(msg, flush=True)
+
+    def _build_data(self) -> None:
+        from moetrain.data import ResumableLoader, ValidationLoader, build_data
+
+        # Rank 0 builds (download, tokenizer, packing caches); the others then read the cache.
+        if self.is_main:
+            self.data = build_data(self.cfg.data)
+        barrier()
+        if not self.is_main:
+            self.data = build_data(self.cfg.data, main_process=False)
+        tok_vocab = len(self.data.tokenizer)
+        if self.cfg.model.vocab_size < tok_vocab:
+            padded = int(math.ceil(tok_vocab / 64) * 64)
+            self._log(f"model.vocab_size={self.cfg.model.vocab_size} < tokenizer size {tok_vocab}: using {padded}")
+            self.cfg.model.vocab_size = padded
+        o, env = self.cfg.optim, self.env
+        self.train_loader = ResumableLoader(
+            self.data.train, o.micro_batch_size, rank=env.rank, world_size=env.world_size, seed=self.cfg.trainer.seed
+        )
+        self.val_loader = ValidationLoader(
+            self.data.validation, o.micro_batch_size, rank=env.rank, world_size=env.world_size
+        )
+
+    def _build_model(self) -> None:
+        seed_everything(self.cfg.trainer.seed)  # same init on every rank
+        model = MoETransformer(self.cfg.model)
+        model.activation_checkpointing = self.cfg.parallel.activation_checkpointing
+        self.ep = parallelize(model, self.cfg, self.env)
+        self.model = model
+        dtype = resolve_dtype(self.cfg.parallel.dtype)
+        self.dtype = dtype
+        self.engine, self.optimizer, self.scheduler, self.ds_config = build_engine(model, self.cfg, self.env.world_size)
+
+    def _print_banner(self) -> None:
+        from moetrain.plan import count_params, plan_summary
+
+        counts = count_params(self.cfg.model)
+        self.flops_per_token = None
+        try:
+            from moetrain.plan import flops_per_token
+
+            self.flops_per_token = flops_per_token(self.cfg.model, self.cfg.data.seq_len)["training"]
+        except Exception:  # the report is informative; never block training on it
+            pass
+        if not self.is_main:
+            return
+        c = self.cfg
+        print(
+            f"moetrain: {c.model.name} | {counts['total'] / 1e6:.2f}M total params, "
+            f"{counts['active'] / 1e6:.2f}M active per token | world {self.env.world_size} "
+            f"(ep {c.parallel.ep_size}, ZeRO-{c.parallel.zero_stage}, {self.env.backend}, {self.dtype}) | run dir {self.run_dir}",
+            flush=True,
+        )
+        for line in plan_summary(
+            c.model,
+            ep_size=c.parallel.ep_size,
+            dp_size=self.env.world_size,
+            zero_stage=c.parallel.zero_stage,
+            dtype="bf16" if self.dtype == torch.bfloat16 else "fp32",
+            seq_len=c.data.seq_len,
+        ):
+            print("  " + line, flush=True)
+        stats = self.data.stats
+        print(
+            f"  data: {c.data.name} | {len(self.data.train)} train blocks x {c.data.seq_len + 1} tokens, "
+            f"{len(self.data.validation)} validation blocks | global batch "
+            f"{c.optim.micro_batch_size * c.optim.grad_accum * self.env.world_size} sequences"
+            + (f" | {stats['tokens']} tokens" if "tokens" in stats else ""),
+            flush=True,
+        )
+
+    # ---- checkpoint / resume ----------------------------------------------------------------------
+    def _config_for_checkpoint(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self.cfg)
+        out["model"]["vocab_size"] = self.cfg.model.vocab_size
+        return out
+
+    def _resume_target(self) -> Path | None:
+        r = self.cfg.trainer.resume
+        if r is None:
+            return None
+        if r == "auto":
+            latest = self.ckpt.latest()
+            if latest is None:
+                self._log("trainer.resume=auto: no checkpoint in this run dir yet, starting from scratch")
+            return latest
+        try:
+            return resolve_checkpoint(r)
+        except CheckpointError as e:
+            raise CheckpointError(f"trainer.resume={r!r}: {e}") from None
+
+    def _resume(self, folder: Path) -> None:
+        state = read_trainer_state(folder)
+        same_layout = state.get("ep_size") == self.cfg.parallel.ep_size and state.get("world_size") == self.env.world_size
+        if same_layout and self.ep.enabled:
+            load_engine_state(self.engine, folder / "engine", self.env.rank)
+        elif same_layout:
+            self.engine.load_checkpoint(
+                str(folder), tag="engine", load_optimizer_states=True, load_lr_scheduler_states=True
+            )
+        else:
+            # Another parallel layout: weights come from the layout-free model file (exact); the
+            # optimizer state is per-rank and layout-specific, so it restarts (see docs/EXPERT_PARALLEL.md).
+            from safetensors.torch import load_file
+
+            load_full_state_dict(self.model, load_file(str(folder / "model.safetensors")), self.env, self.ep)
+            refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
+            if refresh is not None:  # ZeRO / bf16 keep fp32 master copies of the weights
+                refresh()
+            self._log(
+                f"warning: checkpoint was saved with ep_size={state.get('ep_size')} world={state.get('world_size')}, "
+                f"resuming with ep_size={self.cfg.parallel.ep_size} world={self.env.world_size}: weights restored "
+                "exactly, optimizer state reinitialised"
+            )
+            for _ in range(state["step"]):  # keep the LR schedule where it was
+                self.scheduler.step()
+        self.step = state["step"]
+        self.tokens_seen = state["tokens_seen"]
+        rank_state = read_rank_state(folder, self.env.rank) if same_layout else None
+        if rank_state is not None:
+            self.train_loader.load_state_dict(rank_state["loader"])
+            set_rng_state(rank_state["rng"])
+        else:
+            self.train_loader.load_state_dict(state["loader"])
+        self._log(f"resumed from {folder} at step {self.step}")
+
+    def _save(self) -> Path:
+        trainer_state = {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "ep_size": self.cfg.parallel.ep_size,
+            "world_size": self.env.world_size,
+            "loader": self.train_loader.state_dict(),
+        }
+        sd = full_state_dict(self.model, self.env, self.ep)
+        path = self.ckpt.save(
+            step=self.step,
+            engine=self.engine,
+            full_state_dict=sd,
+            config=self._config_for_checkpoint(),
+            trainer_state=trainer_state,
+            rank_state={"loader": self.train_loader.state_dict()},
+            tokenizer=self.data.tokenizer,
+            sharded_experts=self.ep.enabled,
+        )
+        self._log(f"checkpoint saved: {path}")
+        return path
+
+    # ---- one step ---------------------------------------------------------------------------------
+    def _train_step(self) -> dict[str, float]:
+        sums = torch.zeros(4, dtype=torch.float64)
+        lr = self.scheduler.get_last_lr()[0]  # the LR this step uses
+        ga = self.cfg.optim.grad_accum
+        grad_norm = None
+        for _ in range(ga):
+            batch = next(self.train_loader)
+            ids = batch["input_ids"].to(self.env.device)
+            labels = batch["labels"].to(self.env.device)
+            out = self.engine(ids, labels)
+            self.engine.backward(out.loss)
+            if self.engine.is_gradient_accumulation_boundary() and self.cfg.parallel.zero_stage == 0:
+                grad_norm = self._grad_norm()  # ZeRO-0 fp32 does not report it; ZeRO-1/2 do (below)
+            self.engine.step()
+            self.routing.add(out.router_stats)
+            sums += torch.tensor(
+                [out.loss.item(), out.lm_loss.item(), out.aux_loss.item(), out.z_loss.item()], dtype=torch.float64
+            )
+            self.tokens_seen += ids.numel() * self.env.world_size
+        loss, lm, aux, z = (all_reduce_mean(sums) / ga).tolist()
+        if grad_norm is None and self.engine.get_global_grad_norm() is not None:
+            grad_norm = float(self.engine.get_global_grad_norm())
+        return {
+            "loss": loss,
+            "lm_loss": lm,
+            "aux_loss": aux,
+            "z_loss": z,
+            "grad_norm": grad_norm,
+            "lr": lr,
+        }
+
+    @torch.no_grad()
+    def _grad_norm(self) -> float | None:
+        """Global L2 norm of the (already reduced) gradients, before clipping. Expert shards are
+        summed over the expert-parallel group; replicated params are counted once."""
+        dense = torch.zeros((), dtype=torch.float64)
+        expert = torch.zeros((), dtype=torch.float64)
+        for p in self.model.parameters():
+            if p.grad is None:
+                continue
+            sq = p.grad.detach().double().pow(2).sum().cpu()
+            if getattr(p, "allreduce", True) is False:
+                expert += sq
+            else:
+                dense += sq
+        if self.ep.enabled:
+            expert = all_reduce_sum(expert, self.ep.group)
+        total = float(dense + expert)
+        return math.sqrt(total) if any(p.grad is not None for p in self.model.parameters()) else None
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.engine.eval()
+        total = torch.zeros(2, dtype=torch.float64)
+        for i, batch in enumerate(self.val_loader):
+            if i >= self.cfg.trainer.eval_batches:
+                break
+            out = self.engine(batch["input_ids"].to(self.env.device), batch["labels"].to(self.env.device))
+            total += torch.tensor([float(out.lm_loss) * batch["labels"].numel(), batch["labels"].numel()])
+        self.engine.train()
+        total = all_reduce_sum(total)
+        if total[1] == 0:
+            return {}
+        val = float(total[0] / total[1])
+        return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
+
+    # ---- logging ----------------------------------------------------------------------------------
+    def _routing_record(self) -> dict[str, Any]:
+        if not self.model.moe_layers:
+            return {}
+        flat = all_reduce_sum(self.routing.packed())
+        counts, entropy, dropped, forwards = self.routing.unpack(flat)
+        forwards = forwards / self.env.world_size
+        self.routing.reset()
+        metrics = routing_metrics(self.cfg.model.moe_layer_ids, counts, entropy / self.env.world_size, dropped, forwards)
+        self._last_counts = counts
+        fractions = {
+            layer: metrics[f"moe/layer_{layer}/expert_fraction"]
+            for layer in self.cfg.model.moe_layer_ids
+            if f"moe/layer_{layer}/expert_fraction" in metrics
+        }
+        for msg in self.collapse.update(fractions):
+            self._log(f"warning: {msg}")
+            self.wandb.alert("routing collapse", msg)
+        return metrics
+
+    def _heatmap(self, path: Path | None = None, step: int | None = None) -> None:
+        counts = getattr(self, "_last_counts", None)
+        if counts is None or not self.is_main:
+            return
+        from moetrain.tracking.plots import expert_heatmap
+
+        fig = expert_heatmap(counts, self.cfg.model.moe_layer_ids, title=f"tokens per expert, step {self.step}")
+        if step is not None:
+            self.wandb.log_image("moe/heatmap", fig, step=step)
+        if path is not None:
+            fig.savefig(path, dpi=120, bbox_inches="tight")
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+
+    # ---- the run ----------------------------------------------------------------------------------
+    def run(self) -> int:
+        c = self.cfg
+        self._build_data()
+        self._build_model()
+        self._print_banner()
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", self.env.rank, c.trainer.keep_last)
+        target = broadcast_object(str(self._resume_target()) if self.is_main else None)
+        if target not in (None, "None"):
+            self._resume(Path(target))
+        else:
+            seed_everything(c.trainer.seed + self.env.rank)  # per-rank stream for jitter etc.
+
+        self.routing = RoutingAccumulator(c.model.moe_layer_ids, c.model.num_experts)
+        self.collapse = CollapseDetector(c.logging.collapse_threshold, c.logging.collapse_window)
+        self.metrics = MetricsFile(self.run_dir / "metrics.jsonl", enabled=self.is_main)
+        self.wandb = WandbRun(c.logging.wandb, self.run_dir, self._config_for_checkpoint(), enabled=self.is_main)
+        peak = _peak_tflops(self.env.device)
+        stop_step = c.trainer.stop_at or c.trainer.max_steps
+        start_time = time.time()
+        window_start, window_tokens = time.time(), self.tokens_seen
+        bar = None
+        if self.is_main and c.logging.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=c.trainer.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
+        self.engine.train()
+        stopped_early = False
+        while self.step < stop_step:
+            record = self._train_step()
+            self.step += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
+            last = self.step == stop_step
+            if c.trainer.stop_after_minutes is not None:
+                over = (time.time() - start_time) / 60 >= c.trainer.stop_after_minutes
+                stopped_early = bool(broadcast_object(over)) and not last
+                last = last or stopped_early
+            if (c.trainer.log_every and self.step % c.trainer.log_every == 0) or last:
+                now = time.time()
+                tps = (self.tokens_seen - window_tokens) / max(now - window_start, 1e-9)
+                window_start, window_tokens = now, self.tokens_seen
+                record.update(step=self.step, tokens=self.tokens_seen, tokens_per_sec=tps)
+                if self.flops_per_token:
+                    record["tflops"] = tps * self.flops_per_token / 1e12
+                    if peak:
+                        record["mfu"] = record["tflops"] / (peak * self.env.world_size)
+                record.update(self._routing_record())
+                if c.trainer.eval_every and (self.step % c.trainer.eval_every == 0 or last):
+                    record.update(self.evaluate())
+                if bar is not None:
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tps:,.0f}")
+                self.metrics.write(record)
+                self.wandb.log(record, step=self.step)
+                if c.logging.heatmap_every and self.step % c.logging.heatmap_every == 0:
+                    self._heatmap(step=self.step)
+            if (c.trainer.checkpoint_every and self.step % c.trainer.checkpoint_every == 0) or last:
+                self._save()
+                window_start = time.time()  # checkpoint time is not training throughput
+        if bar is not None:
+            bar.close()
+        if self.is_main:
+            self._heatmap(path=self.run_dir / "routing_heatmap.png", step=self.step)
+        if self.step >= c.trainer.max_steps and not stopped_early:
+            self._sample()
+        self.metrics.close()
+        self.wandb.finish()
+        barrier()
+        return 0
+
+    def _sample(self) -> None:
+        """A short generation at the end, so a newcomer sees what the model learned."""
+        if not self.is_main or not self.cfg.trainer.sample_tokens:
+            return
+        try:
+            from moetrain.generate import generate_tokens
+        except ImportError:
+            return
+        tok = self.data.tokenizer
+        ids = torch.tensor([tok.encode(self.cfg.trainer.sample_prompt)], device=self.env.device)
+        if not self.ep.enabled:
+            self.model.eval()
+            gen = torch.Generator(device="cpu").manual_seed(self.cfg.trainer.seed)
+            with torch.no_grad():
+                out = generate_tokens(
+                    self.model, ids, self.cfg.trainer.sample_tokens, temperature=0.8, top_p=0.95, generator=gen
+                )
+            self.model.train()
+            text = tok.decode(out[0].tolist())
+            print(f"sample: {text!r}", flush=True)
+            (self.run_dir / "sample.txt").write_text(text + "\n")

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Single-node training with N processes (CPU/gloo or GPU/NCCL), launched by torchrun.
+#
+# Usage:
+#   scripts/train_local.sh [--dry-run] [hydra overrides...]
+#   NPROC=2 scripts/train_local.sh +experiment=mixtral_tiny parallel.ep_size=2
+#
+# Environment:
+#   NPROC        processes on this machine (default: number of visible GPUs, else 1)
+#   PYTHON       interpreter (default: <repo>/.venv/bin/python if present, else python)
+#   MODULE       python module to launch (default: moetrain.train)
+#   SCRIPT       launch this python file instead of MODULE (path)
+#   MASTER_PORT  rendezvous port; when unset, torchrun --standalone picks a free one
+#   DRY_RUN=1    print the command and exit (same as --dry-run)
+#
+# Every other argument is passed unchanged to moetrain.train (Hydra overrides). The command runs
+# from the repository root so relative paths (configs, outputs/) resolve the same from anywhere.
+set -euo pipefail
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+DRY_RUN="${DRY_RUN:-0}"
+args=()
+for a in "$@"; do
+  case "$a" in
+    --dry-run) DRY_RUN=1 ;;
+    -h | --help)
+      sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
+      exit 0
+      ;;
+    *) args+=("$a") ;;
+  esac
+done
+
+if [[ -n "${PYTHON:-}" ]]; then
+  PY="$PYTHON"
+elif [[ -x "$REPO_ROOT/.venv/bin/python" ]]; then
+  PY="$REPO_ROOT/.venv/bin/python"
+else
+  PY="python"
+fi
+
+if [[ -z "${NPROC:-}" ]]; then
+  NPROC=1
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    n_gpu="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)"
+    if [[ "${n_gpu:-0}" -gt 0 ]]; then NPROC="$n_gpu"; fi
+  fi
+fi
+
+if [[ -n "${SCRIPT:-}" ]]; then
+  target=("$(cd "$(dirname "$SCRIPT")" && pwd)/$(basename "$SCRIPT")")
+else
+  target=(-m "${MODULE:-moetrain.train}")
+fi
+
+if [[ -n "${MASTER_PORT:-}" ]]; then
+  rdzv=(--nnodes 1 --master_addr 127.0.0.1 --master_port "$MASTER_PORT")
+else
+  rdzv=(--standalone)
+fi
+
+cmd=("$PY" -m torch.distributed.run "${rdzv[@]}" --nproc_per_node "$NPROC" "${target[@]}" ${args[@]+"${args[@]}"})
+
+cd "$REPO_ROOT"
+export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
+printf '+'
+printf ' %q' "${cmd[@]}"
+printf '\n'
+if [[ "$DRY_RUN" == "1" ]]; then
+  exit 0
+fi
+exec "${cmd[@]}"
