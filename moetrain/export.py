@@ -133,8 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", help="checkpoint folder, checkpoints/ folder or run folder")
     parser.add_argument("out_dir", help="folder to write (must be absent or empty unless --force)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="cast weights (default: as stored)")
+    parser.add_argument(
+        "--dtype", choices=tuple(DTYPES), default=None, help="cast weights (default: as stored)"
+    )
     args = parser.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # keep stderr to our one-line summaries
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)

@@ -241,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, (typ, default, help_) in _OPTIONS.items():
         parser.add_argument(f"--{name}", type=typ, default=default, help=f"{help_} (default: {default})")
     args = parser.parse_args(_to_dashed(sys.argv[1:] if argv is None else argv))
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # keep stderr to our one-line summaries
     path = args.path or args.pos_path
     if path is None:
         parser.error("give a checkpoint, run or exported folder")

@@ -19,9 +19,9 @@ Our decoder is Mixtral's, so export is a renaming plus two reshapes of the fused
 (``block_sparse_moe.experts.{e}.w1/w2/w3``, ``block_sparse_moe.gate``); ``from_mixtral_state_dict``
 reads both those and the in-memory names, so a downloaded Mixtral checkpoint can be fine-tuned here.
 
-What transformers' Mixtral cannot express is refused with a one-line ``ValueError``: dense layers
-between MoE layers (a fully dense model exports as ``MistralForCausalLM`` instead), top-k weights that
-are not renormalised, activations other than SiLU, RoPE scaling.
+What the other side cannot express is refused with a one-line ``ValueError``: on export, dense layers
+between MoE layers (a fully dense model exports as ``MistralForCausalLM`` instead) and top-k weights
+that are not renormalised; on import, activations other than SiLU and scaled RoPE variants.
 """
 
 from __future__ import annotations
@@ -149,7 +149,9 @@ def to_mistral_config(model_cfg: ModelConfig, tokenizer: Any | None = None):
     from transformers import MistralConfig
 
     if model_cfg.num_experts != 0:
-        raise ValueError(f"MistralForCausalLM is dense; this model has model.num_experts={model_cfg.num_experts}")
+        raise ValueError(
+            f"MistralForCausalLM is dense; this model has model.num_experts={model_cfg.num_experts}"
+        )
     return MistralConfig(**_common_config(model_cfg, tokenizer), intermediate_size=model_cfg.dense_ffn_size)
 
 

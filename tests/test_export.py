@@ -96,7 +96,9 @@ def test_cli_exports_a_loadable_mixtral(exported, tokenizer, monkeypatch) -> Non
     tok = AutoTokenizer.from_pretrained(out)
     assert tok("To be, or not to be")["input_ids"] == tokenizer("To be, or not to be")["input_ids"]
     assert hf.generation_config.eos_token_id == tokenizer.eos_token_id
-    assert hf.config.eos_token_id == tokenizer.eos_token_id and hf.config.pad_token_id == tokenizer.pad_token_id
+    assert (
+        hf.config.eos_token_id == tokenizer.eos_token_id and hf.config.pad_token_id == tokenizer.pad_token_id
+    )
 
 
 def test_refuses_to_overwrite_unless_forced(exported, capsys) -> None:

@@ -57,7 +57,7 @@ def _ours(cfg: ModelConfig, seed: int = 0) -> MoETransformer:
     torch.manual_seed(seed)
     model = MoETransformer(cfg).eval()
     with torch.no_grad():  # non-trivial norm weights, so a swapped norm would show
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.uniform_(0.5, 1.5)
     return model
@@ -177,7 +177,9 @@ def test_config_fields() -> None:
     assert hc.output_router_logits is False and hc.attention_dropout == 0.0
     assert hc.bos_token_id is None and hc.eos_token_id is None
     # switch loss is 1/top_k of Mixtral's for one layer: the coefficient compensates
-    assert to_mixtral_config(_cfg(moe=MoEConfig(aux_loss_weight=0.02))).router_aux_loss_coef == pytest.approx(0.01)
+    assert to_mixtral_config(_cfg(moe=MoEConfig(aux_loss_weight=0.02))).router_aux_loss_coef == pytest.approx(
+        0.01
+    )
 
 
 def test_refusals_and_warnings() -> None:

@@ -36,7 +36,9 @@ def deepspeed_config(cfg: TrainConfig, dp_world_size: int) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": o.micro_batch_size,
         "gradient_accumulation_steps": o.grad_accum,
         "train_batch_size": o.micro_batch_size * o.grad_accum * dp_world_size,
-        "gradient_clipping": o.grad_clip,
+        # ZeRO-0: the loop clips with the exact global norm (DeepSpeed's fp32 path averages per-rank
+        # norms, which is not the global norm once experts are sharded). ZeRO-1/2: DeepSpeed clips.
+        "gradient_clipping": o.grad_clip if p.zero_stage > 0 else 0.0,
         "zero_optimization": {"stage": p.zero_stage},
         "bf16": {"enabled": resolve_dtype(p.dtype) == torch.bfloat16},
         "optimizer": {

@@ -226,7 +226,7 @@ class Trainer:
             out = self.engine(ids, labels)
             self.engine.backward(out.loss)
             if self.engine.is_gradient_accumulation_boundary() and self.cfg.parallel.zero_stage == 0:
-                grad_norm = self._grad_norm()  # ZeRO-0 fp32 does not report it; ZeRO-1/2 do (below)
+                grad_norm = self._clip_gradients()  # ZeRO-1/2 clip inside DeepSpeed and report the norm
             self.engine.step()
             self.routing.add(out.router_stats)
             sums += torch.tensor(
@@ -246,23 +246,33 @@ class Trainer:
         }
 
     @torch.no_grad()
-    def _grad_norm(self) -> float | None:
-        """Global L2 norm of the (already reduced) gradients, before clipping. Expert shards are
-        summed over the expert-parallel group; replicated params are counted once."""
+    def _clip_gradients(self) -> float | None:
+        """Global L2 norm of the (already reduced) gradients, then clip to ``optim.grad_clip``.
+
+        Expert shards are summed over the expert-parallel group and replicated params counted once,
+        so the norm (and the clipping) equals a single process's on the same global batch."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if not grads:
+            return None
         dense = torch.zeros((), dtype=torch.float64)
         expert = torch.zeros((), dtype=torch.float64)
         for p in self.model.parameters():
             if p.grad is None:
                 continue
-            sq = p.grad.detach().double().pow(2).sum().cpu()
+            sq = p.grad.detach().float().pow(2).sum().double().cpu()
             if getattr(p, "allreduce", True) is False:
                 expert += sq
             else:
                 dense += sq
         if self.ep.enabled:
             expert = all_reduce_sum(expert, self.ep.group)
-        total = float(dense + expert)
-        return math.sqrt(total) if any(p.grad is not None for p in self.model.parameters()) else None
+        norm = math.sqrt(float(dense + expert))
+        clip = self.cfg.optim.grad_clip
+        if clip > 0 and norm > clip:
+            coef = clip / (norm + 1e-6)
+            for g in grads:
+                g.mul_(coef)
+        return norm
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

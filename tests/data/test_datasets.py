@@ -1,0 +1,137 @@
+"""Other sources through HF datasets, the caches, and the one-line errors."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from moetrain.config import ConfigError, DataConfig
+from moetrain.data import DataError, build_data
+from moetrain.data import datasets as data_sources
+
+from .conftest import fixture_config
+
+WORDS = "the quick brown fox jumps over the lazy dog while a cat watches from the warm window".split()
+
+
+def _docs(n: int) -> list[str]:
+    return [" ".join(WORDS[(i + j) % len(WORDS)] for j in range(40 + i % 17)) + f" #{i}" for i in range(n)]
+
+
+def _one_line_error(cfg: DataConfig, match: str) -> str:
+    with pytest.raises(DataError, match=match) as e:
+        build_data(cfg, main_process=False)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_json_source_end_to_end(tmp_path: Path) -> None:
+    path = tmp_path / "docs.jsonl"
+    domains = ["news", "code"]
+    path.write_text("".join(json.dumps({"body": t, "kind": domains[i % 2]}) + "\n" for i, t in enumerate(_docs(400))))
+    cfg = DataConfig(
+        name="json", data_files=str(path), text_field="body", domain_field="kind", seq_len=32, vocab_size=300,
+        validation_fraction=0.05, data_dir=str(tmp_path / "cache"),
+    )  # fmt: skip
+    bundle = build_data(cfg, main_process=False)
+    assert bundle.domains == ["code", "news"]
+    assert bundle.stats["documents"] == {"train": 380, "validation": 20}
+    assert len(bundle.train) > 0 and len(bundle.validation) > 0
+    assert set(bundle.train.domain_N.tolist()) == {0, 1}
+    block, _ = bundle.validation[0]
+    assert block.shape == (33,)
+
+
+def test_text_source_end_to_end_with_explicit_validation_split(tmp_path: Path) -> None:
+    (tmp_path / "train.txt").write_text("\n".join(_docs(300)) + "\n\n\n")  # blank lines are dropped
+    (tmp_path / "val.txt").write_text("\n".join(_docs(20)) + "\n")
+    cfg = DataConfig(
+        name="text", data_files={"train": str(tmp_path / "train.txt"), "validation": str(tmp_path / "val.txt")},
+        validation_split="validation", seq_len=16, vocab_size=300, data_dir=str(tmp_path / "cache"),
+        max_documents=250,
+    )  # fmt: skip
+    bundle = build_data(cfg, main_process=False)
+    assert bundle.domains == ["text"] and set(bundle.train.domain_N.tolist()) == {0}
+    assert bundle.stats["documents"] == {"train": 250, "validation": 20}
+    text = bundle.tokenizer.decode(bundle.train.blocks_NL[0].tolist())
+    assert text.startswith(_docs(1)[0])
+
+
+def test_second_build_is_cached_and_fast(tmp_path: Path) -> None:
+    cfg = fixture_config(tmp_path)
+    first = build_data(cfg, main_process=False)
+    start = time.perf_counter()
+    second = build_data(cfg, main_process=False)
+    assert time.perf_counter() - start < 2.0
+    assert second.stats["tokenize_cached"] and not first.stats["tokenize_cached"]
+    assert (second.train.blocks_NL == first.train.blocks_NL).all()
+    assert (tmp_path / "tokenizers").is_dir() and (tmp_path / "tokenized").is_dir()
+
+
+def test_missing_files(tmp_path: Path) -> None:
+    _one_line_error(DataConfig(name="json", data_files=str(tmp_path / "nope.jsonl")), "data file not found: .*nope")
+    _one_line_error(DataConfig(name="parquet", data_dir=str(tmp_path)), "needs data.data_files")
+
+
+def test_empty_dataset(tmp_path: Path) -> None:
+    (tmp_path / "empty.jsonl").write_text("")
+    _one_line_error(DataConfig(name="json", data_files=str(tmp_path / "empty.jsonl"), data_dir=str(tmp_path)), "empty")
+    (tmp_path / "blank.jsonl").write_text('{"text": ""}\n{"text": ""}\n')
+    cfg = DataConfig(name="json", data_files=str(tmp_path / "blank.jsonl"), data_dir=str(tmp_path))
+    _one_line_error(cfg, "empty: every 'text' value is blank")
+
+
+def test_missing_text_field_names_the_columns(tmp_path: Path) -> None:
+    (tmp_path / "d.jsonl").write_text('{"body": "x", "title": "y"}\n')
+    cfg = DataConfig(name="json", data_files=str(tmp_path / "d.jsonl"), data_dir=str(tmp_path))
+    message = _one_line_error(cfg, "text field 'text' not in dataset")
+    assert "available columns: body, title" in message
+
+
+def test_seq_len_larger_than_corpus_says_how_many_tokens(tmp_path: Path) -> None:
+    message = _one_line_error(fixture_config(tmp_path, seq_len=10_000_000), r"seq_len=10000000 .* has only \d+ tokens")
+    assert "lower data.seq_len" in message
+
+
+def test_unknown_split_lists_available(tmp_path: Path) -> None:
+    _one_line_error(fixture_config(tmp_path, split="test"), "has no split 'test'; available: train, validation")
+
+
+def test_hub_offline_fails_fast_naming_the_dataset(tmp_path: Path) -> None:
+    start = time.perf_counter()
+    cfg = DataConfig(name="wikitext", config_name="wikitext-103-raw-v1", data_dir=str(tmp_path))
+    _one_line_error(cfg, "could not load dataset 'wikitext' \\(config 'wikitext-103-raw-v1'\\)")
+    assert time.perf_counter() - start < 15
+
+
+def test_hub_unreachable_fails_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(data_sources, "_hub_reachable", lambda: False)  # no real probe in tests
+    _one_line_error(DataConfig(name="wikitext", data_dir=str(tmp_path)), "cannot reach the Hugging Face Hub .*'wikitext'")
+
+
+def test_invalid_config_is_rejected_before_any_work(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        build_data(fixture_config(tmp_path, seq_len=0))
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_barrier_order(tmp_path: Path) -> None:
+    calls: list[str] = []
+    build_data(fixture_config(tmp_path), main_process=True, barrier=lambda: calls.append("main"))
+    build_data(fixture_config(tmp_path), main_process=False, barrier=lambda: calls.append("other"))
+    assert calls == ["main", "other"]
+
+
+def test_fixture_config_matches_builtin_keys() -> None:
+    import yaml
+
+    configs = Path(__file__).resolve().parents[2] / "configs" / "data"
+    builtin = yaml.safe_load((configs / "builtin.yaml").read_text())
+    fixture = yaml.safe_load((configs / "fixture.yaml").read_text())
+    assert list(builtin) == list(fixture)
+    assert fixture["name"] == "fixture" and fixture["vocab_size"] == 512 and fixture["seq_len"] == 64
+    DataConfig(**fixture).validate()
