@@ -40,7 +40,10 @@ class MoEConfig:
     def validate(self, prefix: str = "model.moe") -> None:
         _require(self.backend in MOE_BACKENDS, f"{prefix}.backend", self.backend, f"one of {MOE_BACKENDS}")
         _require(
-            self.expert_impl in EXPERT_IMPLS, f"{prefix}.expert_impl", self.expert_impl, f"one of {EXPERT_IMPLS}"
+            self.expert_impl in EXPERT_IMPLS,
+            f"{prefix}.expert_impl",
+            self.expert_impl,
+            f"one of {EXPERT_IMPLS}",
         )
         _require(
             self.capacity_factor is None or self.capacity_factor > 0,
@@ -103,10 +106,19 @@ class ModelConfig:
         return [i for i in range(self.num_layers) if self.is_moe_layer(i)]
 
     def validate(self, prefix: str = "model") -> None:
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "ffn_hidden_size",
+        ):
             v = getattr(self, name)
             _require(isinstance(v, int) and v > 0, f"{prefix}.{name}", v, "must be a positive integer")
-        _require(self.max_seq_len > 0, f"{prefix}.max_seq_len", self.max_seq_len, "must be a positive integer")
+        _require(
+            self.max_seq_len > 0, f"{prefix}.max_seq_len", self.max_seq_len, "must be a positive integer"
+        )
         _require(self.num_experts >= 0, f"{prefix}.num_experts", self.num_experts, "must be >= 0 (0 = dense)")
         _require(self.moe_every >= 1, f"{prefix}.moe_every", self.moe_every, "must be >= 1")
         if self.head_dim is None:
@@ -140,7 +152,9 @@ class ModelConfig:
                 "must be a positive integer or null",
             )
         if self.sliding_window is not None:
-            _require(self.sliding_window > 0, f"{prefix}.sliding_window", self.sliding_window, "positive or null")
+            _require(
+                self.sliding_window > 0, f"{prefix}.sliding_window", self.sliding_window, "positive or null"
+            )
         _require(self.rope_theta > 0, f"{prefix}.rope_theta", self.rope_theta, "must be > 0")
         _require(self.init_std > 0, f"{prefix}.init_std", self.init_std, "must be > 0")
         self.moe.validate(f"{prefix}.moe")
@@ -173,7 +187,12 @@ class DataConfig:
             "must be in (0, 1)",
         )
         _require(bool(self.text_field), f"{prefix}.text_field", self.text_field, "must name a text column")
-        _require(self.vocab_size >= 300, f"{prefix}.vocab_size", self.vocab_size, "must be >= 300 (bytes + specials)")
+        _require(
+            self.vocab_size >= 300,
+            f"{prefix}.vocab_size",
+            self.vocab_size,
+            "must be >= 300 (bytes + specials)",
+        )
 
 
 @dataclass
@@ -190,12 +209,16 @@ class OptimConfig:
 
     def validate(self, prefix: str = "optim") -> None:
         _require(self.lr > 0, f"{prefix}.lr", self.lr, "must be > 0")
-        _require(0 <= self.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        _require(
+            0 <= self.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]"
+        )
         _require(self.warmup_steps >= 0, f"{prefix}.warmup_steps", self.warmup_steps, "must be >= 0")
         _require(self.weight_decay >= 0, f"{prefix}.weight_decay", self.weight_decay, "must be >= 0")
         _require(len(self.betas) == 2, f"{prefix}.betas", self.betas, "must be two numbers")
         _require(self.grad_clip >= 0, f"{prefix}.grad_clip", self.grad_clip, "must be >= 0 (0 = off)")
-        _require(self.micro_batch_size > 0, f"{prefix}.micro_batch_size", self.micro_batch_size, "must be > 0")
+        _require(
+            self.micro_batch_size > 0, f"{prefix}.micro_batch_size", self.micro_batch_size, "must be > 0"
+        )
         _require(self.grad_accum > 0, f"{prefix}.grad_accum", self.grad_accum, "must be > 0")
 
 
@@ -211,7 +234,9 @@ class ParallelConfig:
     def validate(self, prefix: str = "parallel") -> None:
         _require(self.ep_size >= 1, f"{prefix}.ep_size", self.ep_size, "must be >= 1")
         _require(self.zero_stage in (0, 1, 2), f"{prefix}.zero_stage", self.zero_stage, "one of 0, 1, 2")
-        _require(self.dtype in ("auto", "fp32", "bf16"), f"{prefix}.dtype", self.dtype, "one of auto, fp32, bf16")
+        _require(
+            self.dtype in ("auto", "fp32", "bf16"), f"{prefix}.dtype", self.dtype, "one of auto, fp32, bf16"
+        )
 
 
 @dataclass
@@ -276,7 +301,9 @@ class TrainerConfig:
                 f"must be in 1..max_steps={self.max_steps}",
             )
         if self.stop_after_minutes is not None:
-            _require(self.stop_after_minutes > 0, f"{prefix}.stop_after_minutes", self.stop_after_minutes, "> 0")
+            _require(
+                self.stop_after_minutes > 0, f"{prefix}.stop_after_minutes", self.stop_after_minutes, "> 0"
+            )
 
 
 @dataclass

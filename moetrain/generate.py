@@ -29,7 +29,11 @@ import torch.nn.functional as F
 def sample_next_token(
     logits_BV: torch.Tensor, temperature: float, top_p: float = 1.0, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """One token id per row, [B] int64: argmax when ``temperature == 0``, else nucleus sampling."""
+    """One token id per row, [B] int64: argmax when ``temperature == 0``, else nucleus sampling.
+
+    ``generator`` may live on another device than the logits (a CPU generator with CUDA logits):
+    the draw then happens on the generator's device, so a seed gives the same tokens everywhere.
+    """
     if temperature < 0:
         raise ValueError(f"temperature={temperature} is invalid: must be >= 0 (0 = greedy)")
     if not 0 < top_p <= 1:
@@ -38,13 +42,16 @@ def sample_next_token(
     if temperature == 0:
         return logits_BV.argmax(dim=-1)
     probs_BV = F.softmax(logits_BV / temperature, dim=-1)
+    device = probs_BV.device
+    if generator is not None and generator.device.type != device.type:
+        probs_BV = probs_BV.cpu() if generator.device.type == "cpu" else probs_BV.to(generator.device)
     if top_p >= 1:
-        return torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
+        return torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1).to(device)
     sorted_BV, order_BV = probs_BV.sort(dim=-1, descending=True)
     # Drop a token when the more likely ones already reach top_p (the most likely one always stays).
     drop_BV = sorted_BV.cumsum(dim=-1) - sorted_BV >= top_p
     choice_B1 = torch.multinomial(sorted_BV.masked_fill(drop_BV, 0.0), 1, generator=generator)
-    return order_BV.gather(-1, choice_B1).squeeze(-1)
+    return order_BV.gather(-1, choice_B1).squeeze(-1).to(device)
 
 
 def _is_moetrain_model(model: Any) -> bool:

@@ -33,7 +33,11 @@ EXACT = [
         {"num_heads": 8, "num_kv_heads": 3},
         "model.num_kv_heads=3 is invalid: must divide num_heads=8",
     ),
-    (model_config_from_dict, {"hidden_size": -4}, "model.hidden_size=-4 is invalid: must be a positive integer"),
+    (
+        model_config_from_dict,
+        {"hidden_size": -4},
+        "model.hidden_size=-4 is invalid: must be a positive integer",
+    ),
     (
         model_config_from_dict,
         {"moe": {"backend": "tutel"}},
@@ -59,7 +63,11 @@ EXACT = [
 
 # (builder, input, substrings the message must contain: the field, the value, what is allowed)
 SHAPED = [
-    (model_config_from_dict, {"num_experts": 8, "top_k": 0}, ["model.top_k", "=0", "between 1 and num_experts=8"]),
+    (
+        model_config_from_dict,
+        {"num_experts": 8, "top_k": 0},
+        ["model.top_k", "=0", "between 1 and num_experts=8"],
+    ),
     (model_config_from_dict, {"num_experts": -1}, ["model.num_experts", "=-1", ">= 0"]),
     (model_config_from_dict, {"ffn_hidden_size": 0}, ["model.ffn_hidden_size", "=0", "positive integer"]),
     (model_config_from_dict, {"vocab_size": -1}, ["model.vocab_size", "=-1", "positive integer"]),
@@ -68,19 +76,43 @@ SHAPED = [
     (model_config_from_dict, {"num_kv_heads": 0}, ["model.num_kv_heads", "=0", "positive integer"]),
     (model_config_from_dict, {"max_seq_len": -1}, ["model.max_seq_len", "=-1", "positive integer"]),
     (model_config_from_dict, {"head_dim": -16}, ["model.head_dim", "=-16", "positive integer"]),
-    (model_config_from_dict, {"dense_ffn_hidden_size": -3}, ["model.dense_ffn_hidden_size", "=-3", "positive"]),
+    (
+        model_config_from_dict,
+        {"dense_ffn_hidden_size": -3},
+        ["model.dense_ffn_hidden_size", "=-3", "positive"],
+    ),
     (model_config_from_dict, {"sliding_window": 0}, ["model.sliding_window", "=0", "positive"]),
     (model_config_from_dict, {"moe_every": 0}, ["model.moe_every", "=0", ">= 1"]),
     (model_config_from_dict, {"head_dim": 15}, ["model.head_dim", "=15", "even"]),
-    (model_config_from_dict, {"moe": {"expert_impl": "triton"}}, ["model.moe.expert_impl", "'triton'", "loop"]),
-    (model_config_from_dict, {"moe": {"aux_loss_type": "gshard"}}, ["model.moe.aux_loss_type", "'gshard'", "switch"]),
+    (
+        model_config_from_dict,
+        {"moe": {"expert_impl": "triton"}},
+        ["model.moe.expert_impl", "'triton'", "loop"],
+    ),
+    (
+        model_config_from_dict,
+        {"moe": {"aux_loss_type": "gshard"}},
+        ["model.moe.aux_loss_type", "'gshard'", "switch"],
+    ),
     (model_config_from_dict, {"moe": {"capacity_factor": 0}}, ["model.moe.capacity_factor", "=0", "null"]),
     (model_config_from_dict, {"moe": {"z_loss_weight": -1}}, ["model.moe.z_loss_weight", "=-1", ">= 0"]),
-    (model_config_from_dict, {"moe": {"aux_loss_scope": "x"}}, ["model.moe.aux_loss_scope", "'x'", "global_batch"]),
+    (
+        model_config_from_dict,
+        {"moe": {"aux_loss_scope": "x"}},
+        ["model.moe.aux_loss_scope", "'x'", "global_batch"],
+    ),
     (model_config_from_dict, {"flavour": "x"}, ["model.flavour", "not a known option", "hidden_size"]),
     (train_config_from_dict, {"model": {"flavour": 1}}, ["model.flavour", "not a known option", "top_k"]),
-    (train_config_from_dict, {"parallel": {"backend": "nccl"}}, ["parallel.backend", "not a known option", "ep_size"]),
-    (train_config_from_dict, {"model": {"num_experts": 0}, "parallel": {"ep_size": 2}}, ["parallel.ep_size", "=2"]),
+    (
+        train_config_from_dict,
+        {"parallel": {"backend": "nccl"}},
+        ["parallel.backend", "not a known option", "ep_size"],
+    ),
+    (
+        train_config_from_dict,
+        {"model": {"num_experts": 0}, "parallel": {"ep_size": 2}},
+        ["parallel.ep_size", "=2"],
+    ),
     (train_config_from_dict, {"parallel": {"ep_size": 0}}, ["parallel.ep_size", "=0", ">= 1"]),
     (train_config_from_dict, {"parallel": {"dtype": "fp16"}}, ["parallel.dtype", "'fp16'", "bf16"]),
     (train_config_from_dict, {"data": {"seq_len": 0}}, ["data.seq_len", "=0", "positive"]),
@@ -142,7 +174,9 @@ def test_model_preset_composes_and_validates(name):
     if composed.data.seq_len > composed.model.max_seq_len:
         # e.g. mixtral_tiny (max_seq_len 64) with the builtin data's seq_len 256: the cross-check is
         # meant to fire (see test_exact_messages); its experiment recipe sets a fitting seq_len.
-        with pytest.raises(ConfigError, match=r"^data\.seq_len=\d+ is invalid: must be <= model\.max_seq_len="):
+        with pytest.raises(
+            ConfigError, match=r"^data\.seq_len=\d+ is invalid: must be <= model\.max_seq_len="
+        ):
             validated(composed)
         composed = compose_train(f"model={name}", f"data.seq_len={composed.model.max_seq_len}")
     cfg = validated(composed)
@@ -158,7 +192,9 @@ def test_experiment_composes_and_validates(experiment):
         composed = compose_train(f"+experiment={experiment}")
     except MissingConfigException as err:
         if "data" in str(err) and not (CONFIGS / "data" / "fixture.yaml").exists():
-            pytest.skip(f"experiment {experiment} needs a data preset not added yet (configs/data/fixture.yaml): {err}")
+            pytest.skip(
+                f"experiment {experiment} needs a data preset not added yet (configs/data/fixture.yaml): {err}"
+            )
         raise
     cfg = validated(composed)
     assert cfg.model.name == EXPERIMENTS[experiment]

@@ -66,6 +66,7 @@ class CheckpointManager:
         rank_state: dict[str, Any],
         tokenizer: Any | None,
         sharded_experts: bool = False,
+        save_extra: Any = None,
     ) -> Path:
         """Collective: every rank calls it. ``full_state_dict`` is needed on rank 0 only."""
         final = self.root / step_dirname(step)
@@ -82,6 +83,8 @@ class CheckpointManager:
             save_engine_state(engine, tmp / ENGINE_TAG, self.rank)
         else:
             engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False)
+        if save_extra is not None:  # collective extras (e.g. the layout-free optimizer state)
+            save_extra(tmp)
         (tmp / "rank_state").mkdir(exist_ok=True)
         torch.save({**rank_state, "rng": rng_state()}, tmp / "rank_state" / f"rank_{self.rank:05d}.pt")
         if self.rank == 0:
@@ -120,7 +123,9 @@ class CheckpointManager:
 def read_trainer_state(folder: Path) -> dict[str, Any]:
     path = folder / STATE_FILE
     if not path.is_file():
-        raise CheckpointError(f"{folder} has no {STATE_FILE}: not a training checkpoint (pass a step_* folder)")
+        raise CheckpointError(
+            f"{folder} has no {STATE_FILE}: not a training checkpoint (pass a step_* folder)"
+        )
     return json.loads(path.read_text())
 
 

@@ -34,7 +34,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
             target = candidate / latest.read_text().strip()
             if (target / MODEL_FILE).is_file():
                 return target
-    raise CheckpointError(f"no checkpoint at {p}: expected {MODEL_FILE} in it, or a checkpoints/latest pointer")
+    raise CheckpointError(
+        f"no checkpoint at {p}: expected {MODEL_FILE} in it, or a checkpoints/latest pointer"
+    )
 
 
 def save_model_file(state_dict: dict[str, torch.Tensor], folder: Path, config: dict[str, Any]) -> None:
@@ -82,7 +84,9 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu", load_tokenizer: 
         state.setdefault("lm_head.weight", state["embed.weight"])
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"{folder / MODEL_FILE} does not match the config: missing {missing}, unexpected {unexpected}")
+        raise CheckpointError(
+            f"{folder / MODEL_FILE} does not match the config: missing {missing}, unexpected {unexpected}"
+        )
     model.to(device).eval()
     tokenizer = None
     if load_tokenizer and (folder / TOKENIZER_DIR).is_dir():

@@ -52,7 +52,9 @@ class AllToAllExchange:
     def __init__(self, group: Any, ep_size: int, num_local_experts: int) -> None:
         self.group, self.ep_size, self.num_local_experts = group, ep_size, num_local_experts
 
-    def __call__(self, x_SH: torch.Tensor, tokens_per_expert_E: torch.Tensor, experts: nn.Module) -> torch.Tensor:
+    def __call__(
+        self, x_SH: torch.Tensor, tokens_per_expert_E: torch.Tensor, experts: nn.Module
+    ) -> torch.Tensor:
         from torch.distributed.nn.functional import all_to_all_single
 
         ep, El = self.ep_size, self.num_local_experts
@@ -104,7 +106,10 @@ def _ep_layer_class() -> type:
         _EP_CLASS = type(
             "ExpertParallelMoELayer",
             (MoELayer, _deepspeed_moe_base()),
-            {"set_deepspeed_parallelism": set_deepspeed_parallelism, "__doc__": "MoELayer sharded over ranks."},
+            {
+                "set_deepspeed_parallelism": set_deepspeed_parallelism,
+                "__doc__": "MoELayer sharded over ranks.",
+            },
         )
     return _EP_CLASS
 
@@ -117,7 +122,9 @@ def parallelize(model: nn.Module, cfg: TrainConfig, env: DistEnv) -> ExpertParal
     if ep_size == 1:
         return ExpertParallelInfo(enabled=False)
     if env.world_size % ep_size != 0:
-        raise ValueError(f"parallel.ep_size={ep_size} is invalid: must divide the number of processes {env.world_size}")
+        raise ValueError(
+            f"parallel.ep_size={ep_size} is invalid: must divide the number of processes {env.world_size}"
+        )
     from deepspeed.utils import groups
 
     group_name = f"ep_size_{ep_size}"
@@ -164,7 +171,9 @@ def full_state_dict(model: nn.Module, env: DistEnv, ep: ExpertParallelInfo) -> d
     return sd if env.rank == 0 else None
 
 
-def load_full_state_dict(model: nn.Module, full: dict[str, torch.Tensor], env: DistEnv, ep: ExpertParallelInfo) -> None:
+def load_full_state_dict(
+    model: nn.Module, full: dict[str, torch.Tensor], env: DistEnv, ep: ExpertParallelInfo
+) -> None:
     """Load a layout-free state dict, keeping this rank's expert shard."""
     sd = dict(full)
     if getattr(model, "cfg", None) is not None and model.cfg.tie_embeddings:

@@ -70,7 +70,7 @@ class Attention(nn.Module):
             rep = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         window_active = self.sliding_window is not None and kv_len > self.sliding_window
-        if T == kv_len and not window_active:
+        if kv_len == T and not window_active:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             mask = _causal_mask(T, kv_len, self.sliding_window, x_BTH.device)

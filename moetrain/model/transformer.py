@@ -35,11 +35,15 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.attention_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.attention = Attention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_size, cfg.sliding_window)
+        self.attention = Attention(
+            cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_size, cfg.sliding_window
+        )
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.is_moe = cfg.is_moe_layer(layer_idx)
         if self.is_moe:
-            self.ffn: nn.Module = MoELayer(cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_experts, cfg.top_k, cfg.moe)
+            self.ffn: nn.Module = MoELayer(
+                cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_experts, cfg.top_k, cfg.moe
+            )
         else:
             self.ffn = SwiGLU(cfg.hidden_size, cfg.dense_ffn_size)
 

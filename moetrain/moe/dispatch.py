@@ -27,7 +27,9 @@ def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_fact
     return max(1, math.ceil(round(capacity_factor * num_tokens * top_k / num_experts, 9)))
 
 
-def plan_dispatch(expert_ids_NK: torch.Tensor, num_experts: int, capacity_factor: float | None) -> DispatchPlan:
+def plan_dispatch(
+    expert_ids_NK: torch.Tensor, num_experts: int, capacity_factor: float | None
+) -> DispatchPlan:
     N, K = expert_ids_NK.shape
     flat_ids = expert_ids_NK.reshape(-1)
     # Stable sort keeps token order inside each expert: capacity drops the latest tokens.
@@ -44,7 +46,9 @@ def plan_dispatch(expert_ids_NK: torch.Tensor, num_experts: int, capacity_factor
     return DispatchPlan(kept // K, kept, kept_counts, routed, int(order.numel() - kept.numel()))
 
 
-def combine(y_SH: torch.Tensor, plan: DispatchPlan, weights_NK: torch.Tensor, num_tokens: int) -> torch.Tensor:
+def combine(
+    y_SH: torch.Tensor, plan: DispatchPlan, weights_NK: torch.Tensor, num_tokens: int
+) -> torch.Tensor:
     """out[n] = sum over kept copies of n: weight * expert_output."""
     w_S = weights_NK.reshape(-1)[plan.slot_idx_S].unsqueeze(-1)
     out = torch.zeros(num_tokens, y_SH.shape[-1], dtype=y_SH.dtype, device=y_SH.device)

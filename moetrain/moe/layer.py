@@ -33,12 +33,16 @@ class RouterStats:
 class LocalExchange:
     """No expert parallelism: all experts live here, so the 'exchange' is a direct call."""
 
-    def __call__(self, x_SH: torch.Tensor, tokens_per_expert_E: torch.Tensor, experts: nn.Module) -> torch.Tensor:
+    def __call__(
+        self, x_SH: torch.Tensor, tokens_per_expert_E: torch.Tensor, experts: nn.Module
+    ) -> torch.Tensor:
         return experts(x_SH, tokens_per_expert_E)
 
 
 class MoELayer(nn.Module):
-    def __init__(self, hidden_size: int, ffn_hidden_size: int, num_experts: int, top_k: int, cfg: MoEConfig) -> None:
+    def __init__(
+        self, hidden_size: int, ffn_hidden_size: int, num_experts: int, top_k: int, cfg: MoEConfig
+    ) -> None:
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
         self.capacity_factor = cfg.capacity_factor

@@ -21,7 +21,12 @@ class Routing:
 
 class TopKRouter(nn.Module):
     def __init__(
-        self, hidden_size: int, num_experts: int, top_k: int, normalize_top_k: bool = True, jitter_eps: float = 0.0
+        self,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        normalize_top_k: bool = True,
+        jitter_eps: float = 0.0,
     ) -> None:
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k

@@ -34,7 +34,12 @@ class RoutingAccumulator:
     def packed(self) -> torch.Tensor:
         """One flat tensor to all-reduce (sum) across data-parallel ranks."""
         return torch.cat(
-            [self.counts_LE.flatten(), self.entropy_sum_L, self.dropped_L, torch.tensor([float(self.forwards)])]
+            [
+                self.counts_LE.flatten(),
+                self.entropy_sum_L,
+                self.dropped_L,
+                torch.tensor([float(self.forwards)]),
+            ]
         )
 
     def unpack(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
@@ -46,7 +51,11 @@ class RoutingAccumulator:
 
 
 def routing_metrics(
-    layer_ids: list[int], counts_LE: torch.Tensor, entropy_sum_L: torch.Tensor, dropped_L: torch.Tensor, forwards: float
+    layer_ids: list[int],
+    counts_LE: torch.Tensor,
+    entropy_sum_L: torch.Tensor,
+    dropped_L: torch.Tensor,
+    forwards: float,
 ) -> dict[str, object]:
     """Per layer: fraction of routed copies per expert (sums to 1), imbalance = max/mean load,
     coefficient of variation, mean router entropy (nats), dropped fraction (capacity mode)."""
@@ -65,6 +74,8 @@ def routing_metrics(
         out[f"{prefix}/entropy"] = float(entropy_sum_L[i] / max(forwards, 1.0))
         out[f"{prefix}/dropped_fraction"] = float(dropped_L[i] / total)
     if layer_ids and counts_LE.sum() > 0:
-        keys = [f"moe/layer_{layer}/imbalance" for layer in layer_ids if f"moe/layer_{layer}/imbalance" in out]
+        keys = [
+            f"moe/layer_{layer}/imbalance" for layer in layer_ids if f"moe/layer_{layer}/imbalance" in out
+        ]
         out["moe/max_imbalance"] = max(out[k] for k in keys)  # type: ignore[type-var]
     return out

@@ -19,7 +19,9 @@ from moetrain.trainer.schedule import lr_multiplier
 
 def resolve_dtype(name: str) -> torch.dtype:
     if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+        return (
+            torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+        )
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
 
 

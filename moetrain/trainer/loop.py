@@ -11,6 +11,7 @@ import math
 import os
 import random
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,16 @@ import torch
 
 from moetrain.checkpoint.manager import CheckpointManager, read_rank_state, read_trainer_state, set_rng_state
 from moetrain.checkpoint.model_file import CheckpointError, resolve_checkpoint
+from moetrain.checkpoint.optimizer_state import load_full_optimizer_state, save_full_optimizer_state
 from moetrain.config import TrainConfig
-from moetrain.distributed import DistEnv, all_reduce_mean, all_reduce_sum, barrier, broadcast_object, init_distributed
+from moetrain.distributed import (
+    DistEnv,
+    all_reduce_mean,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    init_distributed,
+)
 from moetrain.distributed.expert_parallel import (
     full_state_dict,
     load_engine_state,
@@ -55,6 +64,7 @@ class Trainer:
         self.raw_config = raw_config
         self.env: DistEnv = init_distributed(shm_comm=cfg.parallel.shm_comm)
         self.is_main = self.env.is_main
+        self.run_dir = self._shared_run_dir(run_dir)
         if self.env.device.type == "cpu":  # one process per core budget; no oversubscription
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
@@ -62,6 +72,16 @@ class Trainer:
         self.tokens_seen = 0
 
     # ---- setup ------------------------------------------------------------------------------------
+    def _shared_run_dir(self, local: Path) -> Path:
+        """Every rank uses rank 0's run dir: Hydra's timestamped default can differ by a second
+        between processes. A stray dir Hydra made on another rank (config + log only) is removed."""
+        shared = Path(broadcast_object(str(local)))
+        if shared != local and local.is_dir() and not any(local.glob("checkpoints")):
+            import shutil
+
+            shutil.rmtree(local, ignore_errors=True)
+        return shared
+
     def _log(self, msg: str) -> None:
         if self.is_main:
             print(msg, flush=True)
@@ -78,11 +98,17 @@ class Trainer:
         tok_vocab = len(self.data.tokenizer)
         if self.cfg.model.vocab_size < tok_vocab:
             padded = int(math.ceil(tok_vocab / 64) * 64)
-            self._log(f"model.vocab_size={self.cfg.model.vocab_size} < tokenizer size {tok_vocab}: using {padded}")
+            self._log(
+                f"model.vocab_size={self.cfg.model.vocab_size} < tokenizer size {tok_vocab}: using {padded}"
+            )
             self.cfg.model.vocab_size = padded
         o, env = self.cfg.optim, self.env
         self.train_loader = ResumableLoader(
-            self.data.train, o.micro_batch_size, rank=env.rank, world_size=env.world_size, seed=self.cfg.trainer.seed
+            self.data.train,
+            o.micro_batch_size,
+            rank=env.rank,
+            world_size=env.world_size,
+            seed=self.cfg.trainer.seed,
         )
         self.val_loader = ValidationLoader(
             self.data.validation, o.micro_batch_size, rank=env.rank, world_size=env.world_size
@@ -96,7 +122,9 @@ class Trainer:
         self.model = model
         dtype = resolve_dtype(self.cfg.parallel.dtype)
         self.dtype = dtype
-        self.engine, self.optimizer, self.scheduler, self.ds_config = build_engine(model, self.cfg, self.env.world_size)
+        self.engine, self.optimizer, self.scheduler, self.ds_config = build_engine(
+            model, self.cfg, self.env.world_size
+        )
 
     def _print_banner(self) -> None:
         from moetrain.plan import count_params, plan_summary
@@ -158,7 +186,10 @@ class Trainer:
 
     def _resume(self, folder: Path) -> None:
         state = read_trainer_state(folder)
-        same_layout = state.get("ep_size") == self.cfg.parallel.ep_size and state.get("world_size") == self.env.world_size
+        same_layout = (
+            state.get("ep_size") == self.cfg.parallel.ep_size
+            and state.get("world_size") == self.env.world_size
+        )
         if same_layout and self.ep.enabled:
             load_engine_state(self.engine, folder / "engine", self.env.rank)
         elif same_layout:
@@ -174,13 +205,22 @@ class Trainer:
             refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
             if refresh is not None:  # ZeRO / bf16 keep fp32 master copies of the weights
                 refresh()
-            self._log(
-                f"warning: checkpoint was saved with ep_size={state.get('ep_size')} world={state.get('world_size')}, "
-                f"resuming with ep_size={self.cfg.parallel.ep_size} world={self.env.world_size}: weights restored "
-                "exactly, optimizer state reinitialised"
+            restored = self._plain_optimizer() and load_full_optimizer_state(
+                self.model, self.engine.optimizer, folder, self.ep
             )
-            for _ in range(state["step"]):  # keep the LR schedule where it was
-                self.scheduler.step()
+            self._log(
+                f"note: checkpoint saved with ep_size={state.get('ep_size')} world={state.get('world_size')}, "
+                f"resuming with ep_size={self.cfg.parallel.ep_size} world={self.env.world_size}: weights restored "
+                + (
+                    "exactly, optimizer state resharded"
+                    if restored
+                    else "exactly; warning: optimizer state reinitialised (ZeRO-1/2 and bf16 state is per-rank)"
+                )
+            )
+            with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
+                warnings.simplefilter("ignore")
+                for _ in range(state["step"]):  # keep the LR schedule where it was
+                    self.scheduler.step()
         self.step = state["step"]
         self.tokens_seen = state["tokens_seen"]
         rank_state = read_rank_state(folder, self.env.rank) if same_layout else None
@@ -190,6 +230,14 @@ class Trainer:
         else:
             self.train_loader.load_state_dict(state["loader"])
         self._log(f"resumed from {folder} at step {self.step}")
+
+    def _plain_optimizer(self) -> bool:
+        """ZeRO-0 fp32 keeps a plain torch optimizer whose state we can reshard across ep sizes."""
+        return not type(self.engine.optimizer).__module__.startswith("deepspeed")
+
+    def _save_layout_free_optimizer(self, folder: Path) -> None:
+        if self._plain_optimizer():
+            save_full_optimizer_state(self.model, self.engine.optimizer, folder, self.env.rank, self.ep)
 
     def _save(self) -> Path:
         trainer_state = {
@@ -209,6 +257,7 @@ class Trainer:
             rank_state={"loader": self.train_loader.state_dict()},
             tokenizer=self.data.tokenizer,
             sharded_experts=self.ep.enabled,
+            save_extra=self._save_layout_free_optimizer,
         )
         self._log(f"checkpoint saved: {path}")
         return path
@@ -230,7 +279,8 @@ class Trainer:
             self.engine.step()
             self.routing.add(out.router_stats)
             sums += torch.tensor(
-                [out.loss.item(), out.lm_loss.item(), out.aux_loss.item(), out.z_loss.item()], dtype=torch.float64
+                [out.loss.item(), out.lm_loss.item(), out.aux_loss.item(), out.z_loss.item()],
+                dtype=torch.float64,
             )
             self.tokens_seen += ids.numel() * self.env.world_size
         loss, lm, aux, z = (all_reduce_mean(sums) / ga).tolist()
@@ -298,7 +348,9 @@ class Trainer:
         counts, entropy, dropped, forwards = self.routing.unpack(flat)
         forwards = forwards / self.env.world_size
         self.routing.reset()
-        metrics = routing_metrics(self.cfg.model.moe_layer_ids, counts, entropy / self.env.world_size, dropped, forwards)
+        metrics = routing_metrics(
+            self.cfg.model.moe_layer_ids, counts, entropy / self.env.world_size, dropped, forwards
+        )
         self._last_counts = counts
         fractions = {
             layer: metrics[f"moe/layer_{layer}/expert_fraction"]
@@ -316,7 +368,9 @@ class Trainer:
             return
         from moetrain.tracking.plots import expert_heatmap
 
-        fig = expert_heatmap(counts, self.cfg.model.moe_layer_ids, title=f"tokens per expert, step {self.step}")
+        fig = expert_heatmap(
+            counts, self.cfg.model.moe_layer_ids, title=f"tokens per expert, step {self.step}"
+        )
         if step is not None:
             self.wandb.log_image("moe/heatmap", fig, step=step)
         if path is not None:
@@ -341,7 +395,9 @@ class Trainer:
         self.routing = RoutingAccumulator(c.model.moe_layer_ids, c.model.num_experts)
         self.collapse = CollapseDetector(c.logging.collapse_threshold, c.logging.collapse_window)
         self.metrics = MetricsFile(self.run_dir / "metrics.jsonl", enabled=self.is_main)
-        self.wandb = WandbRun(c.logging.wandb, self.run_dir, self._config_for_checkpoint(), enabled=self.is_main)
+        self.wandb = WandbRun(
+            c.logging.wandb, self.run_dir, self._config_for_checkpoint(), enabled=self.is_main
+        )
         peak = _peak_tflops(self.env.device)
         stop_step = c.trainer.stop_at or c.trainer.max_steps
         start_time = time.time()
@@ -411,7 +467,12 @@ class Trainer:
             gen = torch.Generator(device="cpu").manual_seed(self.cfg.trainer.seed)
             with torch.no_grad():
                 out = generate_tokens(
-                    self.model, ids, self.cfg.trainer.sample_tokens, temperature=0.8, top_p=0.95, generator=gen
+                    self.model,
+                    ids,
+                    self.cfg.trainer.sample_tokens,
+                    temperature=0.8,
+                    top_p=0.95,
+                    generator=gen,
                 )
             self.model.train()
             text = tok.decode(out[0].tolist())

@@ -16,11 +16,6 @@ def fixture_config(data_dir: Path, **overrides: object) -> DataConfig:
     return DataConfig(**values)  # type: ignore[arg-type]
 
 
-@pytest.fixture(autouse=True)
-def _no_hub(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
 @pytest.fixture(scope="session")
 def fixture_bundle(tmp_path_factory: pytest.TempPathFactory) -> DataBundle:
     return build_data(fixture_config(tmp_path_factory.mktemp("data")), main_process=False)

@@ -13,7 +13,9 @@ from fractions import Fraction
 import torch
 
 
-def swiglu_expert(x_H: torch.Tensor, w1_FH: torch.Tensor, v1_FH: torch.Tensor, w2_FH: torch.Tensor) -> torch.Tensor:
+def swiglu_expert(
+    x_H: torch.Tensor, w1_FH: torch.Tensor, v1_FH: torch.Tensor, w2_FH: torch.Tensor
+) -> torch.Tensor:
     gate = x_H @ w1_FH.T
     up = x_H @ v1_FH.T
     h = gate * torch.sigmoid(gate) * up  # silu written out

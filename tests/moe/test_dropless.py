@@ -77,7 +77,9 @@ def test_dropless_matches_per_token_reference(seed, impl, normalize, E, k):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"grad of {n}: {m}")
 
     # The stats report what the router asked for, and nothing is dropped.
-    counts = Counter(e for experts in routed_experts(x.reshape(-1, H), layer.router.gate.weight, top_k) for e in experts)
+    counts = Counter(
+        e for experts in routed_experts(x.reshape(-1, H), layer.router.gate.weight, top_k) for e in experts
+    )
     assert stats.tokens_per_expert_E.tolist() == [float(counts[e]) for e in range(E)]
     assert stats.tokens_per_expert_E.sum().item() == x.shape[0] * x.shape[1] * top_k
     assert stats.num_dropped == 0

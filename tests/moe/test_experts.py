@@ -9,7 +9,9 @@ from moetrain.moe.experts import GroupedExperts
 
 from ._reference import swiglu_expert
 
-pytestmark = pytest.mark.skipif(not hasattr(torch.nn.functional, "grouped_mm"), reason="torch lacks grouped_mm")
+pytestmark = pytest.mark.skipif(
+    not hasattr(torch.nn.functional, "grouped_mm"), reason="torch lacks grouped_mm"
+)
 
 H, F = 16, 24  # 16-byte rows in fp32 and bf16
 
@@ -60,7 +62,9 @@ def test_grouped_mm_matches_loop(seed, dtype, case, broadcast_grad):
     torch.testing.assert_close(out_gmm, out_loop, **TOL[dtype])
     torch.testing.assert_close(gx_gmm, gx_loop, **TOL[dtype])
     for name in gp_loop:
-        torch.testing.assert_close(gp_gmm[name], gp_loop[name], **TOL[dtype], msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(
+            gp_gmm[name], gp_loop[name], **TOL[dtype], msg=lambda m, n=name: f"{n}: {m}"
+        )
         # experts that received no tokens get exactly zero gradient
         for e, c in enumerate(COUNTS[case]):
             if c == 0:

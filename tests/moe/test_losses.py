@@ -39,7 +39,10 @@ def test_switch_averages_layers_and_mixtral_pools_them():
     a = stats_from([4, 3, 1], [2.0, 1.2, 0.8], 4)
     b = stats_from([2, 2, 4], [1.0, 1.0, 2.0], 4)
     E, k, N, L = 3, 2, 4, 2
-    sw = [E * sum(c / (N * k) * p / N for c, p in zip(s.tokens_per_expert_E.tolist(), s.prob_sum_E.tolist())) for s in (a, b)]
+    sw = [
+        E * sum(c / (N * k) * p / N for c, p in zip(s.tokens_per_expert_E.tolist(), s.prob_sum_E.tolist()))
+        for s in (a, b)
+    ]
     assert load_balancing_loss([a, b], E, k, "switch").item() == pytest.approx(sum(sw) / 2, rel=1e-6)
     # transformers' load_balancing_loss_func: concatenate all layers' tokens, then E * sum_e f_e * P_e
     C = [x + y for x, y in zip(a.tokens_per_expert_E.tolist(), b.tokens_per_expert_E.tolist())]
@@ -131,7 +134,11 @@ def test_model_loss_is_weighted_sum(seed, kind):
     assert len(out.router_stats) == 2
     lm = torch.nn.functional.cross_entropy(out.logits.reshape(-1, 50), ids.reshape(-1))
     assert out.lm_loss.item() == pytest.approx(lm.item(), rel=1e-6)
-    assert out.aux_loss.item() == pytest.approx(load_balancing_loss(out.router_stats, 4, 2, kind).item(), rel=1e-6)
+    assert out.aux_loss.item() == pytest.approx(
+        load_balancing_loss(out.router_stats, 4, 2, kind).item(), rel=1e-6
+    )
     zs = [s.z_loss.item() for s in out.router_stats]
     assert out.z_loss.item() == pytest.approx(sum(zs) / 2, rel=1e-6)
-    assert out.loss.item() == pytest.approx(lm.item() + 0.3 * out.aux_loss.item() + 0.05 * out.z_loss.item(), rel=1e-6)
+    assert out.loss.item() == pytest.approx(
+        lm.item() + 0.3 * out.aux_loss.item() + 0.05 * out.z_loss.item(), rel=1e-6
+    )
