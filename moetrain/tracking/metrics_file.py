@@ -18,7 +18,8 @@ class MetricsFile:
     def __init__(self, path: Path, enabled: bool = True) -> None:
         self.path = path
         self.enabled = enabled
-        self._f = open(path, "a") if enabled else None  # append: a resumed run continues the file
+        # append: a resumed run continues the file; kept open for the run, closed in close()
+        self._f = open(path, "a") if enabled else None  # noqa: SIM115
 
     def write(self, record: dict[str, Any]) -> None:
         if self._f is None:
