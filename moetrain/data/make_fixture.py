@@ -14,7 +14,15 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from moetrain.data.corpus import SPLITS, Document, _unit_hash, build_corpus, read_jsonl, split_stats, write_jsonl
+from moetrain.data.corpus import (
+    SPLITS,
+    Document,
+    build_corpus,
+    doc_hash,
+    read_jsonl,
+    split_stats,
+    write_jsonl,
+)
 
 FIXTURE_DIR = Path(__file__).parent / "fixture"
 CHARS_PER_DOMAIN = {"train": 300_000, "validation": 12_000}
@@ -33,7 +41,7 @@ def excerpt(text: str, max_chars: int = EXCERPT_CHARS) -> str:
 def select(docs: list[Document], chars_per_domain: int) -> list[Document]:
     """Per domain, take one excerpt from each source in turn (so Milton is not drowned by the KJV)."""
     queues: dict[str, dict[str, list[Document]]] = defaultdict(lambda: defaultdict(list))
-    for doc in sorted(docs, key=lambda d: _unit_hash(d["id"])):
+    for doc in sorted(docs, key=lambda d: doc_hash(d["id"])):
         queues[doc["domain"]][doc["source"]].append(doc)
     chosen = []
     for domain in sorted(queues):

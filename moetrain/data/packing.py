@@ -60,7 +60,9 @@ def pack(
             f"{total} tokens; lower data.seq_len or use more data"
         )
     # A copy: arrow buffers are read-only, and we want one compact int32 array.
-    blocks_NL = torch.from_numpy(token_ids[: n_blocks * block].astype(np.int32, copy=True)).view(n_blocks, block)
+    blocks_NL = torch.from_numpy(token_ids[: n_blocks * block].astype(np.int32, copy=True)).view(
+        n_blocks, block
+    )
     # The document holding each block's first token: the first document whose end lies beyond it.
     doc_domains = np.asarray(doc_domains, dtype=np.int64)
     doc_ends = np.cumsum(doc_lengths)

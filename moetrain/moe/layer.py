@@ -1,8 +1,9 @@
 """The sparse FFN block: router -> dispatch -> (token exchange) -> experts -> combine.
 
 Each piece is replaceable: expert parallelism swaps ``exchange`` for an all-to-all (see
-``moetrain.distributed.expert_parallel``); the MegaBlocks backend swaps the exchange+experts
-kernel while reading the same parameters. Router and dispatch never change.
+``moetrain.distributed.expert_parallel``); the MegaBlocks backend (``model.moe.backend``, see
+``moe/megablocks_backend.py``) swaps the permutation and expert kernels while reading the same
+parameters. The router and the loss statistics never change.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from moetrain.config import MoEConfig
+from moetrain.moe.backends import resolve_backend
 from moetrain.moe.dispatch import combine, plan_dispatch
 from moetrain.moe.experts import GroupedExperts
 from moetrain.moe.router import TopKRouter
@@ -47,13 +49,27 @@ class MoELayer(nn.Module):
         self.num_experts, self.top_k = num_experts, top_k
         self.capacity_factor = cfg.capacity_factor
         self.router = TopKRouter(hidden_size, num_experts, top_k, cfg.normalize_top_k, cfg.jitter_eps)
-        self.experts = GroupedExperts(num_experts, hidden_size, ffn_hidden_size, cfg.expert_impl)
+        # A one-line ConfigError here, at model construction, when megablocks was asked for but can't run.
+        self.moe_backend = resolve_backend(cfg.backend)
+        if self.moe_backend == "megablocks":  # same parameters and names: checkpoints are backend-free
+            from moetrain.moe.megablocks_backend import MegaBlocksExperts
+
+            self.experts = MegaBlocksExperts(num_experts, hidden_size, ffn_hidden_size, cfg.expert_impl)
+        else:
+            self.experts = GroupedExperts(num_experts, hidden_size, ffn_hidden_size, cfg.expert_impl)
         self.exchange = LocalExchange()
 
     def forward(self, x_BTH: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
         B, T, H = x_BTH.shape
         x_NH = x_BTH.reshape(B * T, H)
         routing = self.router(x_NH)
+        if self.moe_backend == "megablocks" and self.capacity_factor is None and x_NH.is_cuda:
+            from moetrain.moe.megablocks_backend import dropless_forward
+
+            out_NH, routed_E = dropless_forward(
+                x_NH, routing.expert_ids_NK, routing.weights_NK, self.num_experts, self.exchange, self.experts
+            )
+            return out_NH.view(B, T, H), self._stats(routing, routed_E, 0)
         plan = plan_dispatch(routing.expert_ids_NK, self.num_experts, self.capacity_factor)
         x_SH = x_NH[plan.token_idx_S]
         y_SH = self.exchange(x_SH, plan.tokens_per_expert_E, self.experts)

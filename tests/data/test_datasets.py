@@ -17,7 +17,25 @@ from moetrain.data import datasets as data_sources
 
 from .conftest import fixture_config
 
-WORDS = "the quick brown fox jumps over the lazy dog while a cat watches from the warm window".split()
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "the",
+    "lazy",
+    "dog",
+    "while",
+    "a",
+    "cat",
+    "watches",
+    "from",
+    "the",
+    "warm",
+    "window",
+]
 
 
 def _docs(n: int) -> list[str]:
@@ -34,7 +52,9 @@ def _one_line_error(cfg: DataConfig, match: str) -> str:
 def test_json_source_end_to_end(tmp_path: Path) -> None:
     path = tmp_path / "docs.jsonl"
     domains = ["news", "code"]
-    path.write_text("".join(json.dumps({"body": t, "kind": domains[i % 2]}) + "\n" for i, t in enumerate(_docs(400))))
+    path.write_text(
+        "".join(json.dumps({"body": t, "kind": domains[i % 2]}) + "\n" for i, t in enumerate(_docs(400)))
+    )
     cfg = DataConfig(
         name="json", data_files=str(path), text_field="body", domain_field="kind", seq_len=32, vocab_size=300,
         validation_fraction=0.05, data_dir=str(tmp_path / "cache"),
@@ -75,13 +95,17 @@ def test_second_build_is_cached_and_fast(tmp_path: Path) -> None:
 
 
 def test_missing_files(tmp_path: Path) -> None:
-    _one_line_error(DataConfig(name="json", data_files=str(tmp_path / "nope.jsonl")), "data file not found: .*nope")
+    _one_line_error(
+        DataConfig(name="json", data_files=str(tmp_path / "nope.jsonl")), "data file not found: .*nope"
+    )
     _one_line_error(DataConfig(name="parquet", data_dir=str(tmp_path)), "needs data.data_files")
 
 
 def test_empty_dataset(tmp_path: Path) -> None:
     (tmp_path / "empty.jsonl").write_text("")
-    _one_line_error(DataConfig(name="json", data_files=str(tmp_path / "empty.jsonl"), data_dir=str(tmp_path)), "empty")
+    _one_line_error(
+        DataConfig(name="json", data_files=str(tmp_path / "empty.jsonl"), data_dir=str(tmp_path)), "empty"
+    )
     (tmp_path / "blank.jsonl").write_text('{"text": ""}\n{"text": ""}\n')
     cfg = DataConfig(name="json", data_files=str(tmp_path / "blank.jsonl"), data_dir=str(tmp_path))
     _one_line_error(cfg, "empty: every 'text' value is blank")
@@ -95,12 +119,16 @@ def test_missing_text_field_names_the_columns(tmp_path: Path) -> None:
 
 
 def test_seq_len_larger_than_corpus_says_how_many_tokens(tmp_path: Path) -> None:
-    message = _one_line_error(fixture_config(tmp_path, seq_len=10_000_000), r"seq_len=10000000 .* has only \d+ tokens")
+    message = _one_line_error(
+        fixture_config(tmp_path, seq_len=10_000_000), r"seq_len=10000000 .* has only \d+ tokens"
+    )
     assert "lower data.seq_len" in message
 
 
 def test_unknown_split_lists_available(tmp_path: Path) -> None:
-    _one_line_error(fixture_config(tmp_path, split="test"), "has no split 'test'; available: train, validation")
+    _one_line_error(
+        fixture_config(tmp_path, split="test"), "has no split 'test'; available: train, validation"
+    )
 
 
 def test_hub_offline_fails_fast_naming_the_dataset(tmp_path: Path) -> None:
@@ -125,7 +153,9 @@ def test_hub_offline_fails_fast_naming_the_dataset(tmp_path: Path) -> None:
 def test_hub_unreachable_fails_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(data_sources, "_hub_offline", lambda: False)
     monkeypatch.setattr(data_sources, "_hub_reachable", lambda: False)  # no real probe in tests
-    _one_line_error(DataConfig(name="wikitext", data_dir=str(tmp_path)), "cannot reach the Hugging Face Hub .*'wikitext'")
+    _one_line_error(
+        DataConfig(name="wikitext", data_dir=str(tmp_path)), "cannot reach the Hugging Face Hub .*'wikitext'"
+    )
 
 
 def test_invalid_config_is_rejected_before_any_work(tmp_path: Path) -> None:

@@ -30,8 +30,8 @@ def test_pack_too_long_seq_len_names_token_count() -> None:
 
 
 def test_fixture_packing_loses_no_tokens(fixture_bundle) -> None:
-    from moetrain.data.datasets import FIXTURE_DIR
     from moetrain.data.corpus import read_jsonl
+    from moetrain.data.datasets import FIXTURE_DIR
 
     tok = fixture_bundle.tokenizer
     for split, packed in (("train", fixture_bundle.train), ("validation", fixture_bundle.validation)):

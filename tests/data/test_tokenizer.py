@@ -30,7 +30,9 @@ def test_training_is_deterministic(tmp_path: Path) -> None:
 
 def test_cached_tokenizer_is_reused(tmp_path: Path) -> None:
     first = _train(tmp_path)
-    again = load_or_train_tokenizer(fixture_config(tmp_path), iter(()), corpus_key="fixture-test", verbose=False)
+    again = load_or_train_tokenizer(
+        fixture_config(tmp_path), iter(()), corpus_key="fixture-test", verbose=False
+    )
     assert again.get_vocab() == first.get_vocab()
 
 

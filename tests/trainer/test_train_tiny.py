@@ -1,0 +1,224 @@
+"""End to end: ``python -m moetrain.train +experiment=mixtral_tiny`` trains offline and leaves a
+complete run directory; bad input fails fast with one ``error:`` line; stopping and checkpointing.
+
+The reference run (20 steps, eval and checkpoint every 10, W&B offline) is shared with the resume,
+data-parallel and expert-parallel tests (``moetrain.testing.reference_run``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from moetrain.checkpoint.manager import CheckpointManager
+from moetrain.checkpoint.model_file import resolve_checkpoint
+from moetrain.testing import DEAD_PROXY, describe, read_metrics, reference_run, run_train, tiny
+
+NUM_EXPERTS = 4  # configs/model/mixtral_tiny.yaml
+MOE_LAYERS = (0, 1)
+STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return reference_run().check()
+
+
+def test_loss_falls(ref):
+    records = read_metrics(ref.run_dir)
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1)), "log_every=1: one record per step"
+    first, last = records[0]["lm_loss"], records[-1]["lm_loss"]
+    assert math.isfinite(first) and math.isfinite(last)
+    assert first > math.log(512) - 0.5, f"step 1 should be near chance (ln 512 = 6.24), got {first}"
+    assert last < first - 0.3, f"lm_loss did not fall: {first:.3f} -> {last:.3f}"
+    vals = {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
+    assert vals[20] < vals[10], f"validation loss did not fall: {vals}"
+
+
+def test_metrics_contract(ref):
+    records = read_metrics(ref.run_dir)
+    tokens_per_step = 4 * 64  # global batch 4 sequences of seq_len 64
+    for r in records:
+        for key in ("step", "loss", "lm_loss", "aux_loss", "lr", "tokens_per_sec"):
+            assert key in r, f"step {r.get('step')}: {key} missing from {sorted(r)}"
+            assert isinstance(r[key], (int, float)) and math.isfinite(r[key]), (key, r[key])
+        assert r["tokens_per_sec"] > 0 and r["lr"] > 0
+        assert r["tokens"] == r["step"] * tokens_per_step
+        # loss = lm + 0.01 aux + 0.001 z (mixtral_small's moe weights)
+        assert r["loss"] == pytest.approx(r["lm_loss"] + 0.01 * r["aux_loss"] + 0.001 * r["z_loss"], abs=1e-5)
+        for i in MOE_LAYERS:
+            frac = r[f"moe/layer_{i}/expert_fraction"]
+            assert isinstance(frac, list) and len(frac) == NUM_EXPERTS
+            assert all(0 <= f <= 1 for f in frac)
+            assert sum(frac) == pytest.approx(1.0, abs=1e-4)
+            assert r[f"moe/layer_{i}/imbalance"] >= 1.0 - 1e-6
+            assert r[f"moe/layer_{i}/imbalance"] == pytest.approx(max(frac) * NUM_EXPERTS, abs=1e-4)
+            assert 0.0 <= r[f"moe/layer_{i}/entropy"] <= math.log(NUM_EXPERTS) + 1e-6
+        assert f"moe/layer_{len(MOE_LAYERS)}/expert_fraction" not in r
+    evals = {r["step"]: r for r in records if "val_loss" in r}
+    assert sorted(evals) == [10, 20], "eval_every=10"
+    for r in evals.values():
+        assert math.exp(r["val_loss"]) == pytest.approx(r["val_ppl"], rel=1e-6)
+    # the LR warms up over 2 steps, then decays
+    lrs = [r["lr"] for r in records]
+    assert lrs[0] < lrs[1] and lrs[-1] < lrs[1]
+
+
+def test_run_directory(ref):
+    run_dir = ref.run_dir
+    hydra_cfg = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+    assert hydra_cfg["model"]["name"] == "mixtral_tiny"
+    ckpts = run_dir / "checkpoints"
+    latest = ckpts / "latest"
+    assert latest.is_file()
+    target = ckpts / latest.read_text().strip()
+    assert target.name == "step_00000020" and target.is_dir()
+    assert resolve_checkpoint(run_dir) == target
+    for name in ("model.safetensors", "config.yaml", "trainer_state.json", "optimizer_full.pt"):
+        assert (target / name).is_file(), f"{name} missing from {target}"
+    assert (target / "tokenizer").is_dir() and any((target / "tokenizer").iterdir())
+    state = json.loads((target / "trainer_state.json").read_text())
+    assert state["step"] == 20 and state["world_size"] == 1 and state["ep_size"] == 1
+    assert state["tokens_seen"] == 20 * 4 * 64
+    # keep_last=2 (default): steps 10 and 20; no temporary folders left behind
+    assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["step_00000010", "step_00000020"]
+    assert not list(ckpts.glob(".tmp-*"))
+
+    png = run_dir / "routing_heatmap.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    with Image.open(png) as im:
+        im.verify()
+        assert im.size[0] > 50 and im.size[1] > 50
+    assert (run_dir / "sample.txt").is_file() and (run_dir / "sample.txt").read_text().strip()
+
+
+def test_wandb_offline_and_no_network(ref):
+    offline = list((ref.run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1, f"expected one wandb/offline-run-* folder, found {offline}"
+    assert list(offline[0].glob("*.wandb")), "no offline W&B record file"
+    # every run goes through a proxy that refuses connections: an HTTP attempt would show up here
+    out = ref.proc.stdout + ref.proc.stderr
+    for needle in ("127.0.0.1:9", "ProxyError", "Max retries exceeded", "ConnectionError"):
+        assert needle not in out, f"network access attempted: {needle!r}\n{describe(ref.proc)}"
+
+
+# ---- bad input -------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("model.top_k=9", "model.top_k"),
+        ("parallel.ep_size=3", "parallel.ep_size"),
+        ("trainer.resume=/nonexistent", "trainer.resume"),
+    ],
+)
+def test_bad_input_fails_fast(tmp_path: Path, override: str, field: str):
+    start = time.monotonic()
+    proc = run_train(tmp_path / "run", *tiny(override), timeout=120)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 2, describe(proc)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, describe(proc)
+    assert field in errors[0], errors[0]
+    assert "Traceback" not in proc.stderr, describe(proc)
+    # nothing expensive ran: no model was built (the banner), no engine, no checkpoint
+    assert "moetrain: mixtral_tiny" not in proc.stdout, f"the model was built before failing\n{describe(proc)}"
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert elapsed < 10, f"failing took {elapsed:.1f} s"
+
+
+# ---- stopping --------------------------------------------------------------------------------------
+def test_stop_after_minutes(tmp_path: Path):
+    run_dir = tmp_path / "run"
+    proc = run_train(
+        run_dir, *tiny("trainer.max_steps=5", "trainer.stop_after_minutes=0.0001", "trainer.checkpoint_every=0")
+    )
+    assert proc.returncode == 0, describe(proc)
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == [1], "stops after the first step"
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000001"
+    assert (run_dir / "checkpoints" / "step_00000001" / "model.safetensors").is_file()
+
+
+# ---- atomic checkpoints (in-process, world size 1, no process group) ------------------------------
+class FakeEngine:
+    """Writes an engine folder in two parts; with ``fail`` set, raises between them (a crash mid-save)."""
+
+    def __init__(self) -> None:
+        self.fail = False
+
+    def save_checkpoint(self, path: str, tag: str, save_latest: bool = True) -> None:
+        folder = Path(path) / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save({"part": 1}, folder / "part1.pt")
+        if self.fail:
+            raise RuntimeError("simulated crash while saving")
+        torch.save({"part": 2}, folder / "part2.pt")
+
+
+def _save(mgr: CheckpointManager, engine: FakeEngine, step: int, save_extra=None) -> Path:
+    return mgr.save(
+        step=step,
+        engine=engine,
+        full_state_dict={"w": torch.full((2, 3), float(step))},
+        config={"model": {"name": "fake"}},
+        trainer_state={"step": step},
+        rank_state={"loader": {"position": step}},
+        tokenizer=None,
+        save_extra=save_extra,
+    )
+
+
+def _complete(folder: Path, step: int) -> None:
+    from safetensors.torch import load_file
+
+    for name in ("model.safetensors", "config.yaml", "trainer_state.json", "engine/part2.pt"):
+        assert (folder / name).is_file(), f"{folder / name} missing"
+    assert json.loads((folder / "trainer_state.json").read_text())["step"] == step
+    assert torch.equal(load_file(str(folder / "model.safetensors"))["w"], torch.full((2, 3), float(step)))
+
+
+@pytest.mark.parametrize("where", ["engine", "extra"])
+def test_interrupted_save_keeps_previous_checkpoint(tmp_path: Path, where: str):
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()  # barrier() is a no-op
+    root = tmp_path / "checkpoints"
+    mgr = CheckpointManager(root, rank=0, keep_last=2)
+    engine = FakeEngine()
+    first = _save(mgr, engine, 1)
+    assert first == root / "step_00000001"
+    _complete(first, 1)
+
+    def crash(folder: Path) -> None:
+        (folder / "optimizer_full.pt").write_bytes(b"partial")
+        raise RuntimeError("simulated crash in save_extra")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        if where == "engine":
+            engine.fail = True
+            _save(mgr, engine, 2)
+        else:
+            _save(mgr, engine, 2, save_extra=crash)
+    assert (root / "latest").read_text().strip() == "step_00000001"
+    assert mgr.latest() == first
+    assert resolve_checkpoint(root) == first
+    assert not (root / "step_00000002").exists(), "a failed save must not leave a final step folder"
+    _complete(first, 1)
+    assert [p.name for p in root.glob("step_*")] == ["step_00000001"]
+
+    engine.fail = False
+    third = _save(mgr, engine, 3)
+    assert not list(root.glob(".tmp-*")), "the next save cleans up the failed one's temp folder"
+    assert (root / "latest").read_text().strip() == "step_00000003" and mgr.latest() == third
+    _complete(third, 3)
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000001", "step_00000003"]
+    assert not os.path.exists(root / ".latest.tmp")
