@@ -34,6 +34,10 @@ def main(raw: DictConfig) -> int:
     try:
         plain = OmegaConf.to_container(raw, resolve=True)
         cfg = train_config_from_dict(plain)  # type: ignore[arg-type]
+        if cfg.model.num_experts > 0:  # an impossible MoE backend fails before any data work
+            from moetrain.moe.backends import resolve_backend
+
+            resolve_backend(cfg.model.moe.backend)
     except (ConfigError, Exception) as e:  # interpolation errors included
         _fail(str(e).splitlines()[0])
     run_dir = Path(HydraConfig.get().runtime.output_dir)

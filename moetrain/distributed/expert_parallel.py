@@ -206,7 +206,13 @@ def load_engine_state(engine: Any, folder: Path, rank: int) -> None:
     engine.module.load_state_dict(state["module"], strict=True)
     opt = engine.optimizer
     if type(opt).__module__.startswith("deepspeed.runtime.zero"):
-        opt.load_state_dict([state["optimizer"]], load_optimizer_states=True, load_from_fp32_weights=True)
+        # ZeRO-1/2 index the list by data-parallel rank (and may merge partitions): give it every rank's.
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        all_states = [
+            state["optimizer"] if r == rank else torch.load(folder / f"rank_{r:05d}.pt", weights_only=False)["optimizer"]
+            for r in range(world)
+        ]
+        opt.load_state_dict(all_states, load_optimizer_states=True, load_from_fp32_weights=True)
     else:
         opt.load_state_dict(state["optimizer"])
     if state["lr_scheduler"] is not None and engine.lr_scheduler is not None:

@@ -117,4 +117,4 @@ def test_state_dict_round_trip_on_cuda():
     back = MoELayer(H, F, E, K, MoEConfig(backend="torch")).to("cuda", torch.bfloat16)
     back.load_state_dict(mb.state_dict(), strict=True)
     x = torch.randn(1, 16, H, device="cuda", dtype=torch.bfloat16)
-    assert torch.equal(back(x)[0], ref(x)[0])
+    assert rel_err(back(x)[0], ref(x)[0]) <= 1e-6

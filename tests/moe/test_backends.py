@@ -248,3 +248,87 @@ def test_checkpoint_torch_to_megablocks_and_back(monkeypatch, capacity_factor):
     t2 = MoELayer(H, F_, E, 2, MoEConfig(backend="torch", capacity_factor=capacity_factor))
     t2.load_state_dict(m_layer.state_dict(), strict=True)
     assert torch.equal(t2(x)[0], out_t)
+
+
+# ---- the glue around MegaBlocks' kernels, with CPU stand-ins ---------------------------------------
+class _FakeMegaBlocksOps:
+    """Pure-torch stand-ins with the semantics of megablocks.ops (megablocks/backend/kernels.py):
+    gather: program i copies row ``indices[i] // top_k`` of x to row i (A_TO_B, no padding);
+    scatter: row i of x, times ``weights[indices[i]]``, goes to slot ``indices[i]`` of a
+    [tokens, top_k, H] buffer, which is then summed over top_k."""
+
+    @staticmethod
+    def sort(x, end_bit):
+        values, idx = torch.sort(x, stable=True)  # CUB radix sort is stable
+        return values, idx.int()
+
+    @staticmethod
+    def histogram(x, num_bins):
+        return torch.bincount(x, minlength=num_bins).int()
+
+    @staticmethod
+    def inclusive_cumsum(x, dim):
+        return torch.cumsum(x, dim).int()
+
+    @staticmethod
+    def gather(x, indices, bin_ids, bins, top_k):
+        return x[indices.long() // top_k]
+
+    @staticmethod
+    def scatter(x, indices, bin_ids, weights, bins, top_k):
+        idx = indices.long()
+        rows = x * weights[idx].unsqueeze(-1)
+        buf = torch.zeros(indices.numel(), x.shape[1], dtype=x.dtype).index_copy(0, idx, rows)
+        return buf.view(-1, top_k, x.shape[1]).sum(1)
+
+
+def _fake_gmm(a, b, batch_sizes, trans_b=False):
+    assert batch_sizes.device.type == "cpu" and batch_sizes.dtype == torch.int64
+    assert b.is_contiguous() and b.dim() == 3
+    outs = [x_e @ (b[e].T if trans_b else b[e]) for e, x_e in enumerate(torch.split(a, batch_sizes.tolist()))]
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_dropless_forward_glue_matches_torch_backend(monkeypatch, top_k):
+    import moetrain.moe.megablocks_backend as mbb
+    from moetrain.moe.layer import LocalExchange
+
+    calls: list[int] = []
+
+    def gmm(a, b, batch_sizes, trans_b=False):
+        calls.append(b.data_ptr())
+        return _fake_gmm(a, b, batch_sizes, trans_b)
+
+    monkeypatch.setattr(mbb, "_mb_ops", lambda: _FakeMegaBlocksOps)
+    monkeypatch.setattr(mbb, "_gmm", lambda: gmm)
+    monkeypatch.setattr(mbb, "uses_grouped_gemm", lambda x, w: x.shape[0] > 0)
+    torch.manual_seed(0)
+    ref = MoELayer(H, F_, E, top_k, MoEConfig(backend="torch"))
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0.0, 0.3)
+    mb = _megablocks_layer_on_cpu(monkeypatch)
+    mb.top_k = mb.router.top_k = top_k
+    mb.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 7, H)
+    g = torch.randn(3 * 7, H)
+
+    x_ref = x.clone().requires_grad_(True)
+    out_ref, st_ref = ref(x_ref)
+    (out_ref.reshape(-1, H) * g).sum().backward()
+
+    x_mb = x.clone().requires_grad_(True)
+    routing = mb.router(x_mb.reshape(-1, H))
+    out_mb, counts = mbb.dropless_forward(
+        x_mb.reshape(-1, H), routing.expert_ids_NK, routing.weights_NK, E, LocalExchange(), mb.experts
+    )
+    (out_mb * g).sum().backward()
+
+    assert calls == [mb.experts.w1.data_ptr(), mb.experts.v1.data_ptr(), mb.experts.w2.data_ptr()]
+    assert torch.equal(counts.float(), st_ref.tokens_per_expert_E)
+    torch.testing.assert_close(out_mb, out_ref.reshape(-1, H), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x_mb.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+    for (n, p_ref), (n2, p_mb) in zip(ref.named_parameters(), mb.named_parameters()):
+        assert n == n2
+        torch.testing.assert_close(p_mb.grad, p_ref.grad, rtol=1e-5, atol=1e-6)

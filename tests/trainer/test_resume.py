@@ -82,7 +82,12 @@ def test_resume_auto_without_checkpoint_starts_fresh(tmp_path: Path):
 
 
 def test_resume_with_grad_accum(tmp_path: Path):
-    ga = ("optim.micro_batch_size=2", "optim.grad_accum=2", "trainer.max_steps=10", "trainer.checkpoint_every=5")
+    ga = (
+        "optim.micro_batch_size=2",
+        "optim.grad_accum=2",
+        "trainer.max_steps=10",
+        "trainer.checkpoint_every=5",
+    )
     full = cached_run(*tiny(*ga), name="grad-accum").check()
     resume_from(full, 5, tmp_path / "run", *ga)
     assert_bitwise_continuation(full.run_dir, tmp_path / "run", range(6, 11))

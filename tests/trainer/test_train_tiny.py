@@ -19,7 +19,7 @@ import yaml
 
 from moetrain.checkpoint.manager import CheckpointManager
 from moetrain.checkpoint.model_file import resolve_checkpoint
-from moetrain.testing import DEAD_PROXY, describe, read_metrics, reference_run, run_train, tiny
+from moetrain.testing import describe, read_metrics, reference_run, run_train, tiny
 
 NUM_EXPERTS = 4  # configs/model/mixtral_tiny.yaml
 MOE_LAYERS = (0, 1)
@@ -130,7 +130,9 @@ def test_bad_input_fails_fast(tmp_path: Path, override: str, field: str):
     assert field in errors[0], errors[0]
     assert "Traceback" not in proc.stderr, describe(proc)
     # nothing expensive ran: no model was built (the banner), no engine, no checkpoint
-    assert "moetrain: mixtral_tiny" not in proc.stdout, f"the model was built before failing\n{describe(proc)}"
+    assert "moetrain: mixtral_tiny" not in proc.stdout, (
+        f"the model was built before failing\n{describe(proc)}"
+    )
     assert not (tmp_path / "run" / "checkpoints").exists()
     assert elapsed < 10, f"failing took {elapsed:.1f} s"
 
@@ -139,7 +141,8 @@ def test_bad_input_fails_fast(tmp_path: Path, override: str, field: str):
 def test_stop_after_minutes(tmp_path: Path):
     run_dir = tmp_path / "run"
     proc = run_train(
-        run_dir, *tiny("trainer.max_steps=5", "trainer.stop_after_minutes=0.0001", "trainer.checkpoint_every=0")
+        run_dir,
+        *tiny("trainer.max_steps=5", "trainer.stop_after_minutes=0.0001", "trainer.checkpoint_every=0"),
     )
     assert proc.returncode == 0, describe(proc)
     records = read_metrics(run_dir)

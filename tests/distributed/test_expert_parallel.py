@@ -1,0 +1,341 @@
+"""Expert parallelism (``parallel.ep_size``) trains exactly like one process holding every expert.
+
+- end to end: ep_size=2 on 2 processes vs ep_size=1 on 1 process (same seed, same global batch):
+  the same losses for 20 steps and the same final weights for every expert, with and without the
+  router losses (global_batch scope);
+- in-process: expert gradients after DeepSpeed's reduction equal the single-process gradients (the
+  check that catches experts averaged across ranks that hold *different* experts);
+- in-process: routing so uneven that ranks send nothing to some rank and experts receive nothing;
+- checkpoints: ep 2 -> ep 2 bit for bit; ep 2 -> ep 1 and ep 1 -> ep 2 through the layout-free
+  model file and optimizer state;
+- the two-"node" localhost launch (scripts/two_node_localhost.sh).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moetrain.testing import (
+    REPO_ROOT,
+    TrainRun,
+    cached_run,
+    check_ok,
+    describe,
+    max_abs_diff,
+    metric_by_step,
+    offline_env,
+    reference_run,
+    run_command,
+    run_distributed,
+    run_train,
+    tiny,
+)
+
+pytestmark = pytest.mark.multiprocess
+
+EP2 = ("optim.micro_batch_size=2", "parallel.ep_size=2")  # x 2 processes = global batch 4
+NO_AUX = ("model.moe.aux_loss_weight=0", "model.moe.z_loss_weight=0")
+TOL = 1e-5
+
+
+def ep1_run(aux: bool) -> TrainRun:
+    if aux:
+        return reference_run().check()
+    return cached_run(*tiny(*NO_AUX), name="ep1-noaux").check()
+
+
+def ep2_run(aux: bool) -> TrainRun:
+    return cached_run(*tiny(*EP2, *(() if aux else NO_AUX)), nproc=2, name="ep2").check()
+
+
+def assert_close_losses(a: TrainRun | Path, b: TrainRun | Path, steps, keys=("loss", "lm_loss")) -> None:
+    da = a.run_dir if isinstance(a, TrainRun) else a
+    db = b.run_dir if isinstance(b, TrainRun) else b
+    for key in keys:
+        diff = max_abs_diff(metric_by_step(da, key), metric_by_step(db, key), steps)
+        assert diff <= TOL, f"{key} differs by {diff:.2e} over steps {steps}"
+
+
+def assert_same_weights(a: Path, b: Path, tol: float = TOL) -> None:
+    ta, tb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert ta.keys() == tb.keys()
+    bad = []
+    for k in ta:
+        assert ta[k].shape == tb[k].shape, k
+        if k.endswith((".experts.w1", ".experts.v1", ".experts.w2")):  # [E, F, H]: each expert
+            for e in range(ta[k].shape[0]):
+                d = (ta[k][e] - tb[k][e]).abs().max().item()
+                if d > tol:
+                    bad.append(f"{k}[expert {e}]: {d:.2e}")
+        else:
+            d = (ta[k] - tb[k]).abs().max().item()
+            if d > tol:
+                bad.append(f"{k}: {d:.2e}")
+    assert not bad, "weights differ:\n" + "\n".join(bad)
+
+
+# ---- (a) end to end equivalence ------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("aux", [False, True], ids=["no-router-losses", "global-batch-aux"])
+def test_ep2_equals_single_process(aux: bool):
+    one, two = ep1_run(aux), ep2_run(aux)
+    assert "world 2 (ep 2" in two.proc.stdout
+    keys = ("loss", "lm_loss", "aux_loss", "z_loss") if aux else ("loss", "lm_loss")
+    assert_close_losses(one, two, range(1, 21), keys)
+    assert max_abs_diff(one.by_step("val_loss"), two.by_step("val_loss"), [10, 20]) <= TOL
+    if not aux:
+        assert all(v == 0 for v in (two.by_step("loss")[s] - two.by_step("lm_loss")[s] for s in range(1, 21)))
+    assert_same_weights(one.step_dir(20), two.step_dir(20))
+
+
+# ---- (c) checkpoints across layouts ---------------------------------------------------------------
+@pytest.mark.slow
+def test_resume_ep2_from_ep2_is_exact(tmp_path: Path):
+    src = ep2_run(aux=True)
+    run_dir = tmp_path / "run"
+    proc = run_train(run_dir, *tiny(*EP2, f"trainer.resume={src.step_dir(10)}"), nproc=2)
+    check_ok(proc)
+    assert "resumed from" in proc.stdout and "resharded" not in proc.stdout, describe(proc)
+    for key in ("loss", "lm_loss", "aux_loss", "z_loss", "grad_norm", "lr", "val_loss"):
+        a, b = src.by_step(key), metric_by_step(run_dir, key)
+        for s in range(11, 21):
+            if s in a:
+                assert a[s] == b[s], f"{key} at step {s}: {a[s]!r} vs {b[s]!r}"
+    ta = load_file(str(src.step_dir(20) / "model.safetensors"))
+    tb = load_file(str(run_dir / "checkpoints" / "step_00000020" / "model.safetensors"))
+    assert all(ta[k].equal(tb[k]) for k in ta)
+
+
+@pytest.mark.slow
+def test_resume_ep2_checkpoint_with_ep1(tmp_path: Path):
+    src = ep2_run(aux=True)
+    folder = src.step_dir(10)
+    assert (folder / "optimizer_full.pt").is_file(), "the layout-free optimizer state is saved under EP"
+    full_opt = torch.load(folder / "optimizer_full.pt", weights_only=False)
+    w1 = full_opt["layers.0.ffn.experts.w1"]["exp_avg"]
+    assert w1.shape[0] == 4, "optimizer state holds all experts in global order"
+    proc = run_train(tmp_path / "run", *tiny(f"trainer.resume={folder}"), nproc=1)
+    check_ok(proc)
+    assert "optimizer state resharded" in proc.stdout, describe(proc)
+    # step 11's loss depends on the loaded weights only; later steps on the optimizer state too
+    assert_close_losses(reference_run(), tmp_path / "run", [11])
+    assert_close_losses(reference_run(), tmp_path / "run", range(11, 21))
+    assert_same_weights(reference_run().step_dir(20), tmp_path / "run" / "checkpoints" / "step_00000020")
+
+
+@pytest.mark.slow
+def test_resume_ep1_checkpoint_with_ep2(tmp_path: Path):
+    ref = reference_run().check()
+    assert (ref.step_dir(10) / "optimizer_full.pt").is_file()
+    proc = run_train(tmp_path / "run", *tiny(*EP2, f"trainer.resume={ref.step_dir(10)}"), nproc=2)
+    check_ok(proc)
+    assert "optimizer state resharded" in proc.stdout, describe(proc)
+    assert_close_losses(ref, tmp_path / "run", [11])
+    assert_close_losses(ref, tmp_path / "run", range(11, 21))
+    assert_same_weights(ref.step_dir(20), tmp_path / "run" / "checkpoints" / "step_00000020")
+
+
+# ---- (e) two simulated nodes on localhost ---------------------------------------------------------
+@pytest.mark.slow
+def test_two_node_localhost_launch(tmp_path: Path):
+    run_dir = tmp_path / "run"
+    script = REPO_ROOT / "scripts" / "two_node_localhost.sh"
+    assert script.is_file()
+    args = tiny(*EP2, "trainer.max_steps=3", f"hydra.run.dir={run_dir}")
+    env = offline_env({"TIMEOUT_S": "240", "LOG_DIR": str(tmp_path / "logs")}, nproc=2)
+    proc = run_command(["bash", str(script), *args], env=env, timeout=300)
+    assert proc.returncode == 0, describe(proc)
+    assert "both nodes finished" in proc.stdout, describe(proc)
+    assert "world 2 (ep 2" in proc.stdout
+    latest = run_dir / "checkpoints" / "latest"
+    assert latest.read_text().strip() == "step_00000003"
+    assert (run_dir / "checkpoints" / "step_00000003" / "model.safetensors").is_file()
+    # the same training as torchrun on one node: step 1 and 2 don't depend on max_steps
+    assert_close_losses(ep2_run(aux=True), run_dir, [1, 2])
+
+
+# ---- in-process tests ------------------------------------------------------------------------------
+def _train_config(ep_size: int, top_k: int = 2, scope: str = "global_batch"):
+    from moetrain.config import DataConfig, ModelConfig, MoEConfig, OptimConfig, ParallelConfig, TrainConfig
+
+    model = ModelConfig(
+        name="ep-test",
+        vocab_size=96,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        ffn_hidden_size=64,
+        num_experts=4,
+        top_k=top_k,
+        max_seq_len=16,
+        moe=MoEConfig(aux_loss_weight=0.1, z_loss_weight=0.01, aux_loss_scope=scope),
+    )
+    return TrainConfig(
+        model=model,
+        data=DataConfig(seq_len=12),
+        optim=OptimConfig(micro_batch_size=2, warmup_steps=0),
+        parallel=ParallelConfig(ep_size=ep_size, dtype="fp32"),
+    ).validate()
+
+
+def _expert_slice(name: str, full: torch.Tensor, ep_rank: int, ep_size: int) -> torch.Tensor:
+    if name.endswith((".experts.w1", ".experts.v1", ".experts.w2")):
+        El = full.shape[0] // ep_size
+        return full[ep_rank * El : (ep_rank + 1) * El]
+    return full
+
+
+def _grad(p: torch.nn.Parameter) -> torch.Tensor:
+    return p.grad if p.grad is not None else torch.zeros_like(p)
+
+
+def _expert_grad_worker(rank: int, world: int) -> None:
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    from moetrain.distributed import init_distributed
+    from moetrain.distributed.expert_parallel import parallelize
+    from moetrain.model import MoETransformer
+    from moetrain.trainer.engine import build_engine
+
+    env = init_distributed()
+    cfg = _train_config(ep_size=world)
+    torch.manual_seed(0)
+    ref = MoETransformer(cfg.model)  # the single-process reference: every expert, the full batch
+    init = copy.deepcopy(ref.state_dict())
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, cfg.model.vocab_size, (2 * world, 13), generator=gen)
+    inputs, labels = ids[:, :-1], ids[:, 1:]
+    ref_out = ref(inputs, labels)
+    ref_out.loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
+    mine = slice(2 * rank, 2 * rank + 2)
+
+    # 1) our layer + the documented reduction: dense grads averaged over the world; expert grads
+    #    summed over the expert-data-parallel group and divided by the world size
+    model = MoETransformer(cfg.model)
+    model.load_state_dict(init)
+    ep = parallelize(model, cfg, env)
+    assert ep.enabled and ep.ep_size == world and ep.ep_rank == rank
+    out = model(inputs[mine], labels[mine])
+    out.loss.backward()
+    loss = out.loss.detach().clone()
+    dist.all_reduce(loss)
+    torch.testing.assert_close(loss / world, ref_out.loss.detach(), rtol=0, atol=1e-6)
+    expert_dp = groups._get_expert_data_parallel_group(ep.group_name)
+    n_expert = 0
+    for name, p in model.named_parameters():
+        g = _grad(p).clone()
+        if getattr(p, "allreduce", True) is False:
+            n_expert += 1
+            dist.all_reduce(g, group=expert_dp)
+        else:
+            dist.all_reduce(g)
+        g /= world
+        want = _expert_slice(name, ref_grads[name], ep.ep_rank, ep.ep_size)
+        torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
+    assert n_expert == 3 * len(model.moe_layers)
+
+    # 2) the real DeepSpeed engine (ZeRO-0) reduces the same way
+    model = MoETransformer(cfg.model)
+    model.load_state_dict(init)
+    ep = parallelize(model, cfg, env)
+    engine, *_ = build_engine(model, cfg, world)
+    assert engine.has_moe_layers, "DeepSpeed must see the sharded layers as MoE layers"
+    out = engine(inputs[mine], labels[mine])
+    engine.backward(out.loss)
+    for name, p in model.named_parameters():
+        want = _expert_slice(name, ref_grads[name], ep.ep_rank, ep.ep_size)
+        torch.testing.assert_close(
+            _grad(p), want, rtol=1e-4, atol=1e-7, msg=lambda m, n=name: f"engine {n}: {m}"
+        )
+    # and the experts really are different per rank (otherwise the test could not tell)
+    w1 = model.layers[0].ffn.experts.w1.detach()
+    others = [torch.empty_like(w1) for _ in range(world)]
+    dist.all_gather(others, w1)
+    assert not torch.equal(others[0], others[1])
+
+
+def test_expert_gradients_match_single_process():
+    run_distributed(_expert_grad_worker, 2, timeout=180)
+
+
+# Uneven routing: which experts each rank's tokens choose (top-k order), for 4 experts on 2 ranks
+# (rank 0 owns experts 0-1, rank 1 owns 2-3).
+ROUTING_CASES = {
+    # rank 1 receives nothing; experts 2 and 3 get no token; rank 0 sends nothing to rank 1
+    "all-to-rank-0-top1": {0: [0], 1: [1]},
+    # no traffic between ranks at all; experts 1 and 2 idle
+    "each-rank-to-itself-top1": {0: [0], 1: [3]},
+    # top-2, everything on rank 0's experts
+    "all-to-rank-0-top2": {0: [0, 1], 1: [1, 0]},
+    # one rank sends everything away, the other keeps everything
+    "one-way-top2": {0: [2, 3], 1: [3, 2]},
+}
+
+
+def _uneven_worker(rank: int, world: int) -> None:
+    from moetrain.distributed import init_distributed
+    from moetrain.distributed.expert_parallel import parallelize
+    from moetrain.model import MoETransformer
+
+    env = init_distributed()
+    H, E, T = 32, 4, 8
+    for case, choices in ROUTING_CASES.items():
+        top_k = len(choices[0])
+        cfg = _train_config(ep_size=world, top_k=top_k, scope="micro_batch")
+        torch.manual_seed(0)
+        ref = MoETransformer(cfg.model)
+        with torch.no_grad():  # logits = 10 * x[:, :E]
+            gate = ref.moe_layers[0].router.gate.weight
+            gate.zero_()
+            gate[:, :E] = 10 * torch.eye(E)
+        model = copy.deepcopy(ref)
+        parallelize(model, cfg, env)
+        layer, ref_layer = model.moe_layers[0], ref.moe_layers[0]
+
+        gen = torch.Generator().manual_seed(2)
+        x_all = torch.randn(world, T, H, generator=gen)
+        x_all[:, :, :E] = -5.0
+        for r, experts in choices.items():
+            for j, e in enumerate(experts):
+                x_all[r, :, e] = 5.0 - j  # first choice logit 50, second 40, the rest -50
+        proj = torch.randn(H, generator=gen)
+
+        x_ref = x_all.clone().requires_grad_()
+        y_ref, stats_ref = ref_layer(x_ref)
+        (y_ref * proj).sum().backward()
+
+        x = x_all[rank : rank + 1].clone().requires_grad_()
+        y, stats = layer(x)
+        (y * proj).sum().backward()
+
+        want_counts = torch.zeros(E)
+        want_counts[choices[rank]] = T
+        assert torch.equal(stats.tokens_per_expert_E, want_counts), (case, stats.tokens_per_expert_E)
+        msg = lambda m, c=case: f"{c}: {m}"  # noqa: E731
+        torch.testing.assert_close(y, y_ref[rank : rank + 1], rtol=1e-5, atol=1e-6, msg=msg)
+        torch.testing.assert_close(x.grad, x_ref.grad[rank : rank + 1], rtol=1e-5, atol=1e-6, msg=msg)
+        # loss is a sum over all tokens of both ranks: expert grads need no reduction at all
+        El = E // world
+        for pname in ("w1", "v1", "w2"):
+            got = _grad(getattr(layer.experts, pname))
+            want = _grad(getattr(ref_layer.experts, pname))[rank * El : (rank + 1) * El]
+            torch.testing.assert_close(
+                got, want, rtol=1e-5, atol=1e-6, msg=lambda m, p=pname, c=case: f"{c} {p}: {m}"
+            )
+        gate_grad = _grad(layer.router.gate.weight).clone()
+        torch.distributed.all_reduce(gate_grad)
+        torch.testing.assert_close(
+            gate_grad, _grad(ref_layer.router.gate.weight), rtol=1e-5, atol=1e-6, msg=msg
+        )
+
+
+def test_uneven_routing_no_hang_and_exact():
+    run_distributed(_uneven_worker, 2, timeout=120)
