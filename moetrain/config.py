@@ -347,6 +347,7 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix} must be a mapping, got {type(values).__name__}")
     known = {f.name: f for f in dataclasses.fields(cls)}
+    hints = {f.name: f.type for f in dataclasses.fields(cls)}  # strings (postponed annotations)
     kwargs = {}
     for key, value in values.items():
         if key not in known:
@@ -359,8 +360,31 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
         elif key == "betas" and value is not None:
             kwargs[key] = tuple(value)
         else:
-            kwargs[key] = value
+            kwargs[key] = _check_type(value, hints[key], f"{prefix}.{key}" if prefix else key)
     return cls(**kwargs)
+
+
+_SCALARS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def _check_type(value: Any, annotation: Any, where: str) -> Any:
+    """Reject a value of the wrong scalar type (``model.hidden_size=abc``) with a one-line error."""
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    options = [t.strip() for t in str(text).split("|")]
+    if value is None:
+        if "None" in options or "Any" in options:
+            return value
+        raise ConfigError(f"{where}=null is invalid: a value is required")
+    allowed: tuple[type, ...] = ()
+    for opt in options:
+        if opt not in _SCALARS:
+            return value  # lists, mappings, Any: checked by validate() where it matters
+        allowed += _SCALARS[opt]
+    if isinstance(value, bool) and bool not in allowed:  # True is an int in Python; not a size
+        raise ConfigError(f"{where}={value!r} is invalid: expected {' or '.join(options)}")
+    if not isinstance(value, allowed):
+        raise ConfigError(f"{where}={value!r} is invalid: expected {' or '.join(o for o in options if o != 'None')}")
+    return float(value) if "float" in options and "int" not in options and not isinstance(value, bool) else value
 
 
 def model_config_from_dict(values: dict[str, Any]) -> ModelConfig:

@@ -210,3 +210,23 @@ def active_params(model_name: str) -> int:
 def test_dense_small_matches_mixtral_small_active_params():
     dense, moe = active_params("dense_small"), active_params("mixtral_small")
     assert abs(dense - moe) / moe < 0.01, (dense, moe)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        ("model", "hidden_size", "abc", "model.hidden_size='abc' is invalid: expected int"),
+        ("optim", "lr", "fast", "optim.lr='fast' is invalid: expected float"),
+        ("trainer", "max_steps", True, "trainer.max_steps=True is invalid: expected int"),
+        ("model", "num_layers", None, "model.num_layers=null is invalid: a value is required"),
+    ],
+)
+def test_wrong_types_are_one_line_errors(section, key, value, message):
+    with pytest.raises(ConfigError) as err:
+        train_config_from_dict({section: {key: value}})
+    assert str(err.value) == message
+
+
+def test_ints_are_accepted_for_floats():
+    cfg = train_config_from_dict({"optim": {"lr": 1}, "model": {"moe": {"capacity_factor": 2}}})
+    assert isinstance(cfg.optim.lr, float) and cfg.model.moe.capacity_factor == 2.0

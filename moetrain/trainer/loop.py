@@ -382,6 +382,8 @@ class Trainer:
     # ---- the run ----------------------------------------------------------------------------------
     def run(self) -> int:
         c = self.cfg
+        if c.trainer.resume not in (None, "auto"):
+            self._resume_target()  # a wrong checkpoint path fails before any expensive work
         self._build_data()
         self._build_model()
         self._print_banner()
@@ -441,6 +443,8 @@ class Trainer:
             if (c.trainer.checkpoint_every and self.step % c.trainer.checkpoint_every == 0) or last:
                 self._save()
                 window_start = time.time()  # checkpoint time is not training throughput
+            if stopped_early:
+                break
         if bar is not None:
             bar.close()
         if self.is_main:

@@ -61,7 +61,12 @@ def assert_close_losses(a: TrainRun | Path, b: TrainRun | Path, steps, keys=("lo
         assert diff <= TOL, f"{key} differs by {diff:.2e} over steps {steps}"
 
 
-def assert_same_weights(a: Path, b: Path, tol: float = TOL) -> None:
+# Dense weights get a little more room: Adam turns float-rounding differences in tiny gradients (rare
+# tokens' embedding rows) into update differences of ~1e-5 over 20 steps. Experts are held to TOL.
+DENSE_TOL = 5e-5
+
+
+def assert_same_weights(a: Path, b: Path, tol: float = TOL, dense_tol: float = DENSE_TOL) -> None:
     ta, tb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
     assert ta.keys() == tb.keys()
     bad = []
@@ -74,7 +79,7 @@ def assert_same_weights(a: Path, b: Path, tol: float = TOL) -> None:
                     bad.append(f"{k}[expert {e}]: {d:.2e}")
         else:
             d = (ta[k] - tb[k]).abs().max().item()
-            if d > tol:
+            if d > (tol if ".router." in k else dense_tol):
                 bad.append(f"{k}: {d:.2e}")
     assert not bad, "weights differ:\n" + "\n".join(bad)
 
