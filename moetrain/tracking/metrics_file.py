@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +16,24 @@ def _clean(v: Any) -> Any:
 
 
 class MetricsFile:
-    def __init__(self, path: Path, enabled: bool = True) -> None:
+    def __init__(self, path: Path, enabled: bool = True, resume_step: int | None = None) -> None:
         self.path = path
         self.enabled = enabled
+        if enabled and resume_step is not None and path.is_file():
+            self._truncate_after(resume_step)
         # append: a resumed run continues the file; kept open for the run, closed in close()
         self._f = open(path, "a") if enabled else None  # noqa: SIM115
+
+    def _truncate_after(self, step: int) -> None:
+        """A run resumed at ``step`` drops records logged after it (they will be logged again)."""
+        kept = [
+            line
+            for line in self.path.read_text().splitlines()
+            if line and json.loads(line).get("step", 0) <= step
+        ]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
 
     def write(self, record: dict[str, Any]) -> None:
         if self._f is None:

@@ -396,7 +396,9 @@ class Trainer:
 
         self.routing = RoutingAccumulator(c.model.moe_layer_ids, c.model.num_experts)
         self.collapse = CollapseDetector(c.logging.collapse_threshold, c.logging.collapse_window)
-        self.metrics = MetricsFile(self.run_dir / "metrics.jsonl", enabled=self.is_main)
+        self.metrics = MetricsFile(
+            self.run_dir / "metrics.jsonl", enabled=self.is_main, resume_step=self.step if self.step else None
+        )
         self.wandb = WandbRun(
             c.logging.wandb, self.run_dir, self._config_for_checkpoint(), enabled=self.is_main
         )
@@ -422,18 +424,19 @@ class Trainer:
                 over = (time.time() - start_time) / 60 >= c.trainer.stop_after_minutes
                 stopped_early = bool(broadcast_object(over)) and not last
                 last = last or stopped_early
-            if (c.trainer.log_every and self.step % c.trainer.log_every == 0) or last:
+            do_eval = bool(c.trainer.eval_every) and (self.step % c.trainer.eval_every == 0 or last)
+            if (c.trainer.log_every and self.step % c.trainer.log_every == 0) or last or do_eval:
                 now = time.time()
                 tps = (self.tokens_seen - window_tokens) / max(now - window_start, 1e-9)
-                window_start, window_tokens = now, self.tokens_seen
                 record.update(step=self.step, tokens=self.tokens_seen, tokens_per_sec=tps)
                 if self.flops_per_token:
                     record["tflops"] = tps * self.flops_per_token / 1e12
                     if peak:
                         record["mfu"] = record["tflops"] / (peak * self.env.world_size)
                 record.update(self._routing_record())
-                if c.trainer.eval_every and (self.step % c.trainer.eval_every == 0 or last):
+                if do_eval:
                     record.update(self.evaluate())
+                window_start, window_tokens = time.time(), self.tokens_seen  # eval/logging time excluded
                 if bar is not None:
                     bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tps:,.0f}")
                 self.metrics.write(record)
