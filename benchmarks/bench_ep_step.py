@@ -20,7 +20,7 @@ that does what the DeepSpeed engine does at ZeRO stage 0 in fp32. There is no De
 no gradient clipping and no LR schedule, so the timing does not include engine overhead. The two
 layouts alternate step by step (ep1, ep2, ep1, ...), with a barrier before each step, and get the
 same batch, so background load affects both alike. Before timing, the script checks that the two
-layouts give the same loss on the same batch.
+layouts give the same loss and the same reduced gradients on the same batch.
 
 All-to-all time: ``torch.distributed.all_to_all_single`` is replaced by a timer, both on
 ``torch.distributed`` and in every module that imported it by name. The autograd all-to-all in
@@ -105,7 +105,9 @@ def build(model_cfg, ep_size: int, env, seed: int):
     expert_ids = {id(p) for p in expert}
     dense = [p for p in model.parameters() if id(p) not in expert_ids]
     o = cfg.optim
-    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay
+    )
     return model, opt, dense, expert, info
 
 
@@ -173,12 +175,27 @@ def main() -> None:
     gen = torch.Generator().manual_seed(args.seed + rank)  # each rank reads different tokens
     B, T, V = args.micro_batch, args.seq_len, model_cfg.vocab_size
 
-    # Same parameters and same batch: both layouts compute the same loss (EP changes where, not what).
+    # Same parameters and same batch: both layouts compute the same loss and, after the reduction,
+    # the same gradients (EP changes where the experts run, not what is computed).
     ids = torch.randint(0, V, (B, T), generator=gen)
-    with torch.no_grad():
-        losses = [m(ids, ids).loss.item() for m, *_ in layouts.values()]
+    losses = []
+    for model, opt, dense, expert, _ in layouts.values():
+        opt.zero_grad(set_to_none=True)
+        loss = model(ids, ids).loss
+        loss.backward()
+        reduce_grads(dense, expert, world)
+        losses.append(loss.item())
     if abs(losses[0] - losses[1]) > 1e-4 * abs(losses[0]):
         raise SystemExit(f"rank {rank}: ep1 loss {losses[0]:.6f} != ep2 loss {losses[1]:.6f}")
+    (m1, *_), (m2, *_, ep2) = layouts.values()
+    full = dict(m1.named_parameters())
+    for name, p in m2.named_parameters():
+        g_ref = full[name].grad
+        if g_ref.shape != p.shape:  # expert shard: this rank's slice of the full expert tensor
+            g_ref = g_ref[ep2.ep_rank * p.shape[0] : (ep2.ep_rank + 1) * p.shape[0]]
+        torch.testing.assert_close(p.grad, g_ref, rtol=1e-4, atol=1e-6 * g_ref.abs().max().item())
+    payload = {n: sum(p.numel() * 4 for p in d) for n, (_, _, d, _, _) in layouts.items()}
+    params = {n: sum(p.numel() for p in m.parameters()) for n, (m, *_) in layouts.items()}
 
     results: dict[str, list[dict]] = {name: [] for name in layouts}
     load_before = os.getloadavg()
@@ -211,7 +228,16 @@ def main() -> None:
             f"# load average before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}, "
             f"after {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}"
         )
-        print(f"# loss after the last step: ep1 {final_losses[0]:.4f}, ep2 {final_losses[1]:.4f}")
+        print(
+            "# parameters per rank: "
+            + ", ".join(f"{n.split(' (')[0]} {params[n] / 1e6:.2f} M" for n in layouts)
+            + "; grad all-reduce payload per rank: "
+            + ", ".join(f"{n.split(' (')[0]} {payload[n] / 1e6:.1f} MB" for n in layouts)
+        )
+        print(
+            f"# same loss and gradients checked before timing; loss after the last step "
+            f"(AdamW amplifies rounding differences): ep1 {final_losses[0]:.4f}, ep2 {final_losses[1]:.4f}"
+        )
         print(
             "| layout | step ms (median) | compute ms | all-to-all ms (share %) | grad all-reduce ms "
             "| tokens/s | a2a MB/step |"

@@ -17,6 +17,7 @@ save the engine state per rank through ``save_engine_state`` and the model throu
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -209,7 +210,9 @@ def load_engine_state(engine: Any, folder: Path, rank: int) -> None:
         # ZeRO-1/2 index the list by data-parallel rank (and may merge partitions): give it every rank's.
         world = dist.get_world_size() if dist.is_initialized() else 1
         all_states = [
-            state["optimizer"] if r == rank else torch.load(folder / f"rank_{r:05d}.pt", weights_only=False)["optimizer"]
+            state["optimizer"]
+            if r == rank
+            else torch.load(folder / f"rank_{r:05d}.pt", weights_only=False)["optimizer"]
             for r in range(world)
         ]
         opt.load_state_dict(all_states, load_optimizer_states=True, load_from_fp32_weights=True)
