@@ -56,6 +56,15 @@ class AllToAllExchange:
     def __call__(
         self, x_SH: torch.Tensor, tokens_per_expert_E: torch.Tensor, experts: nn.Module
     ) -> torch.Tensor:
+        with warnings.catch_warnings():
+            # torch 2.13 marks the public autograd all_to_all_single deprecated in favour of a private
+            # module (_functional_collectives); we keep the public, documented one until it moves.
+            warnings.simplefilter("ignore", FutureWarning)
+            return self._exchange(x_SH, tokens_per_expert_E, experts)
+
+    def _exchange(
+        self, x_SH: torch.Tensor, tokens_per_expert_E: torch.Tensor, experts: nn.Module
+    ) -> torch.Tensor:
         from torch.distributed.nn.functional import all_to_all_single
 
         ep, El = self.ep_size, self.num_local_experts
