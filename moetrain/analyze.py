@@ -75,7 +75,13 @@ def collect_routing(model: Any, batches: list[dict[str, torch.Tensor]], num_doma
     finally:
         for h in hooks:
             h.remove()
-    return {"counts": counts, "by_domain": by_domain, "entropy_sum": entropy, "dropped": dropped, "tokens": tokens}
+    return {
+        "counts": counts,
+        "by_domain": by_domain,
+        "entropy_sum": entropy,
+        "dropped": dropped,
+        "tokens": tokens,
+    }
 
 
 def summarize(raw: dict[str, Any], layer_ids: list[int], domains: list[str], top_k: int) -> dict[str, Any]:
@@ -118,15 +124,23 @@ def write_plots(summary: dict[str, Any], out: Path) -> list[Path]:
     fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
     plt.close(fig)
 
-    domains = [d for d in summary["domains"] if any(d in v["domain_expert_fraction"] for v in summary["layers"].values())]
+    domains = [
+        d
+        for d in summary["domains"]
+        if any(d in v["domain_expert_fraction"] for v in summary["layers"].values())
+    ]
     if domains:
         n = len(layer_ids)
         cols = min(n, 4)
         rows = math.ceil(n / cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols + 1, 1.0 + 0.5 * len(domains) * rows + 1), squeeze=False)
+        fig, axes = plt.subplots(
+            rows, cols, figsize=(3.2 * cols + 1, 1.0 + 0.5 * len(domains) * rows + 1), squeeze=False
+        )
         for ax, layer in zip(axes.flat, layer_ids):
             info = summary["layers"][str(layer)]
-            mat = torch.tensor([info["domain_expert_fraction"].get(d, [0.0] * fracs.shape[1]) for d in domains])
+            mat = torch.tensor(
+                [info["domain_expert_fraction"].get(d, [0.0] * fracs.shape[1]) for d in domains]
+            )
             ax.imshow(mat.numpy(), aspect="auto", cmap="magma", vmin=0)
             nmi = info["specialisation_nmi"]
             ax.set_title(f"layer {layer}" + (f" (NMI {nmi:.3f})" if nmi is not None else ""), fontsize=9)
@@ -152,7 +166,9 @@ def write_plots(summary: dict[str, Any], out: Path) -> list[Path]:
     return paths
 
 
-def analyze(checkpoint: str, out: str | None = None, batches: int = 16, batch_size: int = 8) -> dict[str, Any]:
+def analyze(
+    checkpoint: str, out: str | None = None, batches: int = 16, batch_size: int = 8
+) -> dict[str, Any]:
     from moetrain.checkpoint import load_model
     from moetrain.config import train_config_from_dict
     from moetrain.data import ValidationLoader, build_data
@@ -161,7 +177,9 @@ def analyze(checkpoint: str, out: str | None = None, batches: int = 16, batch_si
     cfg = train_config_from_dict(loaded.config)
     model = loaded.model
     if not model.moe_layers:
-        raise ValueError(f"{loaded.folder} is a dense model (model.num_experts=0): there is no routing to analyse")
+        raise ValueError(
+            f"{loaded.folder} is a dense model (model.num_experts=0): there is no routing to analyse"
+        )
     data = build_data(cfg.data)
     if len(data.tokenizer) > cfg.model.vocab_size:
         raise ValueError(

@@ -383,8 +383,12 @@ def _check_type(value: Any, annotation: Any, where: str) -> Any:
     if isinstance(value, bool) and bool not in allowed:  # True is an int in Python; not a size
         raise ConfigError(f"{where}={value!r} is invalid: expected {' or '.join(options)}")
     if not isinstance(value, allowed):
-        raise ConfigError(f"{where}={value!r} is invalid: expected {' or '.join(o for o in options if o != 'None')}")
-    return float(value) if "float" in options and "int" not in options and not isinstance(value, bool) else value
+        raise ConfigError(
+            f"{where}={value!r} is invalid: expected {' or '.join(o for o in options if o != 'None')}"
+        )
+    return (
+        float(value) if "float" in options and "int" not in options and not isinstance(value, bool) else value
+    )
 
 
 def model_config_from_dict(values: dict[str, Any]) -> ModelConfig:

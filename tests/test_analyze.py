@@ -59,7 +59,10 @@ def test_analyze_writes_pngs_and_json(checkpoint, tmp_path):
 
 def test_analyze_bad_path_is_one_line(tmp_path):
     r = subprocess.run(
-        [sys.executable, "-m", "moetrain.analyze", str(tmp_path / "nope")], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "moetrain.analyze", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert r.returncode == 2
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
@@ -67,4 +70,6 @@ def test_analyze_bad_path_is_one_line(tmp_path):
 
 def test_nmi_extremes():
     assert normalized_mutual_information(torch.tensor([[10.0, 0.0], [0.0, 10.0]])) == pytest.approx(1.0)
-    assert normalized_mutual_information(torch.tensor([[5.0, 5.0], [5.0, 5.0]])) == pytest.approx(0.0, abs=1e-12)
+    assert normalized_mutual_information(torch.tensor([[5.0, 5.0], [5.0, 5.0]])) == pytest.approx(
+        0.0, abs=1e-12
+    )
