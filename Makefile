@@ -25,7 +25,7 @@ train: install
 	$(PY) -m moetrain.train +experiment=$(EXP) $(ARGS)
 
 test: install
-	$(PY) -m pytest -q -m "not gpu" $(ARGS)
+	$(PY) -m pytest -q $(ARGS)
 
 test-fast: install
 	$(PY) -m pytest -q -m "not gpu and not slow and not multiprocess" $(ARGS)
