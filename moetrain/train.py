@@ -38,18 +38,15 @@ def main(raw: DictConfig) -> int:
             from moetrain.moe.backends import resolve_backend
 
             resolve_backend(cfg.model.moe.backend)
-    except (ConfigError, Exception) as e:  # interpolation errors included
+    except Exception as e:  # ConfigError, and OmegaConf's interpolation errors
         _fail(str(e).splitlines()[0])
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     from moetrain.checkpoint.model_file import CheckpointError
+    from moetrain.data import DataError
     from moetrain.trainer import Trainer
 
     try:
-        from moetrain.data import DataError
-    except ImportError:  # pragma: no cover
-        DataError = ValueError  # type: ignore[misc,assignment]  # noqa: N806
-    try:
-        return Trainer(cfg, run_dir, plain).run()  # type: ignore[arg-type]
+        return Trainer(cfg, run_dir).run()
     except (ConfigError, CheckpointError, DataError, FileNotFoundError) as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     return 0

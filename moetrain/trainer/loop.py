@@ -7,6 +7,7 @@ reduces gradients at the boundary. Everything logged is global (mean or sum over
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import random
@@ -58,10 +59,8 @@ def _peak_tflops(device: torch.device) -> float | None:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, run_dir: Path, raw_config: dict[str, Any]) -> None:
+    def __init__(self, cfg: TrainConfig, run_dir: Path) -> None:
         self.cfg = cfg
-        self.run_dir = run_dir
-        self.raw_config = raw_config
         self.env: DistEnv = init_distributed(shm_comm=cfg.parallel.shm_comm)
         self.is_main = self.env.is_main
         self.run_dir = self._shared_run_dir(run_dir)
@@ -120,23 +119,16 @@ class Trainer:
         model.activation_checkpointing = self.cfg.parallel.activation_checkpointing
         self.ep = parallelize(model, self.cfg, self.env)
         self.model = model
-        dtype = resolve_dtype(self.cfg.parallel.dtype)
-        self.dtype = dtype
-        self.engine, self.optimizer, self.scheduler, self.ds_config = build_engine(
-            model, self.cfg, self.env.world_size
-        )
+        self.dtype = resolve_dtype(self.cfg.parallel.dtype)
+        self.engine, _, self.scheduler, ds_config = build_engine(model, self.cfg, self.env.world_size)
+        if self.is_main:  # the generated DeepSpeed JSON, for reference and for reuse outside moetrain
+            (self.run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
 
     def _print_banner(self) -> None:
-        from moetrain.plan import count_params, plan_summary
+        from moetrain.plan import count_params, flops_per_token, plan_summary
 
         counts = count_params(self.cfg.model)
-        self.flops_per_token = None
-        try:
-            from moetrain.plan import flops_per_token
-
-            self.flops_per_token = flops_per_token(self.cfg.model, self.cfg.data.seq_len)["training"]
-        except Exception:  # the report is informative; never block training on it
-            pass
+        self.flops_per_token = flops_per_token(self.cfg.model, self.cfg.data.seq_len)["training"]
         if not self.is_main:
             return
         c = self.cfg
@@ -166,9 +158,7 @@ class Trainer:
 
     # ---- checkpoint / resume ----------------------------------------------------------------------
     def _config_for_checkpoint(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self.cfg)
-        out["model"]["vocab_size"] = self.cfg.model.vocab_size
-        return out
+        return dataclasses.asdict(self.cfg)  # vocab_size as actually built (may follow the tokenizer)
 
     def _resume_target(self) -> Path | None:
         r = self.cfg.trainer.resume
