@@ -453,25 +453,19 @@ class Trainer:
         """A short generation at the end, so a newcomer sees what the model learned."""
         if not self.is_main or not self.cfg.trainer.sample_tokens:
             return
-        try:
-            from moetrain.generate import generate_tokens
-        except ImportError:
+        if self.ep.enabled:  # experts are spread over ranks: generation would need every rank
+            self._log(
+                f"sample: skipped under expert parallelism; run python -m moetrain.generate {self.run_dir}"
+            )
             return
+        from moetrain.generate import encode_prompt, generate_tokens
+
         tok = self.data.tokenizer
-        ids = torch.tensor([tok.encode(self.cfg.trainer.sample_prompt)], device=self.env.device)
-        if not self.ep.enabled:
-            self.model.eval()
-            gen = torch.Generator(device="cpu").manual_seed(self.cfg.trainer.seed)
-            with torch.no_grad():
-                out = generate_tokens(
-                    self.model,
-                    ids,
-                    self.cfg.trainer.sample_tokens,
-                    temperature=0.8,
-                    top_p=0.95,
-                    generator=gen,
-                )
-            self.model.train()
-            text = tok.decode(out[0].tolist())
-            print(f"sample: {text!r}", flush=True)
-            (self.run_dir / "sample.txt").write_text(text + "\n")
+        ids = torch.tensor([encode_prompt(tok, self.cfg.trainer.sample_prompt)], device=self.env.device)
+        gen = torch.Generator(device="cpu").manual_seed(self.cfg.trainer.seed)
+        out = generate_tokens(
+            self.model, ids, self.cfg.trainer.sample_tokens, temperature=0.8, top_p=0.95, generator=gen
+        )
+        text = tok.decode(out[0].tolist(), skip_special_tokens=True)
+        print(f"sample: {text!r}", flush=True)
+        (self.run_dir / "sample.txt").write_text(text + "\n")
