@@ -11,6 +11,7 @@ and torch.
 - ``cached_run(*overrides, nproc=1)``: the same, memoised per test session, so test modules can share
   an expensive reference run (its run dir lives in a session temp dir).
 - ``read_metrics(run_dir)`` / ``metric_by_step(run_dir, key)``: the run's ``metrics.jsonl``.
+- ``tiny_model_config(**overrides)``: a small validated ``ModelConfig`` for unit tests.
 - ``run_distributed(fn, world_size, *args)``: ``fn(rank, world_size, *args)`` on ``world_size``
   spawned processes with the torch.distributed env set (free port); a failure in any rank raises in
   the parent with that rank's traceback, and a hang raises ``TimeoutError``.
@@ -335,3 +336,25 @@ def reference_run() -> TrainRun:
     return cached_run(
         *tiny("logging.wandb.mode=offline", "trainer.sample_tokens=8"), nproc=1, name="reference"
     )
+
+
+TINY_MODEL = {
+    "vocab_size": 97,
+    "hidden_size": 32,
+    "num_layers": 2,
+    "num_heads": 4,
+    "num_kv_heads": 2,
+    "ffn_hidden_size": 48,
+    "num_experts": 4,
+    "top_k": 2,
+    "max_seq_len": 64,
+}
+
+
+def tiny_model_config(**overrides: Any):
+    """A small, validated ``ModelConfig`` (hidden 32, 2 layers, 4 experts, top-2) for unit tests."""
+    from moetrain.config import ModelConfig
+
+    cfg = ModelConfig(**{**TINY_MODEL, **overrides})
+    cfg.validate()
+    return cfg

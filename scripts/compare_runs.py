@@ -70,7 +70,9 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     runs = {r.name: load(r) for r in args.runs}
-    print("| run | steps | final val loss | best val loss | median tokens/s | final max imbalance | starved experts |")
+    print(
+        "| run | steps | final val loss | best val loss | median tokens/s | final max imbalance | starved experts |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, rs in runs.items():
         print(summary_row(name, rs))

@@ -18,27 +18,12 @@
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=scripts/common.sh
+source "$REPO_ROOT/scripts/common.sh"
 
-DRY_RUN="${DRY_RUN:-0}"
-args=()
-for a in "$@"; do
-  case "$a" in
-    --dry-run) DRY_RUN=1 ;;
-    -h | --help)
-      sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
-      exit 0
-      ;;
-    *) args+=("$a") ;;
-  esac
-done
+parse_launch_args "${BASH_SOURCE[0]}" "$@"
 
-if [[ -n "${PYTHON:-}" ]]; then
-  PY="$PYTHON"
-elif [[ -x "$REPO_ROOT/.venv/bin/python" ]]; then
-  PY="$REPO_ROOT/.venv/bin/python"
-else
-  PY="python"
-fi
+PY="$(venv_tool python "${PYTHON:-}")"
 
 if [[ -z "${NPROC:-}" ]]; then
   NPROC=1

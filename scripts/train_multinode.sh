@@ -45,33 +45,18 @@
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=scripts/common.sh
+source "$REPO_ROOT/scripts/common.sh"
 
 die() {
   echo "train_multinode.sh: $*" >&2
   exit 2
 }
 
-DRY_RUN="${DRY_RUN:-0}"
-args=()
-for a in "$@"; do
-  case "$a" in
-    --dry-run) DRY_RUN=1 ;;
-    -h | --help)
-      sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
-      exit 0
-      ;;
-    *) args+=("$a") ;;
-  esac
-done
+parse_launch_args "${BASH_SOURCE[0]}" "$@"
 
 # --- launcher executable -------------------------------------------------------------------------
-if [[ -n "${DEEPSPEED:-}" ]]; then
-  DS_BIN="$DEEPSPEED"
-elif [[ -x "$REPO_ROOT/.venv/bin/deepspeed" ]]; then
-  DS_BIN="$REPO_ROOT/.venv/bin/deepspeed"
-else
-  DS_BIN="deepspeed"
-fi
+DS_BIN="$(venv_tool deepspeed "${DEEPSPEED:-}")"
 
 # --- hostfile ------------------------------------------------------------------------------------
 [[ -n "${HOSTFILE:-}" ]] || die "set HOSTFILE (lines like 'node-0 slots=8'; see scripts/hostfile.example)"

@@ -26,22 +26,18 @@
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=scripts/common.sh
+source "$REPO_ROOT/scripts/common.sh"
 cd "$REPO_ROOT"
 
 case "${1:-}" in
   -h | --help)
-    sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
+    print_help "${BASH_SOURCE[0]}"
     exit 0
     ;;
 esac
 
-if [[ -n "${PYTHON:-}" ]]; then
-  PY="$PYTHON"
-elif [[ -x "$REPO_ROOT/.venv/bin/python" ]]; then
-  PY="$REPO_ROOT/.venv/bin/python"
-else
-  PY="python"
-fi
+PY="$(venv_tool python "${PYTHON:-}")"
 
 LAUNCHER="${LAUNCHER:-torchrun}"
 NPROC_PER_NODE="${NPROC_PER_NODE:-1}"

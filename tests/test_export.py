@@ -16,6 +16,7 @@ from moetrain.config import ModelConfig
 from moetrain.export import main as export_main
 from moetrain.generate import generate_text
 from moetrain.model import MoETransformer
+from moetrain.testing import tiny_model_config
 
 REPO = Path(__file__).resolve().parents[1]
 SENTENCES = [
@@ -27,21 +28,7 @@ SENTENCES = [
 
 
 def _cfg(**kw) -> ModelConfig:
-    base = {
-        "vocab_size": 320,
-        "hidden_size": 32,
-        "num_layers": 2,
-        "num_heads": 4,
-        "num_kv_heads": 2,
-        "ffn_hidden_size": 48,
-        "num_experts": 4,
-        "top_k": 2,
-        "max_seq_len": 64,
-        "tie_embeddings": True,
-    }
-    cfg = ModelConfig(**{**base, **kw})
-    cfg.validate()
-    return cfg
+    return tiny_model_config(**{"vocab_size": 320, "tie_embeddings": True, **kw})
 
 
 @pytest.fixture(scope="module")

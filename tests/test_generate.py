@@ -8,29 +8,17 @@ import pytest
 import torch
 
 from moetrain.checkpoint import save_model_file
-from moetrain.config import ModelConfig
 from moetrain.generate import _to_dashed, generate_tokens, main, sample_next_token
 from moetrain.model import MoETransformer
 from moetrain.model.attention import KVCache
+from moetrain.testing import tiny_model_config
 
 VOCAB = 89
 
 
 def _model(**kw) -> MoETransformer:
-    base = {
-        "vocab_size": VOCAB,
-        "hidden_size": 32,
-        "num_layers": 2,
-        "num_heads": 4,
-        "num_kv_heads": 2,
-        "ffn_hidden_size": 48,
-        "num_experts": 5,
-        "top_k": 2,
-        "max_seq_len": 64,
-        "init_std": 0.2,  # peaky distributions: greedy has no near-ties
-    }
-    cfg = ModelConfig(**{**base, **kw})
-    cfg.validate()
+    # init_std 0.2: peaky distributions, so greedy decoding has no near-ties
+    cfg = tiny_model_config(**{"vocab_size": VOCAB, "num_experts": 5, "init_std": 0.2, **kw})
     torch.manual_seed(0)
     return MoETransformer(cfg).eval()
 

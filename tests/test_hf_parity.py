@@ -20,25 +20,13 @@ from moetrain.hf import (
     to_mixtral_state_dict,
 )
 from moetrain.model import MoETransformer
+from moetrain.testing import tiny_model_config
 
 VOCAB, B, T = 97, 2, 16
 
 
 def _cfg(**kw) -> ModelConfig:
-    base = {
-        "vocab_size": VOCAB,
-        "hidden_size": 32,
-        "num_layers": 2,
-        "num_heads": 4,
-        "num_kv_heads": 2,
-        "ffn_hidden_size": 48,
-        "num_experts": 4,
-        "top_k": 2,
-        "max_seq_len": 64,
-    }
-    cfg = ModelConfig(**{**base, **kw})
-    cfg.validate()
-    return cfg
+    return tiny_model_config(**{"vocab_size": VOCAB, **kw})
 
 
 CONFIGS = {
