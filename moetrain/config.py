@@ -174,7 +174,6 @@ class DataConfig:
     tokenizer: str | None = None  # None: the builtin BPE; else a name or path for AutoTokenizer
     vocab_size: int = 8192  # of the builtin BPE
     data_dir: str | None = None  # None: $MOETRAIN_DATA_DIR or ~/.cache/moetrain
-    num_workers: int = 0
     max_documents: int | None = None  # cap on documents (quick experiments)
 
     def validate(self, prefix: str = "data") -> None:

@@ -67,6 +67,10 @@ class Trainer:
         if self.env.device.type == "cpu":  # one process per core budget; no oversubscription
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        if cfg.trainer.deterministic:  # same losses for the same seed, run after run (CUDA needs these)
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.backends.cudnn.benchmark = False
+            torch.use_deterministic_algorithms(True, warn_only=True)
         self.step = 0
         self.tokens_seen = 0
 
