@@ -2,23 +2,31 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# CPU default: the torch wheel this platform ships. On a CUDA host with torch already in the venv,
-# `make install TORCH_SPEC=` keeps it.
+# CPU default: the torch wheel this platform ships. On a CUDA host, install your CUDA torch into
+# .venv first (or set VENV to an environment that has it): an installed torch is always kept.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 EXP ?= mixtral_small
 export OMP_NUM_THREADS ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: install train test test-fast test-gpu lint format corpus bench clean
+.PHONY: install train test test-fast test-gpu lint format corpus clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q "$(TORCH_SPEC)"; fi
-	if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q -c constraints.txt -e ".[dev]"; \
-	else $(PY) -m pip install -q -e ".[dev]"; fi
+	# A torch already in the venv (e.g. a CUDA build the user installed) is kept and pinned;
+	# otherwise TORCH_SPEC (the CPU wheel here) is installed and pinned by constraints.txt.
+	if $(PY) -c "import torch" 2>/dev/null; then \
+	  $(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt; \
+	  echo "keeping the installed $$(cat $(VENV)/torch-constraint.txt)"; \
+	elif [ -n "$(TORCH_SPEC)" ]; then \
+	  $(PY) -m pip install -q "$(TORCH_SPEC)" && cp constraints.txt $(VENV)/torch-constraint.txt; \
+	else \
+	  : > $(VENV)/torch-constraint.txt; \
+	fi
+	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev]"
 	touch $(STAMP)
 
 train: install
