@@ -98,6 +98,20 @@ def test_ep2_equals_single_process(aux: bool):
     assert_same_weights(one.step_dir(20), two.step_dir(20))
 
 
+@pytest.mark.slow
+def test_ep2_zero2_equals_single_process():
+    """ZeRO-2 partitions expert gradients over the expert-data-parallel group and clips with its own
+    norm: under EP it must still match one process (ZeRO-0), clipped steps included (grad norm > 1)."""
+    one = ep1_run(aux=True)
+    two = cached_run(*tiny(*EP2, "parallel.zero_stage=2"), nproc=2, name="ep2-zero2").check()
+    assert "ZeRO-2" in two.proc.stdout
+    assert_close_losses(one, two, range(1, 21), ("loss", "lm_loss", "aux_loss", "z_loss"))
+    norms = one.by_step("grad_norm")
+    assert any(v > 1.0 for v in norms.values()), "the comparison must include clipped steps"
+    assert max_abs_diff(norms, two.by_step("grad_norm"), range(1, 21)) <= 1e-5
+    assert_same_weights(one.step_dir(20), two.step_dir(20))
+
+
 # ---- (c) checkpoints across layouts ---------------------------------------------------------------
 @pytest.mark.slow
 def test_resume_ep2_from_ep2_is_exact(tmp_path: Path):
