@@ -113,8 +113,13 @@ class Trainer:
             world_size=env.world_size,
             seed=self.cfg.trainer.seed,
         )
+        # eval_batches spread evenly over the whole validation split, so every domain is in the eval
         self.val_loader = ValidationLoader(
-            self.data.validation, o.micro_batch_size, rank=env.rank, world_size=env.world_size
+            self.data.validation,
+            o.micro_batch_size,
+            rank=env.rank,
+            world_size=env.world_size,
+            num_batches=self.cfg.trainer.eval_batches,
         )
 
     def _build_model(self) -> None:
@@ -322,9 +327,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         self.engine.eval()
         total = torch.zeros(2, dtype=torch.float64)
-        for i, batch in enumerate(self.val_loader):
-            if i >= self.cfg.trainer.eval_batches:
-                break
+        for batch in self.val_loader:
             out = self.engine(batch["input_ids"].to(self.env.device), batch["labels"].to(self.env.device))
             total += torch.tensor([float(out.lm_loss) * batch["labels"].numel(), batch["labels"].numel()])
         self.engine.train()
