@@ -186,12 +186,8 @@ def analyze(
             f"data.tokenizer has {len(data.tokenizer)} tokens but the model only {cfg.model.vocab_size}: "
             "the checkpoint's data config no longer reproduces its tokenizer"
         )
-    loader = ValidationLoader(data.validation, batch_size, rank=0, world_size=1)
-    chosen = []
-    for i, batch in enumerate(loader):
-        if i >= batches:
-            break
-        chosen.append(batch)
+    # ``batches`` batches spread evenly over the split, so every domain is represented
+    chosen = list(ValidationLoader(data.validation, batch_size, rank=0, world_size=1, num_batches=batches))
     raw = collect_routing(model, chosen, len(data.domains))
     summary = summarize(raw, cfg.model.moe_layer_ids, list(data.domains), cfg.model.top_k)
     summary["checkpoint"] = str(loaded.folder)
