@@ -37,3 +37,14 @@ venv_tool() {
     echo "$1"
   fi
 }
+
+# show_and_run CMD...: print the command (shell-quoted, after a `+`), then exec it unless DRY_RUN=1.
+show_and_run() {
+  printf '+'
+  printf ' %q' "$@"
+  printf '\n'
+  if [[ "$DRY_RUN" == "1" ]]; then
+    exit 0
+  fi
+  exec "$@"
+}

@@ -49,10 +49,4 @@ cmd=("$PY" -m torch.distributed.run "${rdzv[@]}" --nproc_per_node "$NPROC" "${ta
 
 cd "$REPO_ROOT"
 export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
-printf '+'
-printf ' %q' "${cmd[@]}"
-printf '\n'
-if [[ "$DRY_RUN" == "1" ]]; then
-  exit 0
-fi
-exec "${cmd[@]}"
+show_and_run "${cmd[@]}"

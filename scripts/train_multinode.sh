@@ -150,19 +150,9 @@ build_env_file() {
   done
 }
 
-show_and_run() {
-  printf '+'
-  printf ' %q' "${cmd[@]}"
-  printf '\n'
-  if [[ "$DRY_RUN" == "1" ]]; then
-    exit 0
-  fi
-  exec "${cmd[@]}"
-}
-
 cd "$REPO_ROOT"
 if [[ "${NO_SSH:-0}" == "1" ]]; then
-  show_and_run
+  show_and_run "${cmd[@]}"
 fi
 
 # later lines win: DeepSpeed stores the exports in a dict
@@ -179,4 +169,4 @@ else
   echo "train_multinode.sh: environment for remote nodes in $DS_ENV_FILE ($(wc -l <"$DS_ENV_OUT") variables)"
 fi
 
-show_and_run
+show_and_run "${cmd[@]}"
