@@ -4,7 +4,7 @@ Launch with two processes (one per core on a 2-core CPU):
 
     .venv/bin/torchrun --standalone --nproc_per_node=2 benchmarks/bench_ep_step.py --steps 20 --warmup 3
 
-Two copies of ``configs/model/mixtral_small.yaml`` (H=256, 4 layers, 8 experts, top-2, F=512, vocab
+Two copies of ``moetrain/configs/model/mixtral_small.yaml`` (H=256, 4 layers, 8 experts, top-2, F=512, vocab
 8192, seq 256) are built from the same seed on every rank:
 
 - **ep 1**: pure data parallel. Every rank holds all experts; after backward all gradients are
@@ -89,7 +89,7 @@ class CollectiveTimer:
 
 
 def load_model_config():
-    values = yaml.safe_load((ROOT / "configs/model/mixtral_small.yaml").read_text())
+    values = yaml.safe_load((ROOT / "moetrain/configs/model/mixtral_small.yaml").read_text())
     values["vocab_size"] = DataConfig().vocab_size  # ${data.vocab_size}, 8192 by default
     return model_config_from_dict(values)
 

@@ -561,7 +561,9 @@ def _plan_from_cfg(cfg: Any) -> dict[str, Any]:
 def _hydra_entry() -> None:
     import hydra
 
-    @hydra.main(config_path="../configs", config_name="plan", version_base="1.3")
+    from moetrain import CONFIG_DIR
+
+    @hydra.main(config_path=str(CONFIG_DIR), config_name="plan", version_base="1.3")
     def _main(cfg: Any) -> None:
         try:
             out = _plan_from_cfg(cfg)

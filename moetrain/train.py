@@ -16,10 +16,11 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from moetrain import CONFIG_DIR as _CONFIG_DIR  # noqa: E402
 from moetrain.config import ConfigError, train_config_from_dict  # noqa: E402
 from moetrain.distributed.env import strip_launcher_args  # noqa: E402
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+CONFIG_DIR = str(_CONFIG_DIR)
 
 
 def _fail(msg: str) -> None:

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
+from moetrain import CONFIG_DIR
 from moetrain.config import ConfigError, TrainConfig, model_config_from_dict, train_config_from_dict
 from moetrain.model import MoETransformer
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = CONFIG_DIR
 MODEL_PRESETS = sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml"))
 
 # (builder, input, exact message or None when only the one-line shape and key words are checked)
@@ -193,7 +192,7 @@ def test_experiment_composes_and_validates(experiment):
     except MissingConfigException as err:
         if "data" in str(err) and not (CONFIGS / "data" / "fixture.yaml").exists():
             pytest.skip(
-                f"experiment {experiment} needs a data preset not added yet (configs/data/fixture.yaml): {err}"
+                f"experiment {experiment} needs a data preset not added yet (moetrain/configs/data/fixture.yaml): {err}"
             )
         raise
     cfg = validated(composed)

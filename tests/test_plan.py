@@ -12,6 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from moetrain import CONFIG_DIR
 from moetrain.config import ConfigError, ModelConfig, model_config_from_dict
 from moetrain.plan import (
     all_to_all_volume,
@@ -24,7 +25,7 @@ from moetrain.plan import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
+CONFIGS = CONFIG_DIR
 
 
 def preset(name: str, *overrides: str) -> ModelConfig:

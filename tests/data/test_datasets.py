@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from moetrain import CONFIG_DIR
 from moetrain.config import ConfigError, DataConfig
 from moetrain.data import DataError, build_data
 from moetrain.data import datasets as data_sources
@@ -174,7 +175,7 @@ def test_barrier_order(tmp_path: Path) -> None:
 def test_fixture_config_matches_builtin_keys() -> None:
     import yaml
 
-    configs = Path(__file__).resolve().parents[2] / "configs" / "data"
+    configs = CONFIG_DIR / "data"
     builtin = yaml.safe_load((configs / "builtin.yaml").read_text())
     fixture = yaml.safe_load((configs / "fixture.yaml").read_text())
     assert list(builtin) == list(fixture)
