@@ -7,6 +7,7 @@ one-line ``ConfigError`` naming the field, the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +15,21 @@ MOE_BACKENDS = ("auto", "torch", "megablocks")
 EXPERT_IMPLS = ("auto", "grouped_mm", "loop")
 AUX_LOSS_TYPES = ("switch", "mixtral")
 AUX_LOSS_SCOPES = ("micro_batch", "global_batch")
+# data.name values that are not Hugging Face Hub datasets: ours, and the `datasets` loaders for
+# local files (data.data_files).
+DATA_SOURCES = ("builtin", "fixture")
+DATA_LOADERS = ("json", "text", "parquet", "csv", "arrow")
+# Common names for a loader's file type that are not loader names themselves.
+DATA_NAME_ALIASES = {
+    "jsonl": "json",
+    "jsonlines": "json",
+    "ndjson": "json",
+    "txt": "text",
+    "plain": "text",
+    "pq": "parquet",
+    "feather": "arrow",
+    "ipc": "arrow",
+}
 
 
 class ConfigError(ValueError):
@@ -178,6 +194,13 @@ class DataConfig:
 
     def validate(self, prefix: str = "data") -> None:
         _require(bool(self.name), f"{prefix}.name", self.name, "must name a dataset ('builtin', 'json', ...)")
+        guess = suggest_data_name(self.name)
+        if guess is not None:
+            raise ConfigError(
+                f"{prefix}.name={self.name!r} is not a dataset loader: did you mean {prefix}.name={guess}? "
+                f"(local files: {', '.join(DATA_LOADERS)} with {prefix}.data_files; "
+                f"{' or '.join(DATA_SOURCES)}; any other name is a Hugging Face Hub dataset)"
+            )
         _require(self.seq_len > 0, f"{prefix}.seq_len", self.seq_len, "must be a positive integer")
         _require(
             0 < self.validation_fraction < 1,
@@ -192,6 +215,43 @@ class DataConfig:
             self.vocab_size,
             "must be >= 300 (bytes + specials)",
         )
+
+
+def _edit_distance_at_most_one(a: str, b: str) -> bool:
+    """One insertion, deletion, substitution or swap of neighbours turns ``a`` into ``b``."""
+    if a == b:
+        return True
+    if abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) == len(b):
+        diff = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
+        return len(diff) == 1 or (
+            len(diff) == 2
+            and diff[1] == diff[0] + 1
+            and a[diff[0]] == b[diff[1]]
+            and a[diff[1]] == b[diff[0]]
+        )
+    short, long = (a, b) if len(a) < len(b) else (b, a)
+    return any(long[:i] + long[i + 1 :] == short for i in range(len(long)))
+
+
+def suggest_data_name(name: str) -> str | None:
+    """The loader or source a ``data.name`` that is none of them most likely meant, or None.
+
+    ``jsonl`` -> ``json``, ``txt`` -> ``text``, ``parqet`` -> ``parquet``, ``JSON`` -> ``json``. Names
+    of local paths, hub ids (``owner/name``) and anything further from a known name are left alone:
+    they may be real Hugging Face Hub datasets (``wikitext``).
+    """
+    known = DATA_SOURCES + DATA_LOADERS
+    if not isinstance(name, str) or name in known or "/" in name or os.path.exists(name):
+        return None
+    low = name.lower().strip()
+    if low in known:
+        return low
+    if low in DATA_NAME_ALIASES:
+        return DATA_NAME_ALIASES[low]
+    close = [k for k in known if _edit_distance_at_most_one(low, k)]
+    return close[0] if len(close) == 1 else None
 
 
 @dataclass
@@ -229,6 +289,7 @@ class ParallelConfig:
     activation_checkpointing: bool = False
     deepspeed_config: str | None = None  # a user JSON merged over the generated one
     shm_comm: bool = False  # DeepSpeed's CPU shared-memory collectives (JIT-compiles an op once)
+    check_memory: bool = True  # stop at start when the training state cannot fit this machine
 
     def validate(self, prefix: str = "parallel") -> None:
         _require(self.ep_size >= 1, f"{prefix}.ep_size", self.ep_size, "must be >= 1")
@@ -388,6 +449,29 @@ def _check_type(value: Any, annotation: Any, where: str) -> Any:
     return (
         float(value) if "float" in options and "int" not in options and not isinstance(value, bool) else value
     )
+
+
+def check_world_size(parallel: ParallelConfig, world_size: int, *, module: str = "moetrain.train") -> None:
+    """The number of processes must be a multiple of ``parallel.ep_size``; say how to start them."""
+    ep = parallel.ep_size
+    if world_size % ep == 0:
+        return
+    if world_size == 1:
+        raise ConfigError(
+            f"parallel.ep_size={ep} needs {ep} processes (or a multiple), but this is a single process: "
+            f"start {ep} with `torchrun --nproc_per_node={ep} -m {module} ...` or "
+            f"`NPROC={ep} scripts/train_local.sh ...` (or set parallel.ep_size=1)"
+        )
+    raise ConfigError(
+        f"parallel.ep_size={ep} is invalid: must divide the number of processes ({world_size}); "
+        f"start a multiple of {ep} processes or choose an ep_size that divides {world_size}"
+    )
+
+
+def parallel_config_from_dict(values: dict[str, Any]) -> ParallelConfig:
+    cfg = _build(ParallelConfig, dict(values), "parallel")
+    cfg.validate()
+    return cfg
 
 
 def model_config_from_dict(values: dict[str, Any]) -> ModelConfig:

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
-from moetrain.config import ConfigError, ModelConfig, ParallelConfig
+from moetrain.config import ConfigError, ModelConfig
 
 # Bytes per parameter for weights, gradients and AdamW state (two moments, plus an fp32 master
 # copy of the weights when the weights themselves are 16-bit): the usual mixed-precision model.
@@ -177,7 +179,12 @@ def check_parallel(
             ep_size,
             f"must divide model.num_experts={model_cfg.num_experts}",
         )
-    require(isinstance(dp_size, int) and dp_size >= 1, "plan.dp_size", dp_size, "must be >= 1")
+    require(
+        isinstance(dp_size, int) and not isinstance(dp_size, bool) and dp_size >= 1,
+        "plan.dp_size",
+        dp_size,
+        "must be an integer >= 1",
+    )
     require(
         dp_size % ep_size == 0,
         "plan.dp_size",
@@ -186,7 +193,7 @@ def check_parallel(
     )
 
 
-def _resolve_dtype(dtype: str) -> str:
+def resolve_dtype(dtype: str) -> str:
     if dtype in ("fp32", "bf16"):
         return dtype
     if dtype == "fp16":
@@ -213,7 +220,7 @@ def memory_plan(
     Activations, buffers and fragmentation are not counted.
     """
     check_parallel(model_cfg, ep_size=ep_size, dp_size=dp_size, zero_stage=zero_stage)
-    dtype = _resolve_dtype(dtype)
+    dtype = resolve_dtype(dtype)
     counts = count_params(model_cfg)
     dense_p, expert_p = counts["non_expert_params"], counts["expert_params"]
     local_expert_p = expert_p // ep_size
@@ -246,6 +253,89 @@ def memory_plan(
     }
 
 
+def _cgroup_available() -> int | None:
+    """Bytes left under a cgroup v2 memory limit (containers), or None without one."""
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        return max(0, int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text().strip()))
+    except (OSError, ValueError):
+        return None
+
+
+def host_available_memory() -> int | None:
+    """Bytes of memory this machine can still give (MemAvailable, capped by a cgroup limit)."""
+    available = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+                break
+    except (OSError, ValueError, IndexError):
+        pass
+    if available is None:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, AttributeError):
+            return None
+    cgroup = _cgroup_available()
+    return available if cgroup is None else min(available, cgroup)
+
+
+def machine_memory(local_rank: int = 0, local_world_size: int = 1) -> tuple[int, str] | None:
+    """(bytes one training process can use, a phrase describing them), or None when unknown.
+
+    On CUDA: the free memory of this process's GPU. On CPU: the host's available memory shared by
+    the ``local_world_size`` processes on this machine.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info(local_rank)
+        name = torch.cuda.get_device_name(local_rank)
+        return free, f"GPU {local_rank} ({name}) has {fmt_bytes(free)} free"
+    available = host_available_memory()
+    if available is None:
+        return None
+    share = available // max(1, local_world_size)
+    if local_world_size > 1:
+        return share, (
+            f"this machine has {fmt_bytes(available)} of memory available, "
+            f"{fmt_bytes(share)} for each of its {local_world_size} processes"
+        )
+    return share, f"this machine has {fmt_bytes(available)} of memory available"
+
+
+def check_memory_fits(
+    model_cfg: ModelConfig,
+    *,
+    ep_size: int,
+    world_size: int,
+    zero_stage: int,
+    dtype: str,
+    available: int,
+    machine: str,
+) -> None:
+    """Raise a one-line :class:`ConfigError` when one rank's training state cannot fit in ``available``.
+
+    The estimate is :func:`memory_plan`'s per-rank weights + gradients + AdamW state (activations
+    are extra), so a model this rejects cannot train here; ``machine`` describes ``available``.
+    """
+    mem = memory_plan(model_cfg, ep_size=ep_size, dp_size=world_size, zero_stage=zero_stage, dtype=dtype)
+    need = mem["per_rank"]["total"]
+    if need <= available:
+        return
+    layout = f"ep_size={ep_size}, {world_size} process{'es' if world_size > 1 else ''}, ZeRO-{zero_stage}"
+    raise ConfigError(
+        f"model {model_cfg.name} needs about {fmt_bytes(need)} per process to train ({mem['dtype']} weights + "
+        f"gradients + AdamW state, activations not counted; {layout}) but {machine}: use a smaller model "
+        "(e.g. model=mixtral_small), more processes with parallel.ep_size=N to split the experts "
+        "(parallel.zero_stage=1|2 also splits optimizer state), or a machine with more memory "
+        "(parallel.check_memory=false skips this check)"
+    )
+
+
 def all_to_all_volume(model_cfg: ModelConfig, *, ep_size: int = 1, dtype: str = "bf16") -> dict[str, Any]:
     """Bytes one token sends to other ranks in the expert all-to-all (uniform routing assumed).
 
@@ -253,7 +343,7 @@ def all_to_all_volume(model_cfg: ModelConfig, *, ep_size: int = 1, dtype: str = 
     of which ``(ep - 1) / ep`` leave the rank: ``2 * top_k * H * bytes * (ep - 1) / ep``.
     Training doubles it (the backward pass runs both all-to-alls in reverse).
     """
-    dtype = _resolve_dtype(dtype)
+    dtype = resolve_dtype(dtype)
     nbytes = ACTIVATION_BYTES[dtype]
     moe_layers = len(model_cfg.moe_layer_ids)
     remote = (ep_size - 1) / ep_size if moe_layers else 0.0
@@ -523,16 +613,10 @@ def render(plan: dict[str, Any], console: Any = None) -> None:
 def _plan_from_cfg(cfg: Any) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
-    from moetrain.config import model_config_from_dict
+    from moetrain.config import model_config_from_dict, parallel_config_from_dict
 
     model_cfg = model_config_from_dict(OmegaConf.to_container(cfg.model, resolve=True))
-    par_values = OmegaConf.to_container(cfg.parallel, resolve=True)
-    known = set(ParallelConfig.__dataclass_fields__)
-    for key in par_values:
-        if key not in known:
-            raise ConfigError(f"parallel.{key} is not a known option (known: {', '.join(sorted(known))})")
-    par = ParallelConfig(**par_values)
-    par.validate()
+    par = parallel_config_from_dict(OmegaConf.to_container(cfg.parallel, resolve=True))
     plan_cfg = OmegaConf.to_container(cfg.get("plan", {}), resolve=True) or {}
     fmt = plan_cfg.get("format", "table")
     if fmt not in ("table", "json"):
@@ -567,8 +651,9 @@ def _hydra_entry() -> None:
     def _main(cfg: Any) -> None:
         try:
             out = _plan_from_cfg(cfg)
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
+        except Exception as e:  # ConfigError, and OmegaConf's interpolation errors
+            lines = str(e).strip().splitlines()
+            print(f"error: {lines[0] if lines else type(e).__name__}", file=sys.stderr)
             sys.exit(2)
         if out["format"] == "json":
             print(json.dumps(out["plan"], indent=2))

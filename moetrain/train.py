@@ -17,7 +17,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from moetrain import CONFIG_DIR as _CONFIG_DIR  # noqa: E402
-from moetrain.config import ConfigError, train_config_from_dict  # noqa: E402
+from moetrain.config import ConfigError, TrainConfig, check_world_size, train_config_from_dict  # noqa: E402
 from moetrain.distributed.env import strip_launcher_args  # noqa: E402
 
 CONFIG_DIR = str(_CONFIG_DIR)
@@ -28,6 +28,31 @@ def _fail(msg: str) -> None:
     sys.exit(2)
 
 
+def check_launch(cfg: TrainConfig) -> None:
+    """Checks that need the launch, not just the config: enough processes for ``parallel.ep_size``
+    and enough memory for one process's training state. Before any model, data or engine work."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun and the deepspeed launcher set it
+    check_world_size(cfg.parallel, world_size)
+    if not cfg.parallel.check_memory:
+        return
+    from moetrain.plan import check_memory_fits, machine_memory, resolve_dtype
+
+    machine = machine_memory(
+        int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    )
+    if machine is None:  # unknown on this platform: nothing to compare against
+        return
+    check_memory_fits(
+        cfg.model,
+        ep_size=cfg.parallel.ep_size,
+        world_size=world_size,
+        zero_stage=cfg.parallel.zero_stage,
+        dtype=resolve_dtype(cfg.parallel.dtype),
+        available=machine[0],
+        machine=machine[1],
+    )
+
+
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
 def main(raw: DictConfig) -> int:
     from hydra.core.hydra_config import HydraConfig
@@ -35,6 +60,7 @@ def main(raw: DictConfig) -> int:
     try:
         plain = OmegaConf.to_container(raw, resolve=True)
         cfg = train_config_from_dict(plain)  # type: ignore[arg-type]
+        check_launch(cfg)
         if cfg.model.num_experts > 0:  # an impossible MoE backend fails before any data work
             from moetrain.moe.backends import resolve_backend
 

@@ -9,7 +9,16 @@ from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
 from moetrain import CONFIG_DIR
-from moetrain.config import ConfigError, TrainConfig, model_config_from_dict, train_config_from_dict
+from moetrain.config import (
+    ConfigError,
+    ParallelConfig,
+    TrainConfig,
+    check_world_size,
+    model_config_from_dict,
+    parallel_config_from_dict,
+    suggest_data_name,
+    train_config_from_dict,
+)
 from moetrain.model import MoETransformer
 
 CONFIGS = CONFIG_DIR
@@ -229,3 +238,70 @@ def test_wrong_types_are_one_line_errors(section, key, value, message):
 def test_ints_are_accepted_for_floats():
     cfg = train_config_from_dict({"optim": {"lr": 1}, "model": {"moe": {"capacity_factor": 2}}})
     assert isinstance(cfg.optim.lr, float) and cfg.model.moe.capacity_factor == 2.0
+
+
+# ----------------------------------------------------------------------------- data.name typos
+
+
+@pytest.mark.parametrize(
+    ("name", "meant"),
+    [
+        ("jsonl", "json"),
+        ("JSON", "json"),
+        ("ndjson", "json"),
+        ("jsno", "json"),
+        ("txt", "text"),
+        ("texts", "text"),
+        ("parqet", "parquet"),
+        ("csvv", "csv"),
+        ("fixtures", "fixture"),
+        ("buildin", "builtin"),
+        ("feather", "arrow"),
+    ],
+)
+def test_data_name_close_to_a_loader_is_a_one_line_suggestion(name, meant):
+    assert suggest_data_name(name) == meant
+    with pytest.raises(ConfigError) as err:
+        train_config_from_dict({"data": {"name": name}})
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"data.name={name!r} is not a dataset loader: did you mean data.name={meant}?")
+
+
+@pytest.mark.parametrize("name", ["json", "text", "builtin", "wikitext", "c4", "owner/jsonl", "imdb"])
+def test_loaders_and_hub_names_are_left_alone(name):
+    assert suggest_data_name(name) is None
+    assert train_config_from_dict({"data": {"name": name}}).data.name == name
+
+
+def test_a_local_folder_named_like_a_typo_is_left_alone(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "jsonl").mkdir()
+    assert suggest_data_name("jsonl") is None
+
+
+# ----------------------------------------------------------------------------- processes for ep_size
+
+
+def test_ep_size_with_one_process_says_how_to_start_more():
+    with pytest.raises(ConfigError) as err:
+        check_world_size(ParallelConfig(ep_size=2), 1)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("parallel.ep_size=2 needs 2 processes")
+    assert "torchrun --nproc_per_node=2 -m moetrain.train" in msg and "scripts/train_local.sh" in msg
+
+
+def test_ep_size_must_divide_the_world():
+    with pytest.raises(ConfigError, match=r"parallel.ep_size=2 .* number of processes \(3\)"):
+        check_world_size(ParallelConfig(ep_size=2), 3)
+    for ep, world in ((1, 1), (2, 2), (2, 4), (4, 8), (1, 3)):
+        check_world_size(ParallelConfig(ep_size=ep), world)
+
+
+def test_parallel_values_are_type_checked():
+    with pytest.raises(ConfigError) as err:
+        parallel_config_from_dict({"ep_size": "two"})
+    assert str(err.value) == "parallel.ep_size='two' is invalid: expected int"
+    with pytest.raises(ConfigError, match="parallel.backend is not a known option"):
+        parallel_config_from_dict({"backend": "nccl"})
+    assert parallel_config_from_dict({"ep_size": 4, "zero_stage": 1}).ep_size == 4

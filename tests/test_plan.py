@@ -17,9 +17,12 @@ from moetrain.config import ConfigError, ModelConfig, model_config_from_dict
 from moetrain.plan import (
     all_to_all_volume,
     build_plan,
+    check_memory_fits,
     count_params,
     dense_equivalent,
     flops_per_token,
+    host_available_memory,
+    machine_memory,
     memory_plan,
     plan_summary,
 )
@@ -287,3 +290,58 @@ def test_cli_table_and_no_litter(tmp_path):
     for word in ("Parameters", "FLOPs per token", "Training memory", "dense equivalent", "all-to-all"):
         assert word in r.stdout
     assert list(tmp_path.iterdir()) == []  # no outputs/, .hydra/ or log files
+
+
+def test_cli_non_integer_ep_size_is_a_one_line_error_naming_the_field():
+    for arg, field in (
+        ("parallel.ep_size=two", "parallel.ep_size='two'"),
+        ("plan.dp_size=two", "plan.dp_size"),
+    ):
+        r = run_plan("model=mixtral_8x7b", arg)
+        assert r.returncode == 2 and r.stdout == ""
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and field in lines[0], r.stderr
+
+
+GiB = 2**30
+
+
+def test_memory_check_names_estimate_machine_and_fixes():
+    with pytest.raises(ConfigError) as err:
+        check_memory_fits(
+            preset("mixtral_8x7b"),
+            ep_size=1,
+            world_size=1,
+            zero_stage=0,
+            dtype="fp32",
+            available=64 * GiB,
+            machine="this machine has 64.00 GiB of memory available",
+        )
+    msg = str(err.value)
+    assert "\n" not in msg
+    # 46.7 B params x (4 + 4 + 8) bytes
+    assert "needs about 695.93 GiB per process" in msg and "64.00 GiB" in msg
+    for fix in ("model=mixtral_small", "parallel.ep_size=N", "parallel.check_memory=false"):
+        assert fix in msg
+
+
+def test_memory_check_passes_what_fits_and_counts_the_layout():
+    tiny = preset("mixtral_tiny")
+    check_memory_fits(tiny, ep_size=1, world_size=1, zero_stage=0, dtype="fp32", available=GiB, machine="m")
+    big = preset("mixtral_8x7b")
+    per_rank = memory_plan(big, ep_size=8, dp_size=8, zero_stage=1, dtype="bf16")["per_rank"]["total"]
+    kwargs = dict(ep_size=8, world_size=8, zero_stage=1, dtype="bf16", machine="m")
+    check_memory_fits(big, available=per_rank, **kwargs)
+    with pytest.raises(ConfigError, match="ep_size=8, 8 processes, ZeRO-1"):
+        check_memory_fits(big, available=per_rank - 1, **kwargs)
+
+
+def test_machine_memory_is_known_here():
+    available = host_available_memory()
+    assert available is not None and available > 0
+    share, text = machine_memory(0, 2)
+    assert share > 0
+    import torch
+
+    if not torch.cuda.is_available():  # two processes share the host
+        assert "for each of its 2 processes" in text and share < available

@@ -4,7 +4,7 @@
 
 - ``builtin``: the default corpus (``moetrain.data.corpus``), built on first use;
 - ``fixture``: the small corpus committed in ``moetrain/data/fixture`` (tests, smoke runs);
-- ``json`` / ``text`` / ``parquet`` / ``csv``: a ``datasets`` loader over ``data.data_files``;
+- ``json`` / ``text`` / ``parquet`` / ``csv`` / ``arrow``: a ``datasets`` loader over ``data.data_files``;
 - anything else: a hub dataset (``data.config_name``, ``data.split``) or a local dataset folder.
 
 Every failure a user can cause ends in a one-line ``DataError``.
@@ -28,13 +28,13 @@ import numpy as np
 import pyarrow.compute as pc
 from transformers import PreTrainedTokenizerBase
 
-from moetrain.config import DataConfig
+from moetrain.config import DATA_LOADERS, DataConfig
 from moetrain.data import corpus
 from moetrain.data.cache import fingerprint_files, resolve_data_dir
 from moetrain.data.errors import DataError
 from moetrain.data.packing import PackedDataset, pack
 
-LOADERS = ("json", "text", "parquet", "csv")
+LOADERS = DATA_LOADERS
 FIXTURE_DIR = Path(__file__).parent / "fixture"
 TOKENIZED_VERSION = 1  # bump when tokenisation output changes
 HUB_PROBE_TIMEOUT_S = 3.0
@@ -91,6 +91,11 @@ def _hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
+def _hub_host() -> str:
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    return f"{url.hostname}:{url.port or 443}"
+
+
 def _hub_reachable() -> bool:
     """A quick TCP probe, so that no network fails in seconds instead of after minutes of retries."""
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
@@ -119,14 +124,29 @@ def _load(cfg: DataConfig, cache_dir: Path, verbose: bool) -> tuple[datasets.Dat
         is_local = os.path.exists(cfg.name)
         if not is_local and not _hub_offline() and not _hub_reachable():
             raise DataError(
-                f"cannot reach the Hugging Face Hub to load dataset {cfg.name!r}; "
-                "check the network, or set HF_HUB_OFFLINE=1 to use a cached copy"
+                f"cannot reach the Hugging Face Hub to load dataset {cfg.name!r} (data.name is not a "
+                f"local folder nor one of {', '.join(('builtin', 'fixture', *LOADERS))}, so it is a Hub "
+                f"dataset; no connection to {_hub_host()} within {HUB_PROBE_TIMEOUT_S:g} s): check the "
+                f"network or HTTPS_PROXY, set HF_HUB_OFFLINE=1 to use a copy cached in {cache_dir}, "
+                "or use local files (data.name=json|text|parquet|csv data.data_files=PATH)"
             )
         kwargs = {"name": cfg.config_name, "data_files": cfg.data_files}
     try:
         dsd = datasets.load_dataset(cfg.name, cache_dir=str(cache_dir), **kwargs)
     except Exception as e:  # network, missing config, parse errors...: many types, one message
         where = f"{cfg.name!r}" + (f" (config {cfg.config_name!r})" if cfg.config_name else "")
+        offline_miss = isinstance(e, ConnectionError) or "offline" in str(e).lower()
+        if cfg.name not in LOADERS and not os.path.exists(cfg.name) and _hub_offline() and offline_miss:
+            raise DataError(
+                f"could not load dataset {where}: HF_HUB_OFFLINE=1 is set (no downloads) and it is not "
+                f"cached in {cache_dir}; unset HF_HUB_OFFLINE on a machine with network to download "
+                "it once (same data.data_dir), or use local files (data.name=json data.data_files=PATH)"
+            ) from e
+        if cfg.name not in LOADERS and not os.path.exists(cfg.name) and "connection" in str(e).lower():
+            raise DataError(
+                f"could not load dataset {where} from the Hugging Face Hub: {_hub_host()} did not answer; "
+                f"check the network or HTTPS_PROXY, or set HF_HUB_OFFLINE=1 to use a copy cached in {cache_dir}"
+            ) from e
         raise DataError(f"could not load dataset {where}: {_first_line(e)}") from e
     if not isinstance(dsd, datasets.DatasetDict):
         raise DataError(f"dataset {cfg.name!r} did not load as a set of splits")

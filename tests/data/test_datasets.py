@@ -149,14 +149,32 @@ def test_hub_offline_fails_fast_naming_the_dataset(tmp_path: Path) -> None:
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("DataError:")]
     assert len(lines) == 1, out.stdout + out.stderr
     assert "could not load dataset 'wikitext' (config 'wikitext-103-raw-v1')" in lines[0]
+    assert f"HF_HUB_OFFLINE=1 is set (no downloads) and it is not cached in {tmp_path / 'hf'}" in lines[0]
 
 
 def test_hub_unreachable_fails_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(data_sources, "_hub_offline", lambda: False)
     monkeypatch.setattr(data_sources, "_hub_reachable", lambda: False)  # no real probe in tests
-    _one_line_error(
+    message = _one_line_error(
         DataConfig(name="wikitext", data_dir=str(tmp_path)), "cannot reach the Hugging Face Hub .*'wikitext'"
     )
+    assert "HF_HUB_OFFLINE=1" in message and "data.data_files" in message
+
+
+def test_loader_typo_is_caught_before_any_work(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"data.name='jsonl' .* did you mean data.name=json\?"):
+        build_data(DataConfig(name="jsonl", data_files="x.jsonl", data_dir=str(tmp_path)))
+    assert not any(tmp_path.iterdir())
+
+
+def test_arrow_loader_reads_local_files(tmp_path: Path) -> None:
+    import datasets
+
+    datasets.Dataset.from_dict({"text": _docs(60)}).save_to_disk(str(tmp_path / "saved"))
+    (arrow,) = (tmp_path / "saved").glob("*.arrow")
+    cfg = DataConfig(name="arrow", data_files=str(arrow), seq_len=32, vocab_size=300, data_dir=str(tmp_path))
+    bundle = build_data(cfg, main_process=False)
+    assert bundle.stats["documents"]["train"] + bundle.stats["documents"]["validation"] == 60
 
 
 def test_invalid_config_is_rejected_before_any_work(tmp_path: Path) -> None:
