@@ -19,6 +19,8 @@ AUX_LOSS_SCOPES = ("micro_batch", "global_batch")
 # local files (data.data_files).
 DATA_SOURCES = ("builtin", "fixture")
 DATA_LOADERS = ("json", "text", "parquet", "csv", "arrow")
+# How data.name=text cuts files into documents (blank-line separated paragraphs by default).
+TEXT_SPLITS = ("line", "paragraph", "file")
 # Common names for a loader's file type that are not loader names themselves.
 DATA_NAME_ALIASES = {
     "jsonl": "json",
@@ -185,6 +187,7 @@ class DataConfig:
     validation_split: str | None = None  # None: carve validation_fraction out of the train split
     validation_fraction: float = 0.005
     text_field: str = "text"
+    text_split: str = "paragraph"  # data.name=text: one document per line | paragraph | file
     domain_field: str | None = "domain"
     seq_len: int = 256
     tokenizer: str | None = None  # None: the builtin BPE; else a name or path for AutoTokenizer
@@ -209,6 +212,12 @@ class DataConfig:
             "must be in (0, 1)",
         )
         _require(bool(self.text_field), f"{prefix}.text_field", self.text_field, "must name a text column")
+        _require(
+            self.text_split in TEXT_SPLITS,
+            f"{prefix}.text_split",
+            self.text_split,
+            f"one of {', '.join(TEXT_SPLITS)} (documents of data.name=text files)",
+        )
         _require(
             self.vocab_size >= 300,
             f"{prefix}.vocab_size",

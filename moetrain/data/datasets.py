@@ -120,6 +120,10 @@ def _load(cfg: DataConfig, cache_dir: Path, verbose: bool) -> tuple[datasets.Dat
     if cfg.name in LOADERS:
         _check_local_files(cfg.name, cfg.data_files)
         kwargs: dict[str, Any] = {"data_files": cfg.data_files}
+        if cfg.name == "text":  # datasets' own names: one example per line | paragraph | document
+            kwargs["sample_by"] = {"line": "line", "paragraph": "paragraph", "file": "document"}[
+                cfg.text_split
+            ]
     else:
         is_local = os.path.exists(cfg.name)
         if not is_local and not _hub_offline() and not _hub_reachable():
@@ -226,6 +230,8 @@ def _cache_key(docs: Documents, cfg: DataConfig, tokenizer_fp: str) -> str:
         docs.domains,
         cfg.max_documents,
     ]
+    if cfg.name == "text":  # the other sources' keys stay as they were (existing caches keep working)
+        parts.append(cfg.text_split)
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
 
 

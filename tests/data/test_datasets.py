@@ -75,13 +75,69 @@ def test_text_source_end_to_end_with_explicit_validation_split(tmp_path: Path) -
     cfg = DataConfig(
         name="text", data_files={"train": str(tmp_path / "train.txt"), "validation": str(tmp_path / "val.txt")},
         validation_split="validation", seq_len=16, vocab_size=300, data_dir=str(tmp_path / "cache"),
-        max_documents=250,
+        max_documents=250, text_split="line",
     )  # fmt: skip
     bundle = build_data(cfg, main_process=False)
     assert bundle.domains == ["text"] and set(bundle.train.domain_N.tolist()) == {0}
     assert bundle.stats["documents"] == {"train": 250, "validation": 20}
     text = bundle.tokenizer.decode(bundle.train.blocks_NL[0].tolist())
     assert len(text) > 20 and _docs(1)[0].startswith(text)
+
+
+POEM = "Shall I compare thee\nto a summer's day?\n\nThou art more lovely\nand more temperate.\n"
+CODE = "def f(x):\n    return x\n\n\ndef g():\n    pass\n"
+
+
+@pytest.mark.parametrize(
+    ("text_split", "expected"),
+    [
+        (
+            "line",
+            ["Shall I compare thee", "to a summer's day?", "Thou art more lovely", "and more temperate."]
+            + ["def f(x):", "    return x", "def g():", "    pass"],
+        ),
+        (
+            "paragraph",
+            ["Shall I compare thee\nto a summer's day?", "Thou art more lovely\nand more temperate.\n"]
+            + ["def f(x):\n    return x", "\ndef g():\n    pass\n"],
+        ),
+        ("file", [POEM, CODE]),
+    ],
+)
+def test_text_split_line_paragraph_file(tmp_path: Path, text_split: str, expected: list[str]) -> None:
+    (tmp_path / "poem.txt").write_text(POEM)
+    (tmp_path / "code.py").write_text(CODE)
+    (tmp_path / "val.txt").write_text("held out\n")
+    cfg = DataConfig(
+        name="text",
+        data_files={"train": [str(tmp_path / "poem.txt"), str(tmp_path / "code.py")], "validation": str(tmp_path / "val.txt")},
+        validation_split="validation", text_split=text_split, data_dir=str(tmp_path / "cache"),
+    )  # fmt: skip
+    docs = data_sources.load_documents(cfg, verbose=False)
+    assert docs.train[cfg.text_field] == expected
+
+
+def test_text_split_file_keeps_line_breaks_through_tokenisation(tmp_path: Path) -> None:
+    for i in range(2):
+        (tmp_path / f"{i}.txt").write_text("\n".join(_docs(40)) + "\n")
+    base = dict(name="text", data_files=str(tmp_path / "*.txt"), seq_len=16, vocab_size=300)
+    whole = build_data(
+        DataConfig(**base, text_split="file", data_dir=str(tmp_path / "a")), main_process=False
+    )
+    lines = build_data(
+        DataConfig(**base, text_split="line", data_dir=str(tmp_path / "b")), main_process=False
+    )
+    assert whole.stats["documents"] == {"train": 1, "validation": 1}  # two files, two documents
+    assert sum(lines.stats["documents"].values()) == 80
+    assert "\n" in whole.tokenizer.decode(whole.train.blocks_NL.reshape(-1).tolist())
+    assert "\n" not in lines.tokenizer.decode(lines.train.blocks_NL.reshape(-1).tolist())
+
+
+def test_text_split_is_validated() -> None:
+    with pytest.raises(
+        ConfigError, match=r"data.text_split='lines' is invalid: one of line, paragraph, file"
+    ):
+        DataConfig(text_split="lines").validate()
 
 
 def test_second_build_is_cached_and_fast(tmp_path: Path) -> None:
