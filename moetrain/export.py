@@ -2,7 +2,9 @@
 
 CHECKPOINT is a checkpoint folder, a ``checkpoints/`` folder or a run folder (its latest checkpoint).
 OUT_DIR receives what ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained``
-read: ``config.json``, ``generation_config.json``, ``model.safetensors`` and the checkpoint's tokenizer.
+read: ``config.json``, ``generation_config.json``, ``model.safetensors`` and the checkpoint's tokenizer
+(set to add bos like training, with ``model_max_length`` = the model's ``max_seq_len``). Files and
+folders get the usual modes (0644 / 0755 under the common umask 022).
 MoE models become ``MixtralForCausalLM``, fully dense ones ``MistralForCausalLM`` (see moetrain/hf.py).
 
 The folder is written under ``OUT_DIR.tmp-XXXX`` and renamed into place, so OUT_DIR is either absent
@@ -12,6 +14,7 @@ or complete; a non-empty OUT_DIR is replaced only with ``--force``.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -38,6 +41,57 @@ def _load_tokenizer(folder: Path) -> Any | None:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(folder / TOKENIZER_DIR))
+
+
+def prepare_tokenizer(tokenizer: Any, max_seq_len: int) -> Any:
+    """Make ``tokenizer(text)`` give the ids the model saw in training, and a real length limit.
+
+    Training puts a separator before every document and generation starts prompts with bos (the
+    builtin BPE's bos is its eos), so the exported tokenizer adds bos in front, written into
+    ``tokenizer.json``'s post-processor so that every reader of the folder gets it.
+    """
+    tokenizer.model_max_length = max_seq_len
+    bos = tokenizer.bos_token_id
+    if bos is None or _starts_with_bos(tokenizer, bos):
+        return tokenizer
+    tokenizer.add_bos_token = True  # transformers rebuilds the post-processor
+    if not _starts_with_bos(tokenizer, bos) and hasattr(tokenizer, "backend_tokenizer"):
+        from tokenizers import processors
+
+        bos_text = tokenizer.bos_token
+        tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos_text} $A", pair=f"{bos_text} $A {bos_text}:1 $B:1", special_tokens=[(bos_text, bos)]
+        )
+    if not _starts_with_bos(tokenizer, bos):
+        warnings.warn(
+            f"the exported tokenizer ({type(tokenizer).__name__}) does not add bos: prepend token {bos} "
+            "yourself to match training",
+            stacklevel=2,
+        )
+    return tokenizer
+
+
+def _starts_with_bos(tokenizer: Any, bos: int) -> bool:
+    ids = tokenizer("a")["input_ids"]
+    return bool(ids) and ids[0] == bos
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _normal_modes(root: Path) -> None:
+    """Modes of freshly created files and folders (0666 / 0777 minus the umask): the temporary
+    folder would otherwise stay 0700 and some writers leave files 0600."""
+    mask = _umask()
+    os.chmod(root, 0o777 & ~mask)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            os.chmod(os.path.join(dirpath, name), 0o777 & ~mask)
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), 0o666 & ~mask)
 
 
 def _check_out_dir(out_dir: Path, force: bool) -> None:
@@ -101,7 +155,8 @@ def export(
     try:
         hf_model.save_pretrained(str(tmp), safe_serialization=True)
         if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
+            prepare_tokenizer(tokenizer, model_cfg.max_seq_len).save_pretrained(str(tmp))
+        _normal_modes(tmp)
         _check_out_dir(out_dir, force)  # someone may have written there meanwhile
         _move_into_place(tmp, out_dir)
     except BaseException:

@@ -14,7 +14,7 @@ import torch
 from moetrain.checkpoint import save_model_file
 from moetrain.config import ModelConfig
 from moetrain.export import main as export_main
-from moetrain.generate import generate_text
+from moetrain.generate import encode_prompt, generate_text
 from moetrain.model import MoETransformer
 from moetrain.testing import tiny_model_config
 
@@ -81,7 +81,7 @@ def test_cli_exports_a_loadable_mixtral(exported, tokenizer, monkeypatch) -> Non
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, model(ids).logits, atol=1e-5, rtol=0)
     tok = AutoTokenizer.from_pretrained(out)
-    assert tok("To be, or not to be")["input_ids"] == tokenizer("To be, or not to be")["input_ids"]
+    assert tok.model_max_length == _cfg().max_seq_len
     assert hf.generation_config.eos_token_id == tokenizer.eos_token_id
     assert (
         hf.config.eos_token_id == tokenizer.eos_token_id and hf.config.pad_token_id == tokenizer.pad_token_id
@@ -149,3 +149,40 @@ def test_greedy_generation_agrees_between_checkpoint_and_export(exported) -> Non
     theirs, n_theirs = generate_text(root / "hf", "To be, or not", **kw)
     assert n_ours == n_theirs == 12
     assert ours == theirs and ours.startswith("To be, or not")
+
+
+@pytest.mark.parametrize("text", ["To be, or not to be", "The quick brown fox.\nA second line", "x"])
+def test_exported_tokenizer_encodes_like_training(exported, tokenizer, text) -> None:
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    root, _, _ = exported
+    tok = AutoTokenizer.from_pretrained(root / "hf")
+    # training: a separator (eos = bos) before every document, then the document's ids
+    body = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
+    assert tok(text)["input_ids"] == [tokenizer.bos_token_id, *body] == encode_prompt(tokenizer, text)
+    # readers of tokenizer.json alone (no transformers) get the same ids
+    assert Tokenizer.from_file(str(root / "hf" / "tokenizer.json")).encode(text).ids == [0, *body]
+    assert tok.decode(tok(text)["input_ids"], skip_special_tokens=True) == text
+
+
+def test_exported_files_are_readable_by_everyone(exported) -> None:
+    root, _, result = exported
+    assert result.returncode == 0, result.stderr
+    mask = os.umask(0)
+    os.umask(mask)
+    out = root / "hf"
+    assert out.stat().st_mode & 0o777 == 0o777 & ~mask
+    for f in out.iterdir():
+        assert f.stat().st_mode & 0o777 == 0o666 & ~mask, f
+
+
+def test_exported_modes_follow_the_umask(tmp_path) -> None:
+    _make_checkpoint(tmp_path / "ckpt", _cfg())
+    old = os.umask(0o027)
+    try:
+        assert export_main([str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "hf").stat().st_mode & 0o777 == 0o750
+    assert {f.stat().st_mode & 0o777 for f in (tmp_path / "hf").iterdir()} == {0o640}
