@@ -31,14 +31,17 @@ def _fail(msg: str) -> None:
 def check_launch(cfg: TrainConfig) -> None:
     """Checks that need the launch, not just the config: enough processes for ``parallel.ep_size``
     and enough memory for one process's training state. Before any model, data or engine work."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun and the deepspeed launcher set it
+    from moetrain.distributed.env import discover_launch_env
+
+    launch = discover_launch_env()  # torchrun, deepspeed, OpenMPI, MVAPICH, MPICH or srun variables
+    world_size = int(launch["WORLD_SIZE"])
     check_world_size(cfg.parallel, world_size)
     if not cfg.parallel.check_memory:
         return
     from moetrain.plan import check_memory_fits, machine_memory, resolve_dtype
 
     machine = machine_memory(
-        int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        int(launch["LOCAL_RANK"]), int(launch.get("LOCAL_WORLD_SIZE", "1"))
     )
     if machine is None:  # unknown on this platform: nothing to compare against
         return
@@ -70,11 +73,12 @@ def main(raw: DictConfig) -> int:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     from moetrain.checkpoint.model_file import CheckpointError
     from moetrain.data import DataError
+    from moetrain.distributed.env import LaunchError
     from moetrain.trainer import Trainer
 
     try:
         return Trainer(cfg, run_dir).run()
-    except (ConfigError, CheckpointError, DataError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, DataError, LaunchError, FileNotFoundError) as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     return 0
 

@@ -133,4 +133,4 @@ def read_rank_state(folder: Path, rank: int) -> dict[str, Any] | None:
     path = folder / "rank_state" / f"rank_{rank:05d}.pt"
     if not path.is_file():
         return None
-    return torch.load(path, weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=False)

@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moetrain.distributed.comm import gather_to_first
+
 FILE = "optimizer_full.pt"
 
 
@@ -35,9 +37,11 @@ def save_full_optimizer_state(model: nn.Module, optimizer: Any, folder: Path, ra
             for key in ("exp_avg", "exp_avg_sq"):
                 t = st[key].detach()
                 if ep.enabled and getattr(p, "allreduce", True) is False:
-                    parts = [torch.empty_like(t) for _ in range(ep.ep_size)]
-                    dist.all_gather(parts, t.contiguous(), group=ep.group)
-                    t = torch.cat(parts, 0)
+                    if 0 not in dist.get_process_group_ranks(ep.group):
+                        continue  # a replica group: rank 0's group writes these experts
+                    t = gather_to_first(t, ep.group, out_device="cpu")  # streamed to rank 0's host
+                    if t is None:
+                        continue
                 entry[key] = t.cpu().clone()
             full[names[id(p)]] = entry
     if rank == 0:
@@ -53,7 +57,7 @@ def load_full_optimizer_state(model: nn.Module, optimizer: Any, folder: Path, ep
         or type(optimizer).__module__.startswith("deepspeed")
     ):
         return False
-    full = torch.load(path, weights_only=False)
+    full = torch.load(path, map_location="cpu", weights_only=False)
     names = _name_of(model)
     for group in optimizer.param_groups:
         for p in group["params"]:

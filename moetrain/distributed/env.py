@@ -11,9 +11,9 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -56,12 +56,73 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _set_single_process_env() -> None:
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return
-    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+# (rank, world size, local rank, local world size) variables of each launcher, in order of trust.
+# torchrun and the deepspeed launcher (pdsh / local) set the torch names; MPI launchers and srun set
+# their own and start Python without them (DeepSpeed's openmpi/mvapich/slurm runners included).
+LAUNCHER_VARS: dict[str, tuple[str, str, str, str]] = {
+    "torch": ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"),
+    "openmpi": (
+        "OMPI_COMM_WORLD_RANK",
+        "OMPI_COMM_WORLD_SIZE",
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "OMPI_COMM_WORLD_LOCAL_SIZE",
+    ),
+    "mvapich": (
+        "MV2_COMM_WORLD_RANK",
+        "MV2_COMM_WORLD_SIZE",
+        "MV2_COMM_WORLD_LOCAL_RANK",
+        "MV2_COMM_WORLD_LOCAL_SIZE",
+    ),
+    "mpich": ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+    # SLURM_STEP_NUM_TASKS exists only inside an srun step (a batch script has SLURM_NTASKS of the
+    # whole allocation but is one process), so a plain `python` in an sbatch script stays 1 process.
+    "slurm": ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "SLURM_STEP_TASKS_PER_NODE"),
+}
+
+
+class LaunchError(RuntimeError):
+    """The launcher's environment is incomplete (one line, naming the variable and the fix)."""
+
+
+def discover_launch_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The torch.distributed variables (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR,
+    MASTER_PORT) this process should use, derived from whichever launcher started it.
+
+    Pure: reads ``environ`` (default ``os.environ``) and returns what to set; ``init_distributed``
+    applies it. A plain ``python`` start becomes rank 0 of 1 on a free local port."""
+    env = dict(os.environ if environ is None else environ)
+    for launcher, (rk, ws, lr, lws) in LAUNCHER_VARS.items():
+        if rk in env and ws in env:
+            world = int(env[ws])
+            local_world = env.get(lws, "")
+            # SLURM_STEP_TASKS_PER_NODE looks like "4(x2)" or "4,2": this node's count comes first.
+            local_world = re.match(r"\d+", local_world).group(0) if re.match(r"\d+", local_world) else None
+            out = {
+                "RANK": str(int(env[rk])),
+                "WORLD_SIZE": str(world),
+                "LOCAL_RANK": str(int(env.get(lr, "0") or 0)),
+                "LOCAL_WORLD_SIZE": local_world or ("1" if world == 1 else env.get("LOCAL_WORLD_SIZE", "")),
+            }
+            if not out["LOCAL_WORLD_SIZE"]:
+                out.pop("LOCAL_WORLD_SIZE")
+            master = env.get("MASTER_ADDR")
+            if master is None and world > 1:
+                raise LaunchError(
+                    f"started by {launcher} with {world} processes but MASTER_ADDR is not set; fix: export "
+                    "MASTER_ADDR=<first node's address> (and MASTER_PORT) to every process, as "
+                    "scripts/train_multinode.sh does"
+                )
+            out["MASTER_ADDR"] = master or "127.0.0.1"
+            out["MASTER_PORT"] = env.get("MASTER_PORT") or ("29500" if world > 1 else str(_free_port()))
+            return out
+    return {
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": env.get("MASTER_ADDR", "127.0.0.1"),
+        "MASTER_PORT": env.get("MASTER_PORT") or str(_free_port()),
+    }
 
 
 def _disable_shm_comm_op() -> None:
@@ -72,7 +133,7 @@ def _disable_shm_comm_op() -> None:
 
 
 def init_distributed(*, shm_comm: bool = False) -> DistEnv:
-    _set_single_process_env()
+    os.environ.update(discover_launch_env())
     use_cuda = torch.cuda.is_available()
     if not use_cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -81,39 +142,19 @@ def init_distributed(*, shm_comm: bool = False) -> DistEnv:
     if not shm_comm:
         _disable_shm_comm_op()
     backend = "nccl" if use_cuda else "gloo"
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-    rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
+        # Before the process group: NCCL binds each rank's communicator to the current device.
+        if local_rank >= torch.cuda.device_count():
+            raise LaunchError(
+                f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} visible CUDA "
+                "device(s); fix: start at most that many processes per node (CUDA_VISIBLE_DEVICES)"
+            )
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    rank, world = dist.get_rank(), dist.get_world_size()
     return DistEnv(rank, local_rank, world, device, backend)
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def all_reduce_sum(t: torch.Tensor, group: Any = None) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        t = t.clone()
-        dist.all_reduce(t, group=group)
-    return t
-
-
-def all_reduce_mean(t: torch.Tensor, group: Any = None) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        return all_reduce_sum(t, group) / dist.get_world_size(group)
-    return t
-
-
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moetrain.config import TrainConfig
+from moetrain.distributed.comm import gather_to_first
 from moetrain.distributed.env import DistEnv
 from moetrain.moe import MoELayer
 
@@ -170,15 +171,24 @@ def _expert_param_names(model: nn.Module) -> list[str]:
 
 
 def full_state_dict(model: nn.Module, env: DistEnv, ep: ExpertParallelInfo) -> dict[str, torch.Tensor] | None:
-    """Every parameter with all experts in global order (collective under EP; result on rank 0)."""
-    sd = {k: v.detach() for k, v in model.state_dict().items()}
-    if ep.enabled:
-        for name in _expert_param_names(model):
-            local = sd[name].contiguous()
-            parts = [torch.empty_like(local) for _ in range(ep.ep_size)]
-            dist.all_gather(parts, local, group=ep.group)
-            sd[name] = torch.cat(parts, dim=0)
-    return sd if env.rank == 0 else None
+    """Every parameter with all experts in global order, on the host of rank 0 (None elsewhere).
+
+    Collective under EP for the ranks of rank 0's expert-parallel group (the other groups hold
+    replicas of the same experts). Tensors travel one at a time to rank 0 and go straight to host
+    memory, so no rank ever holds every expert on its device, and the other ranks hold nothing extra.
+    """
+    expert_names = set(_expert_param_names(model)) if ep.enabled else set()
+    in_first_group = ep.enabled and 0 in dist.get_process_group_ranks(ep.group)
+    out: dict[str, torch.Tensor] | None = {} if env.rank == 0 else None
+    for name, t in model.state_dict().items():
+        if name in expert_names:
+            if in_first_group:
+                full = gather_to_first(t, ep.group, out_device="cpu")
+                if out is not None:
+                    out[name] = full
+        elif out is not None:
+            out[name] = t.detach().to("cpu", copy=True)
+    return out
 
 
 def load_full_state_dict(
@@ -212,7 +222,9 @@ def save_engine_state(engine: Any, folder: Path, rank: int) -> None:
 
 
 def load_engine_state(engine: Any, folder: Path, rank: int) -> None:
-    state = torch.load(folder / f"rank_{rank:05d}.pt", weights_only=False)
+    # map_location: each rank's file holds tensors of that rank's GPU; load everything to the host
+    # first (DeepSpeed and load_state_dict copy onto this rank's device).
+    state = torch.load(folder / f"rank_{rank:05d}.pt", map_location="cpu", weights_only=False)
     engine.module.load_state_dict(state["module"], strict=True)
     opt = engine.optimizer
     if type(opt).__module__.startswith("deepspeed.runtime.zero"):
@@ -221,7 +233,7 @@ def load_engine_state(engine: Any, folder: Path, rank: int) -> None:
         all_states = [
             state["optimizer"]
             if r == rank
-            else torch.load(folder / f"rank_{r:05d}.pt", weights_only=False)["optimizer"]
+            else torch.load(folder / f"rank_{r:05d}.pt", map_location="cpu", weights_only=False)["optimizer"]
             for r in range(world)
         ]
         opt.load_state_dict(all_states, load_optimizer_states=True, load_from_fp32_weights=True)

@@ -27,6 +27,14 @@ def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_fact
     return max(1, math.ceil(round(capacity_factor * num_tokens * top_k / num_experts, 9)))
 
 
+def tokens_per_expert(sorted_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """int64 copies per expert from ids sorted ascending. Unlike ``torch.bincount`` (which reads the
+    maximum back to size its output, a host sync on CUDA per layer and micro-batch), the boundaries
+    of each expert's run come from ``searchsorted`` and stay on the device."""
+    edges = torch.arange(num_experts + 1, device=sorted_ids.device, dtype=sorted_ids.dtype)
+    return torch.diff(torch.searchsorted(sorted_ids, edges))
+
+
 def plan_dispatch(
     expert_ids_NK: torch.Tensor, num_experts: int, capacity_factor: float | None
 ) -> DispatchPlan:
@@ -34,7 +42,7 @@ def plan_dispatch(
     flat_ids = expert_ids_NK.reshape(-1)
     # Stable sort keeps token order inside each expert: capacity drops the latest tokens.
     order = torch.argsort(flat_ids, stable=True)
-    routed = torch.bincount(flat_ids, minlength=num_experts)
+    routed = tokens_per_expert(flat_ids[order], num_experts)
     if capacity_factor is None:
         return DispatchPlan(order // K, order, routed, routed, 0)
     capacity = expert_capacity(N, K, num_experts, capacity_factor)

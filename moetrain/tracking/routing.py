@@ -8,27 +8,34 @@ from moetrain.moe import RouterStats
 
 
 class RoutingAccumulator:
-    """Sums routed-token counts, entropy and drops per MoE layer over the micro-batches of a log window."""
+    """Sums routed-token counts, entropy and drops per MoE layer over the micro-batches of a log window.
 
-    def __init__(self, layer_ids: list[int], num_experts: int) -> None:
+    The sums live on the model's device: adding a micro-batch's statistics never waits for the GPU
+    (no ``.item()``/``.cpu()`` per layer); they reach the host once per log step, after the all-reduce."""
+
+    def __init__(self, layer_ids: list[int], num_experts: int, device: torch.device | str = "cpu") -> None:
         self.layer_ids = layer_ids
         self.num_experts = num_experts
+        self.device = torch.device(device)
         self.reset()
 
     def reset(self) -> None:
         L, E = len(self.layer_ids), self.num_experts
-        self.counts_LE = torch.zeros(L, E, dtype=torch.float64)
-        self.entropy_sum_L = torch.zeros(L, dtype=torch.float64)
-        self.dropped_L = torch.zeros(L, dtype=torch.float64)
+        self.counts_LE = torch.zeros(L, E, dtype=torch.float64, device=self.device)
+        self.entropy_sum_L = torch.zeros(L, dtype=torch.float64, device=self.device)
+        self.dropped_L = torch.zeros(L, dtype=torch.float64, device=self.device)
         self.forwards = 0
 
     def add(self, stats: list[RouterStats]) -> None:
         if not stats:
             return
-        for i, s in enumerate(stats):
-            self.counts_LE[i] += s.tokens_per_expert_E.detach().to("cpu", torch.float64)
-            self.entropy_sum_L[i] += float(s.entropy)
-            self.dropped_L[i] += s.num_dropped
+        self.counts_LE += torch.stack([s.tokens_per_expert_E.detach() for s in stats]).to(
+            self.device, torch.float64
+        )
+        self.entropy_sum_L += torch.stack([s.entropy.detach() for s in stats]).to(self.device, torch.float64)
+        if any(s.num_dropped for s in stats):  # capacity mode only (dropless reports 0: no copy)
+            dropped = torch.tensor([float(s.num_dropped) for s in stats], dtype=torch.float64)
+            self.dropped_L += dropped.to(self.device)
         self.forwards += 1
 
     def packed(self) -> torch.Tensor:
@@ -38,7 +45,7 @@ class RoutingAccumulator:
                 self.counts_LE.flatten(),
                 self.entropy_sum_L,
                 self.dropped_L,
-                torch.tensor([float(self.forwards)]),
+                torch.tensor([float(self.forwards)], dtype=torch.float64, device=self.device),
             ]
         )
 

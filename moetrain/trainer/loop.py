@@ -67,10 +67,13 @@ class Trainer:
         if self.env.device.type == "cpu":  # one process per core budget; no oversubscription
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-        if cfg.trainer.deterministic:  # same losses for the same seed, run after run (CUDA needs these)
+        if cfg.trainer.deterministic:
+            # Same losses for the same seed, run after run, and bitwise resume, on CPU and CUDA alike.
+            # warn_only=False: an op without a deterministic kernel raises instead of silently breaking
+            # the promise (with warn_only=True, SDPA's CUDA backward stays non-deterministic).
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.backends.cudnn.benchmark = False
-            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.use_deterministic_algorithms(True, warn_only=False)
         self.step = 0
         self.tokens_seen = 0
 
@@ -263,26 +266,24 @@ class Trainer:
 
     # ---- one step ---------------------------------------------------------------------------------
     def _train_step(self) -> dict[str, float]:
-        sums = torch.zeros(4, dtype=torch.float64)
+        # Loss sums stay on the device (no host sync per micro-batch); one all-reduce per step.
+        sums = torch.zeros(4, dtype=torch.float32, device=self.env.device)
         lr = self.scheduler.get_last_lr()[0]  # the LR this step uses
         ga = self.cfg.optim.grad_accum
         grad_norm = None
         for _ in range(ga):
             batch = next(self.train_loader)
-            ids = batch["input_ids"].to(self.env.device)
-            labels = batch["labels"].to(self.env.device)
+            ids = batch["input_ids"].to(self.env.device, non_blocking=True)
+            labels = batch["labels"].to(self.env.device, non_blocking=True)
             out = self.engine(ids, labels)
             self.engine.backward(out.loss)
             if self.engine.is_gradient_accumulation_boundary() and self.cfg.parallel.zero_stage == 0:
                 grad_norm = self._clip_gradients()  # ZeRO-1/2 clip inside DeepSpeed and report the norm
             self.engine.step()
             self.routing.add(out.router_stats)
-            sums += torch.tensor(
-                [out.loss.item(), out.lm_loss.item(), out.aux_loss.item(), out.z_loss.item()],
-                dtype=torch.float64,
-            )
+            sums += torch.stack([out.loss, out.lm_loss, out.aux_loss, out.z_loss]).detach().float()
             self.tokens_seen += ids.numel() * self.env.world_size
-        loss, lm, aux, z = (all_reduce_mean(sums) / ga).tolist()
+        loss, lm, aux, z = (all_reduce_mean(sums.double()) / ga).tolist()
         if grad_norm is None and self.engine.get_global_grad_norm() is not None:
             grad_norm = float(self.engine.get_global_grad_norm())
         return {
@@ -299,16 +300,15 @@ class Trainer:
         """Global L2 norm of the (already reduced) gradients, then clip to ``optim.grad_clip``.
 
         Expert shards are summed over the expert-parallel group and replicated params counted once,
-        so the norm (and the clipping) equals a single process's on the same global batch."""
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if not grads:
+        so the norm (and the clipping) equals a single process's on the same global batch. Squares are
+        summed in float64 on the gradients' device; one host sync per optimizer step (the norm)."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if not params:
             return None
-        dense = torch.zeros((), dtype=torch.float64)
-        expert = torch.zeros((), dtype=torch.float64)
-        for p in self.model.parameters():
-            if p.grad is None:
-                continue
-            sq = p.grad.detach().float().pow(2).sum().double().cpu()
+        zero = torch.zeros((), dtype=torch.float64, device=params[0].grad.device)
+        dense, expert = zero.clone(), zero.clone()
+        for p in params:
+            sq = p.grad.detach().double().pow(2).sum()
             if getattr(p, "allreduce", True) is False:
                 expert += sq
             else:
@@ -319,19 +319,20 @@ class Trainer:
         clip = self.cfg.optim.grad_clip
         if clip > 0 and norm > clip:
             coef = clip / (norm + 1e-6)
-            for g in grads:
-                g.mul_(coef)
+            for p in params:
+                p.grad.mul_(coef)
         return norm
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         self.engine.eval()
-        total = torch.zeros(2, dtype=torch.float64)
+        total = torch.zeros(2, dtype=torch.float64, device=self.env.device)
         for batch in self.val_loader:
             out = self.engine(batch["input_ids"].to(self.env.device), batch["labels"].to(self.env.device))
-            total += torch.tensor([float(out.lm_loss) * batch["labels"].numel(), batch["labels"].numel()])
+            n = batch["labels"].numel()
+            total += torch.stack([out.lm_loss.detach().double() * n, total.new_tensor(float(n))])
         self.engine.train()
-        total = all_reduce_sum(total)
+        total = all_reduce_sum(total).cpu()
         if total[1] == 0:
             return {}
         val = float(total[0] / total[1])
@@ -341,7 +342,7 @@ class Trainer:
     def _routing_record(self) -> dict[str, Any]:
         if not self.model.moe_layers:
             return {}
-        flat = all_reduce_sum(self.routing.packed())
+        flat = all_reduce_sum(self.routing.packed()).cpu()
         counts, entropy, dropped, forwards = self.routing.unpack(flat)
         forwards = forwards / self.env.world_size
         self.routing.reset()
@@ -391,7 +392,7 @@ class Trainer:
         else:
             seed_everything(c.trainer.seed + self.env.rank)  # per-rank stream for jitter etc.
 
-        self.routing = RoutingAccumulator(c.model.moe_layer_ids, c.model.num_experts)
+        self.routing = RoutingAccumulator(c.model.moe_layer_ids, c.model.num_experts, self.env.device)
         self.collapse = CollapseDetector(c.logging.collapse_threshold, c.logging.collapse_window)
         self.metrics = MetricsFile(
             self.run_dir / "metrics.jsonl", enabled=self.is_main, resume_step=self.step if self.step else None
