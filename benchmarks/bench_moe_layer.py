@@ -18,6 +18,7 @@ MoE/dense ratio, and the device.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -79,7 +80,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     timer = _timer(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{args.threads}"
-    print(f"device: {name}, torch {torch.__version__}, {args.tokens} tokens, fwd+bwd, median of {args.repeats}")
+    print(
+        f"device: {name}, torch {torch.__version__}, {args.tokens} tokens, fwd+bwd, median of {args.repeats}"
+    )
     print("| shape | dtype | dense ms | MoE grouped_mm ms | MoE loop ms | grouped/dense | loop/dense |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for shape in args.shapes.split(","):
@@ -108,8 +111,8 @@ def main() -> None:
 
             fns = {
                 "dense": step_dense,
-                "grouped_mm": lambda: step_moe(layers["grouped_mm"]),
-                "loop": lambda: step_moe(layers["loop"]),
+                "grouped_mm": functools.partial(step_moe, layers["grouped_mm"]),
+                "loop": functools.partial(step_moe, layers["loop"]),
             }
             times: dict[str, list[float]] = {k: [] for k in fns}
             for i in range(args.warmup + args.repeats):

@@ -40,9 +40,7 @@ def check_launch(cfg: TrainConfig) -> None:
         return
     from moetrain.plan import check_memory_fits, machine_memory, resolve_dtype
 
-    machine = machine_memory(
-        int(launch["LOCAL_RANK"]), int(launch.get("LOCAL_WORLD_SIZE", "1"))
-    )
+    machine = machine_memory(int(launch["LOCAL_RANK"]), int(launch.get("LOCAL_WORLD_SIZE", "1")))
     if machine is None:  # unknown on this platform: nothing to compare against
         return
     check_memory_fits(
