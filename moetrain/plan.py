@@ -503,6 +503,12 @@ def render(plan: dict[str, Any], console: Any = None) -> None:
         f"[bold]{plan['model']}[/bold]: H={s['hidden_size']}, L={s['num_layers']}, heads={s['num_heads']}/"
         f"{s['num_kv_heads']}kv x {s['head_dim']}, F={s['ffn_hidden_size']}, V={s['vocab_size']}, {moe}"
     )
+    source = plan.get("vocab_source", "")
+    if source.startswith("data."):
+        console.print(
+            f"V={s['vocab_size']} comes from {source}: a run on other data has another vocab; "
+            "`plan +experiment=NAME` counts exactly what that recipe trains."
+        )
 
     t = _table(console, "Parameters")
     t.add_column("component")
@@ -629,17 +635,26 @@ def _plan_from_cfg(cfg: Any) -> dict[str, Any]:
     dtype = plan_cfg.get("dtype") or (par.dtype if par.dtype != "auto" else "bf16")
     if dtype not in BYTES_PER_PARAM:
         raise ConfigError(f"plan.dtype={dtype!r} is invalid: one of fp32, bf16 (or null)")
-    return {
-        "format": fmt,
-        "plan": build_plan(
-            model_cfg,
-            ep_size=par.ep_size,
-            dp_size=plan_cfg.get("dp_size"),
-            zero_stage=par.zero_stage,
-            dtype=dtype,
-            seq_len=seq_len,
-        ),
-    }
+    plan = build_plan(
+        model_cfg,
+        ep_size=par.ep_size,
+        dp_size=plan_cfg.get("dp_size"),
+        zero_stage=par.zero_stage,
+        dtype=dtype,
+        seq_len=seq_len,
+    )
+    plan["vocab_source"] = _vocab_source(cfg)
+    return {"format": fmt, "plan": plan}
+
+
+def _vocab_source(cfg: Any) -> str:
+    """Where model.vocab_size came from: the data preset's tokenizer size, or the model itself."""
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.to_container(cfg.model, resolve=False).get("vocab_size")
+    if isinstance(raw, str) and "data.vocab_size" in raw:
+        return f"data.vocab_size (data={cfg.data.name})"
+    return "model.vocab_size"
 
 
 def _hydra_entry() -> None:

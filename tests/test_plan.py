@@ -345,3 +345,32 @@ def test_machine_memory_is_known_here():
 
     if not torch.cuda.is_available():  # two processes share the host
         assert "for each of its 2 processes" in text and share < available
+
+
+@pytest.mark.parametrize("experiment", ["mixtral_tiny", "mixtral_small", "dense_small"])
+def test_plan_of_an_experiment_counts_what_training_builds(experiment):
+    from moetrain.config import train_config_from_dict
+    from moetrain.model import MoETransformer
+
+    r = run_plan(f"+experiment={experiment}", "plan.format=json")
+    assert r.returncode == 0, r.stderr
+    planned = json.loads(r.stdout)
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        train_cfg = compose(config_name="train", overrides=[f"+experiment={experiment}"])
+    cfg = train_config_from_dict(OmegaConf.to_container(train_cfg, resolve=True))
+    import torch
+
+    with torch.device("meta"):
+        model = MoETransformer(cfg.model)
+    assert planned["total_params"] == sum(p.numel() for p in model.parameters())
+    assert planned["shape"]["vocab_size"] == cfg.data.vocab_size
+    assert planned["vocab_source"] == f"data.vocab_size (data={cfg.data.name})"
+
+
+def test_table_says_where_the_vocab_comes_from():
+    r = run_plan("model=mixtral_tiny")
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())
+    assert "V=8192 comes from data.vocab_size (data=builtin)" in text and "+experiment=NAME" in text
+    r = run_plan("model=mixtral_8x7b")
+    assert "comes from" not in r.stdout  # a published shape has its own vocab
