@@ -48,3 +48,39 @@ show_and_run() {
   fi
   exec "$@"
 }
+
+# visible_gpus: the GPU ids this process may use, one per line, as CUDA numbers them for it. Without
+# a working `nvidia-smi -L` there are none. Otherwise, with CUDA_VISIBLE_DEVICES unset, every GPU that
+# nvidia-smi lists (0..n-1: nvidia-smi ignores CUDA_VISIBLE_DEVICES); with it set, its comma-separated
+# entries, read the way CUDA reads them: an empty value means no GPU, and the list ends at the first
+# entry that names no GPU here (empty, negative such as -1, an index >= n, or not a number/UUID).
+visible_gpus() {
+  local n=0 listing
+  if command -v nvidia-smi >/dev/null 2>&1 && listing="$(nvidia-smi -L 2>/dev/null)"; then
+    n="$(grep -c '^GPU ' <<<"$listing" || true)"
+  fi
+  [[ "${n:-0}" -gt 0 ]] || return 0
+  if [[ -z "${CUDA_VISIBLE_DEVICES+set}" ]]; then
+    seq 0 $((n - 1))
+    return 0
+  fi
+  local -a entries=()
+  local e
+  IFS=, read -r -a entries <<<"$CUDA_VISIBLE_DEVICES"
+  for e in ${entries[@]+"${entries[@]}"}; do
+    e="${e//[[:space:]]/}"
+    if [[ "$e" =~ ^[0-9]+$ ]]; then
+      [[ $((10#$e)) -lt "$n" ]] || break
+    elif [[ ! "$e" =~ ^(GPU|MIG)- ]]; then
+      break
+    fi
+    echo "$e"
+  done
+}
+
+# visible_gpu_count: how many GPUs visible_gpus lists.
+visible_gpu_count() {
+  local -a gpus=()
+  mapfile -t gpus < <(visible_gpus)
+  echo "${#gpus[@]}"
+}

@@ -6,7 +6,9 @@
 #   NPROC=2 scripts/train_local.sh +experiment=mixtral_tiny parallel.ep_size=2
 #
 # Environment:
-#   NPROC        processes on this machine (default: number of visible GPUs, else 1)
+#   NPROC        processes on this machine (default: number of visible GPUs, else 1). Visible GPUs:
+#                those `nvidia-smi -L` lists, narrowed to CUDA_VISIBLE_DEVICES when that is set
+#                (set but empty: no GPU, so 1 CPU process)
 #   PYTHON       interpreter (default: <repo>/.venv/bin/python if present, else python)
 #   MODULE       python module to launch (default: moetrain.train)
 #   SCRIPT       launch this python file instead of MODULE (path)
@@ -27,10 +29,8 @@ PY="$(venv_tool python "${PYTHON:-}")"
 
 if [[ -z "${NPROC:-}" ]]; then
   NPROC=1
-  if command -v nvidia-smi >/dev/null 2>&1; then
-    n_gpu="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)"
-    if [[ "${n_gpu:-0}" -gt 0 ]]; then NPROC="$n_gpu"; fi
-  fi
+  n_gpu="$(visible_gpu_count)"
+  if [[ "$n_gpu" -gt 0 ]]; then NPROC="$n_gpu"; fi
 fi
 
 if [[ -n "${SCRIPT:-}" ]]; then

@@ -4,7 +4,7 @@
 # other is stopped (it would otherwise wait for its peer until the rendezvous/collective timeout).
 #
 # Usage:
-#   scripts/two_node_localhost.sh [hydra overrides...]
+#   scripts/two_node_localhost.sh [--dry-run] [hydra overrides...]
 #   scripts/two_node_localhost.sh +experiment=mixtral_tiny parallel.ep_size=2 trainer.max_steps=3
 #   SCRIPT=tests/_dist_probe.py scripts/two_node_localhost.sh          # launcher smoke test
 #   LAUNCHER=deepspeed scripts/two_node_localhost.sh ...               # via train_multinode.sh NO_SSH=1
@@ -19,8 +19,14 @@
 #   PYTHON           interpreter (default <repo>/.venv/bin/python if present, else python)
 #   TIMEOUT_S        kill both nodes after this many seconds (default 0 = no limit); exit status 124
 #   LOG_DIR          also keep each node's output in LOG_DIR/node{0,1}.log
-#   SPLIT_GPUS       1: give node R the GPUs [R*N, (R+1)*N) via CUDA_VISIBLE_DEVICES (default: 1 when
-#                    nvidia-smi lists at least 2*N GPUs, else 0; without it both nodes would use GPU 0..N-1)
+#   DRY_RUN=1        print both nodes' commands and exit (same as --dry-run)
+#   SPLIT_GPUS       1: give node R the visible GPUs [R*N, (R+1)*N) via CUDA_VISIBLE_DEVICES (default: 1
+#                    when at least 2*N GPUs are visible, else 0; without it both nodes would use the same
+#                    first N GPUs). Visible GPUs: those `nvidia-smi -L` lists, narrowed to
+#                    CUDA_VISIBLE_DEVICES when that is set (CUDA_VISIBLE_DEVICES=4,5,6,7 NPROC_PER_NODE=2:
+#                    node0 gets 4,5 and node1 6,7; set but empty: no GPU). With LAUNCHER=deepspeed the
+#                    split is passed as `--include 127.0.0.1:IDS@localhost:IDS` (DeepSpeed sets
+#                    CUDA_VISIBLE_DEVICES itself), which needs numeric ids
 #
 # Output lines of each node are prefixed with [node0] / [node1].
 set -euo pipefail
@@ -30,12 +36,7 @@ REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$REPO_ROOT/scripts/common.sh"
 cd "$REPO_ROOT"
 
-case "${1:-}" in
-  -h | --help)
-    print_help "${BASH_SOURCE[0]}"
-    exit 0
-    ;;
-esac
+parse_launch_args "${BASH_SOURCE[0]}" "$@"
 
 PY="$(venv_tool python "${PYTHON:-}")"
 
@@ -53,18 +54,45 @@ if [[ -n "${SCRIPT:-}" ]]; then
   [[ -f "$SCRIPT" ]] || { echo "two_node_localhost.sh: SCRIPT $SCRIPT not found" >&2; exit 2; }
 fi
 
+# GPU ids this script may hand out: nvidia-smi's, narrowed to CUDA_VISIBLE_DEVICES when set.
+mapfile -t gpus < <(visible_gpus)
 if [[ -z "${SPLIT_GPUS:-}" ]]; then
   SPLIT_GPUS=0
-  if command -v nvidia-smi >/dev/null 2>&1; then
-    n_gpu="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)"
-    if [[ "${n_gpu:-0}" -ge $((2 * NPROC_PER_NODE)) ]]; then SPLIT_GPUS=1; fi
-  fi
+  if [[ ${#gpus[@]} -ge $((2 * NPROC_PER_NODE)) ]]; then SPLIT_GPUS=1; fi
+elif [[ "$SPLIT_GPUS" == "1" && ${#gpus[@]} -lt $((2 * NPROC_PER_NODE)) ]]; then
+  # no usable list (e.g. no nvidia-smi): plain indices
+  mapfile -t gpus < <(seq 0 $((2 * NPROC_PER_NODE - 1)))
 fi
 
+# node_gpu_list RANK: the comma-separated GPU ids of simulated node RANK (empty without SPLIT_GPUS)
+node_gpu_list() {
+  [[ "$SPLIT_GPUS" == "1" ]] || return 0
+  local -a ids=("${gpus[@]:$(($1 * NPROC_PER_NODE)):$NPROC_PER_NODE}")
+  (IFS=,; echo "${ids[*]}")
+}
+
 tmp_dir="$(mktemp -d)"
+ds_gpus=()
 if [[ "$LAUNCHER" == "deepspeed" ]]; then
   # Two distinct names for the same machine: DeepSpeed keys its resource pool by host name.
-  printf '127.0.0.1 slots=%s\nlocalhost slots=%s\n' "$NPROC_PER_NODE" "$NPROC_PER_NODE" >"$tmp_dir/hostfile"
+  # DeepSpeed's per-node launcher overwrites CUDA_VISIBLE_DEVICES with the node's slot ids from the
+  # hostfile, so a split goes through --include (slot ids = GPU ids) instead of the environment.
+  slots="$NPROC_PER_NODE"
+  if [[ "$SPLIT_GPUS" == "1" ]]; then
+    max_id=0
+    for g in "${gpus[@]:0:$((2 * NPROC_PER_NODE))}"; do
+      [[ "$g" =~ ^[0-9]+$ ]] || {
+        echo "two_node_localhost.sh: LAUNCHER=deepspeed needs numeric GPU ids to split, not '$g'" >&2
+        exit 2
+      }
+      if [[ $((10#$g)) -gt $max_id ]]; then max_id=$((10#$g)); fi
+    done
+    slots=$((max_id + 1))
+    ds_gpus=(DS_ARGS="${DS_ARGS:+$DS_ARGS }--include 127.0.0.1:$(node_gpu_list 0)@localhost:$(node_gpu_list 1)")
+  else
+    ds_gpus=(GPUS_PER_NODE="$NPROC_PER_NODE")
+  fi
+  printf '127.0.0.1 slots=%s\nlocalhost slots=%s\n' "$slots" "$slots" >"$tmp_dir/hostfile"
 fi
 
 node_cmd() { # node_cmd RANK -> fills the global array `cmd`
@@ -77,7 +105,7 @@ node_cmd() { # node_cmd RANK -> fills the global array `cmd`
       ;;
     deepspeed)
       cmd=(env NO_SSH=1 NODE_RANK="$r" HOSTFILE="$tmp_dir/hostfile" MASTER_ADDR="$MASTER_ADDR"
-        MASTER_PORT="$MASTER_PORT" GPUS_PER_NODE="$NPROC_PER_NODE" "$REPO_ROOT/scripts/train_multinode.sh")
+        MASTER_PORT="$MASTER_PORT" "${ds_gpus[@]}" "$REPO_ROOT/scripts/train_multinode.sh")
       ;;
     *)
       echo "two_node_localhost.sh: LAUNCHER must be torchrun or deepspeed, not '$LAUNCHER'" >&2
@@ -104,15 +132,15 @@ if [[ -n "${LOG_DIR:-}" ]]; then mkdir -p "$LOG_DIR"; fi
 
 for r in 0 1; do
   node_cmd "$r"
-  cmd+=("$@")
+  cmd+=(${args[@]+"${args[@]}"})
   node_env=()
-  if [[ "$SPLIT_GPUS" == "1" ]]; then
-    devs="$(seq -s, $((r * NPROC_PER_NODE)) $(((r + 1) * NPROC_PER_NODE - 1)))"
-    node_env=(env CUDA_VISIBLE_DEVICES="$devs")
+  if [[ "$SPLIT_GPUS" == "1" && "$LAUNCHER" == "torchrun" ]]; then
+    node_env=(env CUDA_VISIBLE_DEVICES="$(node_gpu_list "$r")")
   fi
   printf '[node%s] +' "$r"
   printf ' %q' ${node_env[@]+"${node_env[@]}"} "${cmd[@]}"
   printf '\n'
+  [[ "$DRY_RUN" == "1" ]] && continue
   if [[ -n "${LOG_DIR:-}" ]]; then
     log="$LOG_DIR/node$r.log"
   else
@@ -124,6 +152,8 @@ for r in 0 1; do
     > >(sed -u "s/^/[node$r] /" | tee -a "$log") 2>&1 </dev/null &
   pids+=("$!")
 done
+
+if [[ "$DRY_RUN" == "1" ]]; then exit 0; fi
 
 start=$SECONDS
 status=0

@@ -249,3 +249,102 @@ def test_slurm_job_under_fake_srun(tmp_path: Path, mode: str):
     assert res.returncode == 0, out
     assert _probe_reports(out) == {0: (2, 3), 1: (2, 3)}, out
     assert "'trainer.resume=auto'" in out and "'trainer.stop_after_minutes=80'" in out
+
+
+# --- GPU counting: nvidia-smi lists every GPU, CUDA_VISIBLE_DEVICES narrows it -------------------------
+
+
+def _fake_nvidia_smi(tmp_path: Path, n: int = 8) -> str:
+    """A PATH whose nvidia-smi lists `n` GPUs (and ignores CUDA_VISIBLE_DEVICES, like the real one)."""
+    bin_dir = tmp_path / "gpu_bin"
+    bin_dir.mkdir(exist_ok=True)
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text(
+        "#!/bin/sh\n"
+        f'for i in $(seq 0 {n - 1}); do echo "GPU $i: NVIDIA H100 80GB HBM3 (UUID: GPU-$i)"; done\n'
+    )
+    smi.chmod(0o755)
+    return f"{bin_dir}:{os.environ['PATH']}"
+
+
+def _local_nproc(path: str, cvd: str | None) -> int:
+    env = {"PATH": path}
+    if cvd is not None:
+        env["CUDA_VISIBLE_DEVICES"] = cvd
+    res = _run([str(SCRIPTS / "train_local.sh"), "--dry-run"], **env)
+    assert res.returncode == 0, res.stderr
+    return int(re.search(r"--nproc_per_node (\d+)", res.stdout).group(1))
+
+
+@pytest.mark.parametrize(
+    ("cvd", "nproc"),
+    [
+        (None, 8),  # every GPU nvidia-smi lists
+        ("", 1),  # set but empty: no GPU, one CPU process
+        ("4,5,6,7", 4),
+        ("GPU-1,GPU-3", 2),  # UUIDs count too
+        ("0,1,-1,2", 2),  # CUDA stops at the first invalid entry
+        ("9", 1),  # no such GPU: none visible
+    ],
+)
+def test_local_counts_visible_gpus(tmp_path: Path, cvd: str | None, nproc: int):
+    assert _local_nproc(_fake_nvidia_smi(tmp_path), cvd) == nproc
+
+
+def test_local_without_nvidia_smi_is_one_process(tmp_path: Path):
+    # a PATH with bash and coreutils but no nvidia-smi, even with CUDA_VISIBLE_DEVICES set
+    if shutil.which("nvidia-smi", path="/usr/bin:/bin") is not None:
+        pytest.skip("nvidia-smi is in /usr/bin or /bin")
+    assert _local_nproc("/usr/bin:/bin", "0,1") == 1
+
+
+def test_two_node_splits_visible_gpus(tmp_path: Path):
+    path = _fake_nvidia_smi(tmp_path)
+    res = _run(
+        [str(SCRIPTS / "two_node_localhost.sh"), "--dry-run", "a=1"],
+        PATH=path,
+        CUDA_VISIBLE_DEVICES="4,5,6,7",
+        NPROC_PER_NODE="2",
+        MASTER_PORT="29555",
+    )
+    assert res.returncode == 0, res.stderr
+    lines = [line for line in res.stdout.splitlines() if line.startswith("[node")]
+    assert len(lines) == 2, res.stdout
+    assert lines[0].startswith("[node0] + env CUDA_VISIBLE_DEVICES=4\\,5 ") and lines[0].endswith(" a=1")
+    assert lines[1].startswith("[node1] + env CUDA_VISIBLE_DEVICES=6\\,7 ")
+    assert "--nnodes 2 --node_rank 1 --nproc_per_node 2" in lines[1]
+    # too few visible GPUs for two disjoint halves: no split (both nodes use the first two)
+    res = _run(
+        [str(SCRIPTS / "two_node_localhost.sh"), "--dry-run"],
+        PATH=path,
+        CUDA_VISIBLE_DEVICES="4,5,6",
+        NPROC_PER_NODE="2",
+        MASTER_PORT="29555",
+    )
+    assert res.returncode == 0, res.stderr
+    assert "CUDA_VISIBLE_DEVICES" not in res.stdout
+    # empty CUDA_VISIBLE_DEVICES: CPU, nothing to split
+    res = _run(
+        [str(SCRIPTS / "two_node_localhost.sh"), "--dry-run"],
+        PATH=path,
+        CUDA_VISIBLE_DEVICES="",
+        MASTER_PORT="1",
+    )
+    assert res.returncode == 0 and "CUDA_VISIBLE_DEVICES" not in res.stdout, res.stdout + res.stderr
+
+
+def test_two_node_deepspeed_split_uses_include(tmp_path: Path):
+    res = _run(
+        [str(SCRIPTS / "two_node_localhost.sh"), "--dry-run"],
+        PATH=_fake_nvidia_smi(tmp_path),
+        CUDA_VISIBLE_DEVICES="4,5,6,7",
+        NPROC_PER_NODE="2",
+        LAUNCHER="deepspeed",
+        MASTER_PORT="29555",
+    )
+    assert res.returncode == 0, res.stderr
+    lines = [line for line in res.stdout.splitlines() if line.startswith("[node")]
+    # DeepSpeed's per-node launcher sets CUDA_VISIBLE_DEVICES from the hostfile slots: the split is an --include
+    for line in lines:
+        assert "DS_ARGS=--include\\ 127.0.0.1:4\\,5@localhost:6\\,7" in line, line
+        assert "CUDA_VISIBLE_DEVICES" not in line and "GPUS_PER_NODE" not in line
