@@ -74,7 +74,8 @@ def test_launch_errors_are_one_line_before_any_work(tmp_path, overrides, parts):
 def test_memory_check_uses_the_machine_and_can_be_skipped(monkeypatch):
     import moetrain.plan as plan
 
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for key in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
     monkeypatch.setattr(plan, "machine_memory", lambda *a: (2**20, "this machine has 1.00 MiB"))
     cfg = train_config_from_dict({})  # mixtral_small: ~100 MiB of fp32 training state
     with pytest.raises(ConfigError, match="needs about .* MiB per process .* but this machine has 1.00 MiB"):
@@ -88,8 +89,16 @@ def test_memory_check_uses_the_machine_and_can_be_skipped(monkeypatch):
 
 def test_world_size_comes_from_the_launcher(monkeypatch):
     cfg = train_config_from_dict({"parallel": {"ep_size": 2, "check_memory": False}})
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    # what torchrun exports to each of its processes
+    for key, value in {
+        "RANK": "1",
+        "WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29500",
+    }.items():
+        monkeypatch.setenv(key, value)
     train.check_launch(cfg)
+    monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(ConfigError, match="single process"):
         train.check_launch(cfg)
