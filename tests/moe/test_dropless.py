@@ -9,8 +9,27 @@ import torch
 
 from moetrain.config import MoEConfig
 from moetrain.moe import MoELayer
+from moetrain.testing import assert_close_scaled, rounding_rel
 
 from ._reference import reference_moe, routed_experts
+
+# The layer (sorted, batched per expert, index_add combine) against the per-token reference (one
+# matrix-vector product per token and expert, a hand-written softmax): the same math summed in
+# another order, so each result may differ by 64 ulps (~7.6e-6) of the size of the terms it sums.
+# That size is the layer's largest value among output and gradients (all O(1) here, weights
+# N(0, 0.3)), not each tensor's own: the gate's gradient can cancel to ~0 (top-k = E with
+# renormalised weights does not depend on the gate at all) while its terms stay O(1). A wrong routing
+# weight, expert or normalisation is off by O(1e-1) of that scale.
+REF_REL = rounding_rel(64)
+
+
+def assert_matches_reference(out, ref, grads) -> None:
+    for name, got, _ in grads:
+        assert got is not None, name
+    scale = max(t.abs().max().item() for t in (ref, *(want for _, _, want in grads)))
+    assert_close_scaled(out, ref, "output", rel=REF_REL, scale=scale)
+    for name, got, want in grads:
+        assert_close_scaled(got, want, f"grad of {name}", rel=REF_REL, scale=scale)
 
 
 def make_layer(H: int, F: int, E: int, k: int, **moe_kwargs) -> MoELayer:
@@ -57,6 +76,7 @@ def layer_vs_reference(layer: MoELayer, x_BTH: torch.Tensor, keep=None):
     return out, ref, grads, stats
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("impl", ["grouped_mm", "loop"])
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("E", [3, 5, 8])
@@ -71,10 +91,7 @@ def test_dropless_matches_per_token_reference(seed, impl, normalize, E, k):
     out, ref, grads, stats = layer_vs_reference(layer, x)
 
     assert out.shape == x.shape
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
-    for name, got, want in grads:
-        assert got is not None, name
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"grad of {n}: {m}")
+    assert_matches_reference(out, ref, grads)
 
     # The stats report what the router asked for, and nothing is dropped.
     counts = Counter(
@@ -94,14 +111,13 @@ def test_gate_grad_is_nonzero_when_weights_depend_on_router(seed):
     assert layer.router.gate.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.numerics
 def test_loop_handles_unaligned_dims_and_auto_picks_it(seed):
     H, F = 6, 10  # 24- and 40-byte rows: not 16-byte aligned, so grouped_mm is out
     layer = make_layer(H, F, 3, 2, expert_impl="auto")
     assert layer.experts.resolved_impl(torch.float32) == "loop"
     out, ref, grads, _ = layer_vs_reference(layer, torch.randn(2, 5, H))
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
-    for name, got, want in grads:
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"grad of {n}: {m}")
+    assert_matches_reference(out, ref, grads)
 
 
 def test_auto_picks_grouped_mm_for_aligned_dims():

@@ -1,5 +1,10 @@
 """Stopping at step N and resuming reproduces an uninterrupted 2N-step run bit for bit.
 
+Exact equality is right here (and only here among the training comparisons): a resume in the same
+layout replays the same sequence of operations on the same shapes from the saved state (weights,
+optimizer, RNG, data position), so any difference at all is a resume bug. Layout changes (ep 2 <-> 1)
+are compared within rounding bounds in tests/distributed/test_expert_parallel.py.
+
 Compared per step: loss, its parts, the gradient norm, the LR and the validation loss, and at the end
 the model file itself. One process (stop_at + resume=auto, keep_last=1), gradient accumulation, and
 two data-parallel processes (resuming the uninterrupted run's step-N checkpoint in a new run dir).
