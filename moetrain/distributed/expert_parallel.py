@@ -125,6 +125,41 @@ def _ep_layer_class() -> type:
     return _EP_CLASS
 
 
+def shard_experts(model: nn.Module, ep_rank: int, ep_size: int) -> None:
+    """Keep experts ``[ep_rank * E/ep, (ep_rank + 1) * E/ep)`` of every MoE layer (no communication).
+
+    On a real model the shard is a slice of the full init (same values as one process); on a meta
+    model nothing is allocated, and ``reset_parameters`` later initialises exactly that slice
+    (``experts.first_expert`` tells it which global experts these are)."""
+    for layer in model.moe_layers:
+        El = layer.num_experts // ep_size
+        with torch.no_grad():
+            for name in EXPERT_PARAM_NAMES:
+                full = getattr(layer.experts, name)
+                shard = nn.Parameter(full.data[ep_rank * El : (ep_rank + 1) * El].clone())
+                setattr(layer.experts, name, shard)
+        layer.experts.num_experts = El
+        layer.experts.first_expert = ep_rank * El
+
+
+def build_model(cfg: TrainConfig, device: torch.device, ep_rank: int = 0, ep_size: int = 1) -> nn.Module:
+    """The model of one rank, built on the meta device and materialised on ``device`` with only this
+    rank's experts: host and device memory follow the shard, never the whole model. Initialised as
+    a full model built after ``torch.manual_seed`` would be, sliced (see ``reset_parameters``).
+    Call ``parallelize`` afterwards for the process groups and the all-to-all."""
+    from moetrain.model import MoETransformer
+
+    seed = torch.initial_seed()
+    with torch.device("meta"):
+        model = MoETransformer(cfg.model)
+    model._init_seed = seed
+    if ep_size > 1:
+        shard_experts(model, ep_rank, ep_size)
+    model.to_empty(device=device)
+    model.reset_parameters()
+    return model
+
+
 def parallelize(model: nn.Module, cfg: TrainConfig, env: DistEnv) -> ExpertParallelInfo:
     """Apply expert parallelism (and the global-batch balance group) to ``model`` in place."""
     if cfg.model.moe.aux_loss_scope == "global_batch" and env.world_size > 1:
@@ -145,15 +180,18 @@ def parallelize(model: nn.Module, cfg: TrainConfig, env: DistEnv) -> ExpertParal
     ep_rank = groups._get_expert_parallel_rank(group_name)
     num_experts = cfg.model.num_experts
     El = num_experts // ep_size
+    already = all(layer.experts.w1.shape[0] == El for layer in model.moe_layers)
+    if not already:  # a full model: keep this rank's slice (build_model shards before allocating)
+        shard_experts(model, ep_rank, ep_size)
     for layer in model.moe_layers:
-        with torch.no_grad():  # keep the shard of the full (identically seeded) init: same as 1 process
-            for name in EXPERT_PARAM_NAMES:
-                full = getattr(layer.experts, name)
-                shard = nn.Parameter(full.data[ep_rank * El : (ep_rank + 1) * El].clone())
-                shard.allreduce = False  # DeepSpeed: an expert param, reduced over its expert-DP group
-                shard.group_name = group_name
-                setattr(layer.experts, name, shard)
-        layer.experts.num_experts = El
+        # Tagged here, after any materialisation (to_empty from meta makes new Parameter objects,
+        # which would silently drop the tags: experts averaged over ranks that hold different ones).
+        for name in EXPERT_PARAM_NAMES:
+            param = getattr(layer.experts, name)
+            param.allreduce = False  # DeepSpeed: an expert param, reduced over its expert-DP group
+            param.group_name = group_name
+        if getattr(layer.experts, "first_expert", 0) != ep_rank * El:
+            raise ValueError(f"model was sharded for another expert-parallel rank than {ep_rank}")
         layer.exchange = AllToAllExchange(group, ep_size, El)
         layer.__class__ = _ep_layer_class()
         layer.ep_size, layer.expert_group_name, layer.num_local_experts = ep_size, group_name, El

@@ -27,9 +27,19 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.theta = head_dim, theta
+        self.register_buffer("inv_freq", torch.empty(head_dim // 2), persistent=False)
         self.max_seq_len = max_seq_len
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Recomputed after a meta-device build is materialised (``to_empty`` leaves garbage)."""
+        d = self.head_dim
+        if self.inv_freq.is_meta:
+            return
+        arange = torch.arange(0, d, 2, dtype=torch.float32)
+        self.inv_freq.copy_(1.0 / (self.theta ** (arange / d)))
 
     def forward(self, positions_T: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs_TD2 = torch.outer(positions_T.float(), self.inv_freq)

@@ -7,6 +7,7 @@ separately; ``loss`` is their weighted sum (the weights live in ``model.moe``).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 
@@ -58,6 +59,15 @@ class Block(nn.Module):
         return x + self.ffn(h), None
 
 
+def _seed(base: int, name: str, index: int = -1) -> int:
+    digest = hashlib.blake2b(f"{base}/{name}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def _normal(shape: torch.Size, std: float, seed: int) -> torch.Tensor:
+    return torch.empty(shape).normal_(0.0, std, generator=torch.Generator().manual_seed(seed))
+
+
 class MoETransformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -72,20 +82,35 @@ class MoETransformer(nn.Module):
         self.activation_checkpointing = False
         # Set by moetrain.distributed when aux_loss_scope=global_batch: balance stats span all ranks.
         self.balance_group = None
+        self._init_seed = torch.initial_seed()  # set by the caller's torch.manual_seed
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Normal(0, init_std); residual output projections scaled by 1/sqrt(2 * num_layers) (GPT-2)."""
+        """Normal(0, init_std); residual output projections scaled by 1/sqrt(2 * num_layers) (GPT-2).
+
+        Every tensor draws from its own CPU generator, seeded from the global seed and its name, and
+        every expert from its own (seed, name, global expert id): a model built on the meta device
+        and sharded over expert-parallel ranks initialises exactly the slice that a full model would
+        hold, on any device, one tensor at a time (host memory: the largest tensor, not the model).
+        A no-op on the meta device."""
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.num_layers)
+        base = self._init_seed
         for name, p in self.named_parameters():
+            if p.is_meta:
+                continue
             if p.dim() == 1:
-                nn.init.ones_(p)
-            elif name.endswith(("o_proj.weight", "ffn.w2.weight", "experts.w2")):
-                nn.init.normal_(p, 0.0, out_std)
+                p.fill_(1.0)
+                continue
+            sigma = out_std if name.endswith(("o_proj.weight", "ffn.w2.weight", "experts.w2")) else std
+            if name.endswith(("experts.w1", "experts.v1", "experts.w2")):
+                first = getattr(self.get_submodule(name.rsplit(".", 1)[0]), "first_expert", 0)
+                for e in range(p.shape[0]):
+                    p[e].copy_(_normal(p.shape[1:], sigma, _seed(base, name, first + e)))
             else:
-                nn.init.normal_(p, 0.0, std)
+                p.copy_(_normal(p.shape, sigma, _seed(base, name)))
+        self.rope.reset_parameters()
 
     @property
     def moe_layers(self) -> list[MoELayer]:

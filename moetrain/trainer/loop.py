@@ -32,12 +32,12 @@ from moetrain.distributed import (
     init_distributed,
 )
 from moetrain.distributed.expert_parallel import (
+    build_model,
     full_state_dict,
     load_engine_state,
     load_full_state_dict,
     parallelize,
 )
-from moetrain.model import MoETransformer
 from moetrain.tracking import CollapseDetector, MetricsFile, RoutingAccumulator, WandbRun, routing_metrics
 from moetrain.trainer.engine import build_engine, resolve_dtype
 
@@ -127,7 +127,10 @@ class Trainer:
 
     def _build_model(self) -> None:
         seed_everything(self.cfg.trainer.seed)  # same init on every rank
-        model = MoETransformer(self.cfg.model)
+        # Meta-device build: each rank allocates and initialises only its own experts, on its device.
+        # DeepSpeed's expert groups are consecutive ranks, so the expert-parallel rank is rank % ep.
+        ep_size = self.cfg.parallel.ep_size
+        model = build_model(self.cfg, self.env.device, self.env.rank % ep_size, ep_size)
         model.activation_checkpointing = self.cfg.parallel.activation_checkpointing
         self.ep = parallelize(model, self.cfg, self.env)
         self.model = model
