@@ -283,6 +283,8 @@ class Trainer:
             if self.engine.is_gradient_accumulation_boundary() and self.cfg.parallel.zero_stage == 0:
                 grad_norm = self._clip_gradients()  # ZeRO-1/2 clip inside DeepSpeed and report the norm
             self.engine.step()
+            if self.engine.is_gradient_accumulation_boundary():
+                self._after_optimizer_step()
             self.routing.add(out.router_stats)
             sums += torch.stack([out.loss, out.lm_loss, out.aux_loss, out.z_loss]).detach().float()
             self.tokens_seen += ids.numel() * self.env.world_size
@@ -297,6 +299,14 @@ class Trainer:
             "grad_norm": grad_norm,
             "lr": lr,
         }
+
+    def _after_optimizer_step(self) -> None:
+        """Model state that follows the optimizer step but is not a parameter (e.g. the routers'
+        expert-selection bias of aux-loss-free balancing), updated identically on every rank from
+        statistics summed over all data-parallel ranks."""
+        hook = getattr(self.model, "after_optimizer_step", None)
+        if hook is not None:
+            hook(all_reduce=all_reduce_sum)
 
     @torch.no_grad()
     def _clip_gradients(self) -> float | None:
