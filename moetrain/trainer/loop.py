@@ -280,10 +280,11 @@ class Trainer:
             labels = batch["labels"].to(self.env.device, non_blocking=True)
             out = self.engine(ids, labels)
             self.engine.backward(out.loss)
-            if self.engine.is_gradient_accumulation_boundary() and self.cfg.parallel.zero_stage == 0:
+            boundary = self.engine.is_gradient_accumulation_boundary()  # before step() advances it
+            if boundary and self.cfg.parallel.zero_stage == 0:
                 grad_norm = self._clip_gradients()  # ZeRO-1/2 clip inside DeepSpeed and report the norm
             self.engine.step()
-            if self.engine.is_gradient_accumulation_boundary():
+            if boundary:
                 self._after_optimizer_step()
             self.routing.add(out.router_stats)
             sums += torch.stack([out.loss, out.lm_loss, out.aux_loss, out.z_loss]).detach().float()
