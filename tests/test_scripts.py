@@ -7,9 +7,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,8 +28,14 @@ def _env(**extra: str) -> dict[str, str]:
     # keep the children on this interpreter and off any GPU/MPI discovery
     env.setdefault("PYTHON", sys.executable)
     env.setdefault("OMP_NUM_THREADS", "1")
-    for k in ("DRY_RUN", "HOSTFILE", "NO_SSH", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "SCRIPT", "MODULE"):
+    for k in (
+        *("DRY_RUN", "HOSTFILE", "NO_SSH", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "SCRIPT", "MODULE"),
+        *("DS_LAUNCHER", "DS_LAUNCHER_ARGS", "DS_ARGS", "NUM_NODES", "GPUS_PER_NODE", "CUDA_VISIBLE_DEVICES"),
+        *("REQUEUE", "REQUEUE_MAX", "RUN_DIR", "LAUNCH_MODE", "STOP_AFTER_MINUTES", "DS_ENV_OUT"),
+    ):
         env.pop(k, None)
+    for k in [k for k in env if k.startswith("SLURM_")]:
+        env.pop(k)
     env.update(extra)
     return env
 
@@ -61,8 +69,13 @@ def test_bash_syntax(script: Path):
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
 def test_shellcheck_clean():
+    # -x from the repository root: follow `source scripts/common.sh` (the `# shellcheck source=` lines)
     res = subprocess.run(
-        ["shellcheck", *map(str, SHELL_SCRIPTS)], capture_output=True, text=True, check=False
+        ["shellcheck", "-x", *(str(p.relative_to(REPO)) for p in SHELL_SCRIPTS)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert res.returncode == 0, res.stdout + res.stderr
 
@@ -138,19 +151,39 @@ def test_local_two_processes():
 
 
 def _fake_slurm(tmp_path: Path) -> Path:
-    """scontrol/squeue/srun stand-ins: two 'nodes' (localhost, 127.0.0.1) on this machine."""
+    """scontrol/squeue/srun stand-ins: two 'nodes' (localhost, 127.0.0.1) on this machine.
+
+    `scontrol requeue ID` only appends its arguments to <bin>/scontrol.log. srun starts one task per node
+    (SLURM_NODEID, SLURM_PROCID) and forwards SIGUSR1/SIGTERM to every process of every task, descendants
+    included, as slurmstepd does with proctrack/cgroup; it fails if any task fails."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "scontrol").write_text("#!/bin/sh\necho localhost\necho 127.0.0.1\n")
+    (bin_dir / "scontrol").write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = requeue ]; then echo "$@" >>"$(dirname "$0")/scontrol.log"; exit 0; fi\n'
+        "echo localhost\necho 127.0.0.1\n"
+    )
     (bin_dir / "squeue").write_text("#!/bin/sh\necho 01:30:00\n")
-    # srun: drop its own options, start one task per node with SLURM_NODEID set, fail if any fails
     (bin_dir / "srun").write_text(
         "#!/usr/bin/env bash\n"
         'while [[ "$1" == -* ]]; do shift; done\n'
         "pids=()\n"
+        "trapped=0\n"
+        'tree() { local c; echo "$1"; for c in $(pgrep -P "$1"); do tree "$c"; done; }\n'
+        'fwd() { trapped=1; for p in "${pids[@]}"; do kill -s "$1" $(tree "$p") 2>/dev/null; done; }\n'
+        "trap 'fwd USR1' USR1\n"
+        "trap 'fwd TERM' TERM\n"
         'for i in 0 1; do SLURM_NODEID=$i SLURM_PROCID=$i "$@" & pids+=($!); done\n'
         "rc=0\n"
-        'for p in "${pids[@]}"; do wait "$p" || rc=$?; done\n'
+        'for p in "${pids[@]}"; do\n'
+        "  last=0\n"
+        "  while :; do\n"
+        '    trapped=0; st=0; wait "$p" || st=$?\n'
+        "    [[ $trapped == 1 && $st == 127 ]] && break\n"
+        "    last=$st; [[ $trapped == 1 ]] || break\n"
+        "  done\n"
+        "  [[ $last -ne 0 ]] && rc=$last\n"
+        "done\n"
         "exit $rc\n"
     )
     for f in bin_dir.iterdir():
@@ -244,11 +277,147 @@ def test_slurm_job_under_fake_srun(tmp_path: Path, mode: str):
         MASTER_PORT=str(port + (mode == "deepspeed")),
         LAUNCH_MODE=mode,
         SCRIPT=str(PROBE),
+        REQUEUE="1",
     )
     out = res.stdout + res.stderr
     assert res.returncode == 0, out
     assert _probe_reports(out) == {0: (2, 3), 1: (2, 3)}, out
     assert "'trainer.resume=auto'" in out and "'trainer.stop_after_minutes=80'" in out
+    # finished well before stop_after_minutes, no signal: nothing to requeue
+    assert not (bin_dir / "scontrol.log").exists(), out
+
+
+SIGNAL_PROBE = """
+import os, pathlib, signal, sys, time
+
+got = []
+signal.signal(signal.SIGUSR1, lambda *_: got.append(1))
+rank = os.environ.get("RANK", "?")
+pathlib.Path(os.environ["READY_DIR"], f"ready.{rank}").touch()
+deadline = time.time() + 90
+while not got and time.time() < deadline:
+    time.sleep(0.05)
+print(f"SIGNAL_PROBE rank={rank} usr1={bool(got)}", flush=True)
+sys.exit(0 if got else 5)
+"""
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("mode", ["torchrun", "deepspeed"])
+def test_slurm_usr1_reaches_training_and_requeues(tmp_path: Path, mode: str):
+    """--signal=B:USR1: the batch shell forwards SIGUSR1 through srun; the launchers (torchrun, DeepSpeed)
+    ignore it and survive, the training processes get it and exit 0, and REQUEUE=1 requeues the job."""
+    bin_dir = _fake_slurm(tmp_path)
+    probe = tmp_path / "signal_probe.py"
+    probe.write_text(SIGNAL_PROBE)
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    port = 20000 + (os.getpid() % 20000) + 2 + (mode == "deepspeed")
+    env = _env(
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        SLURM_JOB_NODELIST="fake[1-2]",
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NAME="sig",
+        SLURM_GPUS_ON_NODE="1",
+        SLURM_RESTART_COUNT="3",
+        MOETRAIN_ROOT=str(REPO),
+        RUN_DIR=str(tmp_path / "run"),
+        MASTER_PORT=str(port),
+        LAUNCH_MODE=mode,
+        SCRIPT=str(probe),
+        READY_DIR=str(ready),
+        REQUEUE="1",
+    )
+    proc = subprocess.Popen(
+        ["bash", str(SCRIPTS / "slurm_train.sbatch")],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(ready.iterdir())) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(list(ready.iterdir())) == 2, (
+            proc.communicate(timeout=30)[0] if proc.poll() is not None else ""
+        )
+        os.kill(proc.pid, signal.SIGUSR1)  # what Slurm does 120 s before the time limit (B: = batch shell)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 0, out
+    assert "SIGNAL_PROBE rank=0 usr1=True" in out and "SIGNAL_PROBE rank=1 usr1=True" in out, out
+    assert (bin_dir / "scontrol.log").read_text() == "requeue 4242\n", out
+    assert "requeueing job 4242" in out
+
+
+def test_sbatch_header_requests_signal_and_requeue():
+    lines = [
+        line
+        for line in (SCRIPTS / "slurm_train.sbatch").read_text().splitlines()
+        if line.startswith("#SBATCH")
+    ]
+    assert re.search(r"^#SBATCH --signal=B:USR1@\d+$", "\n".join(lines), re.M), lines
+    assert "#SBATCH --requeue" in lines and "#SBATCH --open-mode=append" in lines
+
+
+def test_slurm_dry_run_without_slurm_tools(tmp_path: Path):
+    if any(shutil.which(t, path="/usr/bin:/bin") for t in ("scontrol", "squeue", "srun")):
+        pytest.skip("Slurm tools in /usr/bin or /bin")
+    sbatch = ["bash", str(SCRIPTS / "slurm_train.sbatch"), "a=1"]
+    res = _run(
+        sbatch,
+        DRY_RUN="1",
+        PATH="/usr/bin:/bin",
+        SLURM_JOB_NODELIST="gpu[08-10,12],login1",
+        SLURM_JOB_ID="5",
+        SLURM_GPUS_ON_NODE="2",
+        MOETRAIN_ROOT=str(REPO),
+        RUN_DIR=str(tmp_path / "run"),
+        REQUEUE="1",
+    )
+    assert res.returncode == 0, res.stderr
+    hosts = ["gpu08", "gpu09", "gpu10", "gpu12", "login1"]
+    assert (tmp_path / "run" / "hostfile.5").read_text() == "".join(f"{h} slots=2\n" for h in hosts)
+    cmd = next(line for line in res.stdout.splitlines() if line.startswith("+ "))
+    assert cmd.startswith("+ srun --nodes=5 --ntasks-per-node=1 ")
+    assert "--rdzv_endpoint gpu08:29505" in cmd and "--nnodes 5 --nproc_per_node 2" in cmd
+    # no squeue: no time limit known, so no stop_after_minutes
+    assert cmd.endswith(f"-m moetrain.train trainer.resume=auto hydra.run.dir={tmp_path / 'run'} a=1")
+    assert "scontrol requeue 5" in res.stdout
+    # nothing set at all: two placeholder nodes, and the default run dir named after the job id
+    res = _run(
+        sbatch, DRY_RUN="1", PATH="/usr/bin:/bin", MOETRAIN_ROOT=str(REPO), RUN_DIR=str(tmp_path / "r2")
+    )
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "r2" / "hostfile.0").read_text() == "node0 slots=8\nnode1 slots=8\n"
+    # outside a dry run, a missing allocation is still an error
+    res = _run(sbatch, PATH="/usr/bin:/bin", MOETRAIN_ROOT=str(REPO), RUN_DIR=str(tmp_path / "r3"))
+    assert res.returncode != 0 and "SLURM_JOB_NODELIST" in res.stderr
+
+
+def test_slurm_default_run_dir_is_per_job(tmp_path: Path):
+    bin_dir = _fake_slurm(tmp_path)
+    root = tmp_path / "repo"
+    (root / "scripts").mkdir(parents=True)
+    (root / "scripts" / "train_multinode.sh").touch()  # what the sbatch script checks MOETRAIN_ROOT by
+    res = _run(
+        ["bash", str(SCRIPTS / "slurm_train.sbatch")],
+        DRY_RUN="1",
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        SLURM_JOB_NODELIST="n[1-2]",
+        SLURM_JOB_ID="31",
+        SLURM_JOB_NAME="exp",
+        MOETRAIN_ROOT=str(root),
+    )
+    assert res.returncode == 0, res.stderr
+    assert (root / "outputs" / "slurm" / "exp-31" / "hostfile.31").is_file()
+    assert "hydra.run.dir=outputs/slurm/exp-31 " in res.stdout
 
 
 # --- GPU counting: nvidia-smi lists every GPU, CUDA_VISIBLE_DEVICES narrows it -------------------------
