@@ -517,3 +517,216 @@ def test_two_node_deepspeed_split_uses_include(tmp_path: Path):
     for line in lines:
         assert "DS_ARGS=--include\\ 127.0.0.1:4\\,5@localhost:6\\,7" in line, line
         assert "CUDA_VISIBLE_DEVICES" not in line and "GPUS_PER_NODE" not in line
+
+
+# --- DeepSpeed's MPI / Slurm backends (train_multinode.sh DS_LAUNCHER=...) -------------------------------
+
+
+def _multinode_dry(backend: str, **env: str) -> subprocess.CompletedProcess[str]:
+    res = _run(
+        [str(SCRIPTS / "train_multinode.sh"), "--dry-run", "a=1"],
+        HOSTFILE=str(SCRIPTS / "hostfile.example"),
+        DS_LAUNCHER=backend,
+        **env,
+    )
+    assert res.returncode == 0, res.stderr
+    return res
+
+
+def _dry_cmd(res: subprocess.CompletedProcess[str]) -> str:
+    lines = [line for line in res.stdout.splitlines() if line.startswith("+ ")]
+    assert len(lines) == 1, res.stdout
+    return lines[0]
+
+
+@pytest.mark.parametrize("backend", ["openmpi", "mvapich", "slurm"])
+def test_multinode_direct_backends_export_master(backend: str):
+    """These backends start python without DeepSpeed's per-node launcher: MASTER_ADDR/MASTER_PORT must
+    travel in the environment file (-x / -env / --export), and the command must name something that runs."""
+    res = _multinode_dry(backend, MASTER_PORT="29611")
+    env_lines = res.stdout.splitlines()
+    assert "MASTER_ADDR=node-0" in env_lines and "MASTER_PORT=29611" in env_lines, res.stdout
+    cmd = _dry_cmd(res)
+    assert f"--launcher {backend}" in cmd and "--master_addr node-0 --master_port 29611" in cmd
+    if backend == "slurm":
+        # SlurmRunner drops --module: a file that runs the module instead; srun needs no ssh check
+        assert cmd.endswith(f"--no_ssh_check {SCRIPTS / 'run_module.py'} moetrain.train a=1"), cmd
+        assert "--module" not in cmd
+    else:
+        assert cmd.endswith("--module moetrain.train a=1"), cmd
+        assert "--no_ssh_check" not in cmd
+
+
+def test_multinode_pdsh_and_mpich_leave_master_to_deepspeed():
+    for backend in ("pdsh", "mpich"):
+        res = _multinode_dry(backend)
+        assert "MASTER_ADDR=" not in res.stdout, res.stdout
+    assert "--launcher" not in _dry_cmd(
+        _run([str(SCRIPTS / "train_multinode.sh"), "--dry-run"], HOSTFILE=str(SCRIPTS / "hostfile.example"))
+    )
+
+
+def test_multinode_mpi_backends_trim_the_hostfile(tmp_path: Path):
+    # openmpi/mvapich/mpich/impi raise on --num_nodes/--num_gpus: a trimmed hostfile stands in for them
+    env_out = tmp_path / "launch" / "deepspeed_env"
+    res = _multinode_dry("openmpi", NUM_NODES="1", GPUS_PER_NODE="4", DS_ENV_OUT=str(env_out))
+    cmd = _dry_cmd(res)
+    assert f"--hostfile {tmp_path / 'launch' / 'hostfile'} " in cmd
+    assert "--num_nodes" not in cmd and "--num_gpus" not in cmd
+    assert (
+        f"# hostfile ({tmp_path / 'launch' / 'hostfile'}, not written: dry run)\nnode-0 slots=4\n"
+        in res.stdout
+    )
+    assert not (tmp_path / "launch").exists()  # dry run writes nothing
+    # slurm takes them as flags (srun --nodes / --gpus-per-node)
+    cmd = _dry_cmd(_multinode_dry("slurm", NUM_NODES="1", GPUS_PER_NODE="4"))
+    assert "--num_nodes 1 --num_gpus 4" in cmd and str(SCRIPTS / "hostfile.example") in cmd
+    res = _run(
+        [str(SCRIPTS / "train_multinode.sh"), "--dry-run"],
+        HOSTFILE=str(SCRIPTS / "hostfile.example"),
+        DS_LAUNCHER="openmpi",
+        GPUS_PER_NODE="16",
+    )
+    assert res.returncode != 0 and "GPUS_PER_NODE=16 but node-0 has slots=8" in res.stderr
+
+
+def test_multinode_direct_backend_env_values(tmp_path: Path):
+    # values DeepSpeed would wrap in literal quotes in an mpirun/srun argument are left out, with a warning
+    res = _multinode_dry("openmpi", WANDB_NAME="my run", WANDB_PROJECT="moe")
+    assert "WANDB_PROJECT=moe" in res.stdout and "WANDB_NAME" not in res.stdout
+    assert "not propagating WANDB_NAME" in res.stderr
+    # srun's --export list is comma-separated
+    res = _multinode_dry("slurm", WANDB_TAGS="a,b", NCCL_IB_HCA="mlx5_0,mlx5_1")
+    assert "WANDB_TAGS" not in res.stdout and "NCCL_IB_HCA" not in res.stdout
+    assert "NCCL_IB_HCA contains a comma" in res.stderr
+    # pdsh goes through a remote shell: spaces are fine there
+    assert "WANDB_NAME=my run" in _multinode_dry("pdsh", WANDB_NAME="my run").stdout
+
+
+def test_multinode_rejects_unknown_backend():
+    res = _run(
+        [str(SCRIPTS / "train_multinode.sh"), "--dry-run"],
+        HOSTFILE=str(SCRIPTS / "hostfile.example"),
+        DS_LAUNCHER="mpiexec",
+    )
+    assert res.returncode == 2 and "DS_LAUNCHER must be" in res.stderr
+
+
+MPI_PROBE = """
+import os, sys
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from moetrain.distributed.env import discover_launch_env
+
+launch = discover_launch_env()
+os.environ.update(launch)
+dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+t = torch.tensor([float(dist.get_rank() + 1)])
+dist.all_reduce(t)
+print(
+    f"PROBE rank={dist.get_rank()} world_size={dist.get_world_size()} local_rank={launch['LOCAL_RANK']} "
+    f"sum={int(t.item())} args={sys.argv[1:]} name={__name__}",
+    flush=True,
+)
+dist.destroy_process_group()
+"""
+
+
+def _fake_ds_backends(tmp_path: Path) -> Path:
+    """Stand-ins for what DeepSpeed's openmpi, mvapich and slurm runners call. mpirun and srun write their
+    arguments to <bin>/<name>.argv (one per line), then start the processes on this machine with the
+    variables the real ones set (OMPI_COMM_WORLD_* / MV2_COMM_WORLD_* per FAKE_MPI, SLURM_*). mpirun, like
+    on a remote host, drops MASTER_ADDR/MASTER_PORT from the environment and adds only -x / -env values."""
+    bin_dir = tmp_path / "ds_bin"
+    bin_dir.mkdir()
+    (bin_dir / "ompi_info").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "sinfo").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "mpiname").write_text("#!/bin/sh\necho 'MVAPICH2-GDR 2.3.7'\n")
+    (bin_dir / "mpirun").write_text(
+        "#!/usr/bin/env bash\n"
+        'printf \'%s\\n\' "$@" >"$(dirname "$0")/mpirun.argv"\n'
+        "n=1; envs=()\n"
+        "while [[ $# -gt 0 ]]; do\n"
+        '  case "$1" in\n'
+        "    -n | -np) n=$2; shift 2 ;;\n"
+        "    -hostfile | --hostfile | -ppn) shift 2 ;;\n"
+        "    --mca | -mca) shift 3 ;;\n"
+        '    -x | -env) envs+=("$2"); shift 2 ;;\n'
+        "    -*) shift ;;\n"
+        "    *) break ;;\n"
+        "  esac\n"
+        "done\n"
+        "pids=()\n"
+        "for ((i = 0; i < n; i++)); do\n"
+        '  if [[ "$FAKE_MPI" == mvapich ]]; then p=MV2_COMM_WORLD; else p=OMPI_COMM_WORLD; fi\n'
+        '  env -u MASTER_ADDR -u MASTER_PORT "${envs[@]}" ${p}_RANK=$i ${p}_SIZE=$n ${p}_LOCAL_RANK=0 \\\n'
+        '    ${p}_LOCAL_SIZE=1 "$@" & pids+=($!)\n'
+        "done\n"
+        'rc=0; for p in "${pids[@]}"; do wait "$p" || rc=$?; done; exit $rc\n'
+    )
+    (bin_dir / "srun").write_text(
+        "#!/usr/bin/env bash\n"
+        'printf \'%s\\n\' "$@" >"$(dirname "$0")/srun.argv"\n'
+        "n=1; envs=()\n"
+        "while [[ $# -gt 0 ]]; do\n"
+        '  case "$1" in\n'
+        "    -n | --ntasks) n=$2; shift 2 ;;\n"
+        "    --nodes | --gpus-per-node | --comment | --nodelist) shift 2 ;;\n"
+        '    --export=*) IFS=, read -r -a kv <<<"${1#--export=}"\n'
+        '      for e in "${kv[@]}"; do [[ "$e" == *=* ]] && envs+=("$e"); done; shift ;;\n'
+        "    -*) shift ;;\n"
+        "    *) break ;;\n"
+        "  esac\n"
+        "done\n"
+        "pids=()\n"
+        "for ((i = 0; i < n; i++)); do\n"
+        '  env "${envs[@]}" SLURM_PROCID=$i SLURM_NODEID=$i SLURM_LOCALID=0 SLURM_STEP_NUM_TASKS=$n \\\n'
+        '    SLURM_STEP_TASKS_PER_NODE="1(x$n)" "$@" & pids+=($!)\n'
+        "done\n"
+        'rc=0; for p in "${pids[@]}"; do wait "$p" || rc=$?; done; exit $rc\n'
+    )
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    return bin_dir
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("backend", ["openmpi", "slurm"])  # mvapich: as openmpi, with -env for -x
+def test_multinode_direct_backend_runs(tmp_path: Path, backend: str):
+    """The real DeepSpeed runner with a two-host hostfile and a stand-in mpirun/srun: both processes find
+    their rank (discover_launch_env) and MASTER_ADDR/MASTER_PORT, join one gloo group, and run the module."""
+    bin_dir = _fake_ds_backends(tmp_path)
+    (tmp_path / "mt_probe.py").write_text(MPI_PROBE)
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("127.0.0.1 slots=1\nlocalhost slots=1\n")
+    port = str(20000 + (os.getpid() % 20000) + 5 + (backend == "slurm"))
+    res = _run(
+        [str(SCRIPTS / "train_multinode.sh"), "a=1"],
+        timeout=180,
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        PYTHONPATH=str(tmp_path),
+        HOSTFILE=str(hostfile),
+        DS_LAUNCHER=backend,
+        DS_ARGS="" if backend == "slurm" else "--no_ssh_check",
+        DS_ENV_OUT=str(tmp_path / "launch" / "deepspeed_env"),
+        MASTER_PORT=port,
+        MODULE="mt_probe",
+        FAKE_MPI=backend,
+    )
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out
+    assert _probe_reports(out) == {0: (2, 3), 1: (2, 3)}, out
+    assert out.count("args=['a=1'] name=__main__") == 2, out
+    argv = (bin_dir / ("srun.argv" if backend == "slurm" else "mpirun.argv")).read_text().splitlines()
+    if backend == "slurm":
+        export = next(a for a in argv if a.startswith("--export="))
+        assert export.startswith("--export=ALL,") and f"MASTER_PORT={port}" in export.split(","), export
+        assert argv[-3:] == [str(SCRIPTS / "run_module.py"), "mt_probe", "a=1"], argv
+    else:
+        flag = "-x" if backend == "openmpi" else "-env"
+        exported = {argv[i + 1] for i, a in enumerate(argv) if a == flag}
+        assert {"MASTER_ADDR=127.0.0.1", f"MASTER_PORT={port}"} <= exported, argv
+        assert argv[-3:] == ["-m", "mt_probe", "a=1"], argv
