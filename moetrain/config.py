@@ -15,6 +15,7 @@ MOE_BACKENDS = ("auto", "torch", "megablocks")
 EXPERT_IMPLS = ("auto", "grouped_mm", "loop")
 AUX_LOSS_TYPES = ("switch", "mixtral")
 AUX_LOSS_SCOPES = ("micro_batch", "global_batch")
+SCORE_FUNCTIONS = ("softmax", "sigmoid")
 # data.name values that are not Hugging Face Hub datasets: ours, and the `datasets` loaders for
 # local files (data.data_files).
 DATA_SOURCES = ("builtin", "fixture")
@@ -54,6 +55,11 @@ class MoEConfig:
     z_loss_weight: float = 0.001
     normalize_top_k: bool = True  # Mixtral renormalises the top-k softmax weights
     jitter_eps: float = 0.0  # multiplicative input jitter during training (Switch)
+    score_function: str = "softmax"  # softmax (Mixtral) | sigmoid (DeepSeek-V3; top-k renormalised)
+    # Aux-loss-free balancing (DeepSeek-V3): per-expert selection bias b += u * sign(mean - load)
+    # after every optimizer step, from the step's global loads. 0 = off (no bias in the model).
+    bias_update_rate: float = 0.0
+    seq_aux_loss_weight: float = 0.0  # DeepSeek-V3 sequence-wise balance loss weight (alpha); 0 = off
 
     def validate(self, prefix: str = "model.moe") -> None:
         _require(self.backend in MOE_BACKENDS, f"{prefix}.backend", self.backend, f"one of {MOE_BACKENDS}")
@@ -84,6 +90,24 @@ class MoEConfig:
             f"one of {AUX_LOSS_SCOPES}",
         )
         _require(self.jitter_eps >= 0, f"{prefix}.jitter_eps", self.jitter_eps, "must be >= 0")
+        _require(
+            self.score_function in SCORE_FUNCTIONS,
+            f"{prefix}.score_function",
+            self.score_function,
+            f"one of {SCORE_FUNCTIONS}",
+        )
+        _require(
+            self.bias_update_rate >= 0,
+            f"{prefix}.bias_update_rate",
+            self.bias_update_rate,
+            "must be >= 0 (0 = no expert bias)",
+        )
+        _require(
+            self.seq_aux_loss_weight >= 0,
+            f"{prefix}.seq_aux_loss_weight",
+            self.seq_aux_loss_weight,
+            "must be >= 0",
+        )
 
 
 @dataclass

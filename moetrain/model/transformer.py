@@ -19,16 +19,23 @@ from torch.utils.checkpoint import checkpoint
 from moetrain.config import ModelConfig
 from moetrain.model.attention import Attention, KVCache
 from moetrain.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
-from moetrain.moe import MoELayer, RouterStats, load_balancing_loss, router_z_loss
+from moetrain.moe import (
+    MoELayer,
+    RouterStats,
+    load_balancing_loss,
+    router_z_loss,
+    sequence_balance_loss_mean,
+)
 
 
 @dataclass
 class ModelOutput:
     logits: torch.Tensor
-    loss: torch.Tensor | None = None  # lm_loss + aux_w * aux_loss + z_w * z_loss
+    loss: torch.Tensor | None = None  # lm_loss + aux_w * aux_loss + z_w * z_loss (+ seq_w * seq_aux_loss)
     lm_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None  # unweighted
     z_loss: torch.Tensor | None = None  # unweighted
+    seq_aux_loss: torch.Tensor | None = None  # unweighted; only with model.moe.seq_aux_loss_weight > 0
     router_stats: list[RouterStats] = field(default_factory=list)  # one per MoE layer, in order
 
 
@@ -83,6 +90,10 @@ class MoETransformer(nn.Module):
         # Set by moetrain.distributed when aux_loss_scope=global_batch: balance stats span all ranks.
         self.balance_group = None
         self._init_seed = torch.initial_seed()  # set by the caller's torch.manual_seed
+        # Aux-loss-free balancing: routed-token counts [L, E] of the MoE layers, summed over the
+        # training forwards of the current optimizer step (plain tensor: not state, never saved;
+        # empty after every update). See after_optimizer_step.
+        self._bias_counts_LE: torch.Tensor | None = None
         self.reset_parameters()
 
     @torch.no_grad()
@@ -110,6 +121,11 @@ class MoETransformer(nn.Module):
                     p[e].copy_(_normal(p.shape[1:], sigma, _seed(base, name, first + e)))
             else:
                 p.copy_(_normal(p.shape, sigma, _seed(base, name)))
+        for layer in self.moe_layers:  # state, not parameters: starts at zero
+            bias = layer.router.expert_bias
+            if bias is not None and not bias.is_meta:
+                bias.zero_()
+        self._bias_counts_LE = None
         self.rope.reset_parameters()
 
     @property
@@ -135,6 +151,8 @@ class MoETransformer(nn.Module):
                 x, s = block(x, rope, caches[i] if caches else None)
             if s is not None:
                 stats.append(s)
+        if self.training and stats and self.cfg.moe.bias_update_rate > 0:
+            self._count_for_bias(stats)
         logits = self.lm_head(self.norm(x))
         out = ModelOutput(logits=logits, router_stats=stats)
         if labels_BT is not None:
@@ -147,7 +165,49 @@ class MoETransformer(nn.Module):
             ).to(out.lm_loss.device)
             out.z_loss = router_z_loss(stats).to(out.lm_loss.device)
             out.loss = out.lm_loss + moe.aux_loss_weight * out.aux_loss + moe.z_loss_weight * out.z_loss
+            if moe.seq_aux_loss_weight > 0:
+                out.seq_aux_loss = sequence_balance_loss_mean(stats).to(out.lm_loss.device)
+                out.loss = out.loss + moe.seq_aux_loss_weight * out.seq_aux_loss
         return out
+
+    # ---- aux-loss-free balancing (expert-selection bias) -----------------------------------------
+    @torch.no_grad()
+    def _count_for_bias(self, stats: list[RouterStats]) -> None:
+        # Counted here, from the stats the forward returns, not inside the layer: with activation
+        # checkpointing the layer's forward runs twice per micro-batch (once more in backward).
+        counts = torch.stack([s.tokens_per_expert_E.detach() for s in stats]).to(torch.float64)
+        self._bias_counts_LE = counts if self._bias_counts_LE is None else self._bias_counts_LE + counts
+
+    @torch.no_grad()
+    def after_optimizer_step(self, all_reduce=None) -> None:  # noqa: ANN001 (a callable)
+        """Update every router's expert bias from the routed-token counts of the step just taken.
+
+        ``all_reduce(t)`` sums ``t`` over all data-parallel ranks (the trainer passes it; one call
+        for all layers), so every rank applies the same update to the same bias. Counts are float64
+        (exact integers far beyond fp32's 2^24). A no-op without bias balancing or without counts."""
+        counts = self._bias_counts_LE
+        self._bias_counts_LE = None
+        if counts is None or self.cfg.moe.bias_update_rate <= 0:
+            return
+        if all_reduce is not None:
+            counts = all_reduce(counts)
+        for layer, load_E in zip(self.moe_layers, counts, strict=True):
+            layer.router.update_bias(load_E)
+
+    def expert_biases(self) -> dict[int, torch.Tensor]:
+        """Block index -> that MoE layer's expert-selection bias (fp32 [E]); empty when balancing is off."""
+        return {
+            i: b.ffn.router.expert_bias
+            for i, b in enumerate(self.layers)
+            if b.is_moe and b.ffn.router.expert_bias is not None
+        }
+
+    def routing_state_metrics(self) -> dict[str, object]:
+        """Per MoE layer ``moe/layer_{i}/expert_bias`` (list) and its min / max / spread; {} when off.
+        Identical on every rank (no communication)."""
+        from moetrain.tracking.routing import expert_bias_metrics
+
+        return expert_bias_metrics(self.expert_biases())
 
     def num_params(self, active: bool = False) -> int:
         """Total parameters, or those touched per token (top_k of the experts) with ``active``."""

@@ -30,6 +30,25 @@ class RouterStats:
     z_loss: torch.Tensor  # mean over tokens of logsumexp(logits)^2 (differentiable)
     entropy: torch.Tensor  # mean router entropy in nats (detached)
     num_dropped: int  # capacity mode only
+    # DeepSeek-V3 sequence-wise balance loss of this layer (differentiable), only when
+    # model.moe.seq_aux_loss_weight > 0: mean over sequences of sum_e f_e * P_e, with per sequence
+    # f_e = E / (k T) * count_e (selected copies, before capacity drops) and P_e = mean over its T
+    # tokens of the normalised scores. Perfect balance in every sequence gives 1.0.
+    seq_aux_loss: torch.Tensor | None = None
+
+
+def sequence_balance_loss(
+    probs_NE: torch.Tensor, expert_ids_NK: torch.Tensor, B: int, T: int
+) -> torch.Tensor:
+    """DeepSeek-V3 eq. 17-20 without alpha: ``mean_b sum_e f_be * P_be``, ``f_be = E / (k T) * count_be``,
+    ``P_be = mean_t probs[b, t, e]`` (probs normalised over experts; tokens in order ``b * T + t``)."""
+    E, K = probs_NE.shape[-1], expert_ids_NK.shape[-1]
+    counts_BE = torch.zeros(B, E, dtype=probs_NE.dtype, device=probs_NE.device)
+    ones = torch.ones(B, T * K, dtype=probs_NE.dtype, device=probs_NE.device)
+    counts_BE.scatter_add_(1, expert_ids_NK.reshape(B, T * K), ones)
+    f_BE = counts_BE * (E / (K * T))
+    P_BE = probs_NE.reshape(B, T, E).mean(dim=1)
+    return (f_BE * P_BE).sum(-1).mean()
 
 
 class LocalExchange:
@@ -48,7 +67,16 @@ class MoELayer(nn.Module):
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
         self.capacity_factor = cfg.capacity_factor
-        self.router = TopKRouter(hidden_size, num_experts, top_k, cfg.normalize_top_k, cfg.jitter_eps)
+        self.router = TopKRouter(
+            hidden_size,
+            num_experts,
+            top_k,
+            cfg.normalize_top_k,
+            cfg.jitter_eps,
+            cfg.score_function,
+            cfg.bias_update_rate,
+        )
+        self.seq_aux_loss = cfg.seq_aux_loss_weight > 0
         # A one-line ConfigError here, at model construction, when megablocks was asked for but can't run.
         self.moe_backend = resolve_backend(cfg.backend)
         if self.moe_backend == "megablocks":  # same parameters and names: checkpoints are backend-free
@@ -69,12 +97,18 @@ class MoELayer(nn.Module):
             out_NH, routed_E = dropless_forward(
                 x_NH, routing.expert_ids_NK, routing.weights_NK, self.num_experts, self.exchange, self.experts
             )
-            return out_NH.view(B, T, H), self._stats(routing, routed_E, 0)
+            return out_NH.view(B, T, H), self._with_seq_loss(self._stats(routing, routed_E, 0), routing, B, T)
         plan = plan_dispatch(routing.expert_ids_NK, self.num_experts, self.capacity_factor)
         x_SH = x_NH[plan.token_idx_S]
         y_SH = self.exchange(x_SH, plan.tokens_per_expert_E, self.experts)
         out_NH = combine(y_SH, plan, routing.weights_NK, B * T)
-        return out_NH.view(B, T, H), self._stats(routing, plan.routed_per_expert_E, plan.num_dropped)
+        stats = self._stats(routing, plan.routed_per_expert_E, plan.num_dropped)
+        return out_NH.view(B, T, H), self._with_seq_loss(stats, routing, B, T)
+
+    def _with_seq_loss(self, stats: RouterStats, routing, B: int, T: int) -> RouterStats:
+        if self.seq_aux_loss:
+            stats.seq_aux_loss = sequence_balance_loss(routing.probs_NE, routing.expert_ids_NK, B, T)
+        return stats
 
     @staticmethod
     def _stats(routing, routed_E: torch.Tensor, num_dropped: int) -> RouterStats:

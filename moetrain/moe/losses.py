@@ -11,6 +11,13 @@ data-parallel ranks first, so f is the global-batch fraction (Megatron's global 
 probabilities stay local, and data-parallel gradient averaging makes the result equal to one process
 seeing the whole batch.
 
+Sequence-wise balance loss (DeepSeek-V3 eq. 17-20, ``model.moe.seq_aux_loss_weight``): the same
+``sum_e f_e P_e`` per *sequence* (computed in the layer, ``RouterStats.seq_aux_loss``), averaged over
+the micro-batch's sequences and over MoE layers. It is per sequence by definition, so
+``aux_loss_scope`` does not apply: data-parallel gradient averaging of equal micro-batches already
+makes it the mean over the global batch's sequences. A separate weight rather than a third
+``aux_loss_type`` because recipes combine it with a batch-level loss and/or the expert bias.
+
 Router z-loss (ST-MoE): mean over tokens of logsumexp(logits)^2, averaged over MoE layers.
 """
 
@@ -49,6 +56,14 @@ def load_balancing_loss(
         p_E = probs_LE.sum(0) / L
         return num_experts * (f_E * p_E).sum()
     raise ValueError(f"model.moe.aux_loss_type={kind!r} is invalid: one of ('switch', 'mixtral')")
+
+
+def sequence_balance_loss_mean(stats: list[RouterStats]) -> torch.Tensor:
+    """Mean over MoE layers of each layer's sequence-wise balance loss (0 when not computed)."""
+    losses = [s.seq_aux_loss for s in stats if s.seq_aux_loss is not None]
+    if not losses:
+        return torch.zeros(())
+    return torch.stack(losses).mean()
 
 
 def router_z_loss(stats: list[RouterStats]) -> torch.Tensor:

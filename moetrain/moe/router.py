@@ -1,4 +1,17 @@
-"""Token-choice top-k router (Mixtral semantics): linear gate -> softmax over all experts -> top-k."""
+"""Token-choice top-k router.
+
+Scores: ``softmax`` over all experts (Mixtral) or an independent ``sigmoid`` per expert
+(DeepSeek-V3). Top-k selection, then the chosen scores become the combine weights, renormalised to
+sum to 1 when ``normalize_top_k`` (Mixtral; DeepSeek-V3 does the same for sigmoid scores).
+
+Aux-loss-free balancing (DeepSeek-V3, arXiv 2412.19437, section 2.1.2): with ``bias_update_rate``
+u > 0 the router holds a per-expert ``expert_bias`` b, a persistent fp32 buffer (state, not a
+parameter: no gradient, no weight decay; saved in checkpoints). b is added to the scores *only to
+choose* the top-k experts; the combine weights still come from the unbiased scores. After each
+optimizer step ``update_bias`` nudges it by ``u * sign(mean load - load_e)`` from the routed-token
+counts of the whole step over all data-parallel ranks (``MoETransformer.after_optimizer_step``),
+so every rank holds the same b.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moetrain.config import SCORE_FUNCTIONS
+
 
 @dataclass
 class Routing:
@@ -15,7 +30,9 @@ class Routing:
 
     weights_NK: torch.Tensor  # combine weights of the chosen experts (input dtype)
     expert_ids_NK: torch.Tensor  # int64 expert ids, global numbering
-    probs_NE: torch.Tensor  # fp32 softmax over all experts (for the balance loss and entropy)
+    # fp32 scores normalised over all experts (rows sum to 1): the softmax, or sigmoid / its row sum
+    # (DeepSeek-V3's s'). For the balance losses and the entropy metric.
+    probs_NE: torch.Tensor
     logits_NE: torch.Tensor  # fp32 router logits (for the z-loss)
 
 
@@ -27,19 +44,63 @@ class TopKRouter(nn.Module):
         top_k: int,
         normalize_top_k: bool = True,
         jitter_eps: float = 0.0,
+        score_function: str = "softmax",
+        bias_update_rate: float = 0.0,
     ) -> None:
         super().__init__()
+        if score_function not in SCORE_FUNCTIONS:
+            raise ValueError(
+                f"model.moe.score_function={score_function!r} is invalid: one of {SCORE_FUNCTIONS}"
+            )
         self.num_experts, self.top_k = num_experts, top_k
         self.normalize_top_k, self.jitter_eps = normalize_top_k, jitter_eps
+        self.score_function = score_function
+        self.bias_update_rate = float(bias_update_rate)
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        self.expert_bias: torch.Tensor | None
+        if self.bias_update_rate > 0:
+            # Full [E] on every rank (also under expert parallelism): not an expert parameter.
+            self.register_buffer(
+                "expert_bias", torch.zeros(num_experts, dtype=torch.float32), persistent=True
+            )
+        else:
+            self.expert_bias = None
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (nn.Module's signature)
+        """Moves follow the module, but the bias stays fp32 under ``.to(bf16)`` / ``.half()``: steps of
+        u = 1e-3 would round away in bf16 (DeepSpeed casts the module's floating buffers)."""
+        before = self._buffers.get("expert_bias")
+        out = super()._apply(fn, recurse)
+        after = self._buffers.get("expert_bias")
+        if before is not None and after is not None and after.dtype != torch.float32:
+            src = after if before.is_meta else before
+            self._buffers["expert_bias"] = src.to(device=after.device, dtype=torch.float32)
+        return out
 
     def forward(self, x_NH: torch.Tensor) -> Routing:
         if self.training and self.jitter_eps > 0:
             noise = torch.empty_like(x_NH).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
             x_NH = x_NH * noise
         logits_NE = self.gate(x_NH).float()
-        probs_NE = F.softmax(logits_NE, dim=-1)
-        weights_NK, expert_ids_NK = torch.topk(probs_NE, self.top_k, dim=-1)
+        if self.score_function == "sigmoid":
+            scores_NE = torch.sigmoid(logits_NE)
+            probs_NE = scores_NE / scores_NE.sum(dim=-1, keepdim=True)
+        else:
+            scores_NE = probs_NE = F.softmax(logits_NE, dim=-1)
+        if self.expert_bias is None:
+            weights_NK, expert_ids_NK = torch.topk(scores_NE, self.top_k, dim=-1)
+        else:  # the bias chooses; the weights stay the unbiased scores
+            _, expert_ids_NK = torch.topk(scores_NE + self.expert_bias.float(), self.top_k, dim=-1)
+            weights_NK = scores_NE.gather(-1, expert_ids_NK)
         if self.normalize_top_k:
             weights_NK = weights_NK / weights_NK.sum(dim=-1, keepdim=True)
         return Routing(weights_NK.to(x_NH.dtype), expert_ids_NK, probs_NE, logits_NE)
+
+    @torch.no_grad()
+    def update_bias(self, load_E: torch.Tensor) -> None:
+        """``b += u * sign(mean(load) - load)`` from this step's global routed counts per expert."""
+        if self.expert_bias is None:
+            return
+        load = load_E.to(self.expert_bias.device, torch.float64)
+        delta = torch.sign(load.mean() - load) * self.bias_update_rate
+        self.expert_bias.add_(delta.to(torch.float32))

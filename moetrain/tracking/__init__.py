@@ -3,7 +3,14 @@ One small file per concern; the training loop calls them, they never drive the l
 
 from moetrain.tracking.collapse import CollapseDetector
 from moetrain.tracking.metrics_file import MetricsFile
-from moetrain.tracking.routing import RoutingAccumulator, routing_metrics
+from moetrain.tracking.routing import RoutingAccumulator, expert_bias_metrics, routing_metrics
 from moetrain.tracking.wandb_run import WandbRun
 
-__all__ = ["CollapseDetector", "MetricsFile", "RoutingAccumulator", "WandbRun", "routing_metrics"]
+__all__ = [
+    "CollapseDetector",
+    "MetricsFile",
+    "RoutingAccumulator",
+    "WandbRun",
+    "expert_bias_metrics",
+    "routing_metrics",
+]

@@ -86,3 +86,19 @@ def routing_metrics(
         ]
         out["moe/max_imbalance"] = max(out[k] for k in keys)  # type: ignore[type-var]
     return out
+
+
+def expert_bias_metrics(biases: dict[int, torch.Tensor]) -> dict[str, object]:
+    """Aux-loss-free balancing state: per MoE layer (block index -> fp32 [E] bias) the bias as a list
+    ``moe/layer_{i}/expert_bias`` next to ``expert_fraction``, plus ``expert_bias_min``, ``_max`` and
+    ``_spread`` (max - min) scalars for charts."""
+    out: dict[str, object] = {}
+    for layer, bias in biases.items():
+        b = bias.detach().float().cpu()
+        prefix = f"moe/layer_{layer}"
+        out[f"{prefix}/expert_bias"] = [round(float(x), 6) for x in b]
+        lo, hi = float(b.min()), float(b.max())
+        out[f"{prefix}/expert_bias_min"] = lo
+        out[f"{prefix}/expert_bias_max"] = hi
+        out[f"{prefix}/expert_bias_spread"] = hi - lo
+    return out
