@@ -723,3 +723,24 @@ def assert_equivalent(
     bad = equivalence_mismatches(actual, expected, steps, **kwargs)
     if bad:
         raise AssertionError("not the same training:\n" + "\n".join(bad))
+
+
+def margin_report(path: str | os.PathLike, top: int = 20) -> str:
+    """The ``top`` comparisons of a MOETRAIN_TEST_MARGINS file that came closest to their bounds
+    (ratio = observed / allowed; 1 fails), one per test and name: where a new CPU would fail first."""
+    worst: dict[tuple[str, str], dict[str, Any]] = {}
+    with open(path) as f:
+        for line in f:
+            r = json.loads(line)
+            key = (r["test"], r["name"])
+            if key not in worst or r["ratio"] > worst[key]["ratio"]:
+                worst[key] = r
+    rows = sorted(worst.values(), key=lambda r: -r["ratio"])[:top]
+    return "\n".join(
+        f"{r['ratio']:7.3f}  {r['test']}  {r['name']}  ({r['kind']}: {r['diff']:.3e} vs {r['bound']:.3e})"
+        for r in rows
+    )
+
+
+if __name__ == "__main__":  # python -m moetrain.testing MARGINS_FILE [TOP]
+    print(margin_report(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 20))

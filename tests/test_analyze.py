@@ -51,8 +51,11 @@ def test_analyze_writes_pngs_and_json(checkpoint, tmp_path):
     assert summary["tokens"] == 4 * 8 * 32
     for info in summary["layers"].values():
         assert len(info["expert_fraction"]) == 4
+        # fractions of integer counts in float64: their sum is 1 to a few 1e-16; 1e-9 is slack, a
+        # missing or double-counted expert is off by >= 1/(4 * 8 * 32 * 2)
         assert sum(info["expert_fraction"]) == pytest.approx(1.0, abs=1e-9)
         assert info["imbalance"] >= 1.0
+        # a mean of fp32 per-token entropies, each <= ln 4 up to a few fp32 ulps (1.2e-7 each)
         assert 0 <= info["entropy"] <= torch.log(torch.tensor(4.0)).item() + 1e-6
         for dist in info["domain_expert_fraction"].values():
             assert sum(dist) == pytest.approx(1.0, abs=1e-9)
