@@ -7,12 +7,16 @@
 #   # no ssh: run this on every node yourself (e.g. one task per node from srun), same args + NODE_RANK
 #   NO_SSH=1 NODE_RANK=1 MASTER_ADDR=10.0.0.1 HOSTFILE=hosts scripts/train_multinode.sh ...
 #   DRY_RUN=1 HOSTFILE=scripts/hostfile.example scripts/train_multinode.sh trainer.max_steps=10
+#   # MPI instead of pdsh (ranks from OMPI_COMM_WORLD_*), or srun inside an allocation (see "Backends"):
+#   DS_LAUNCHER=openmpi HOSTFILE=hosts scripts/train_multinode.sh ...
+#   DS_LAUNCHER=slurm DS_LAUNCHER_ARGS="--ntasks-per-node=8" HOSTFILE=hosts scripts/train_multinode.sh ...
 #
 # Environment (all optional except HOSTFILE):
 #   HOSTFILE       DeepSpeed/MPI-style hostfile, one `hostname slots=N` per line (see hostfile.example)
 #   NUM_NODES      use the first N hosts of the hostfile        -> --num_nodes (MPI backends: see below)
 #   GPUS_PER_NODE  use GPUs [0, N) on each node                  -> --num_gpus  (MPI backends: see below)
-#   MASTER_ADDR    address of node 0 (default: first host of the hostfile) -> --master_addr
+#   MASTER_ADDR    address of node 0 (default: first host of the hostfile) -> --master_addr; with
+#                  openmpi/mvapich/slurm also exported to every process (with MASTER_PORT)
 #   MASTER_PORT    rendezvous port (default 29500)               -> --master_port
 #   NO_SSH=1       launch only this node's processes (--no_ssh); needs NODE_RANK -> --node_rank
 #   NODE_RANK      this node's index in the hostfile, 0-based (NO_SSH mode only)
