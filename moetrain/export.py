@@ -7,6 +7,10 @@ read: ``config.json``, ``generation_config.json``, ``model.safetensors`` and the
 folders get the usual modes (0644 / 0755 under the common umask 022).
 MoE models become ``MixtralForCausalLM``, fully dense ones ``MistralForCausalLM`` (see moetrain/hf.py).
 
+What transformers' Mixtral cannot hold is refused in one line: sigmoid router scores, and the
+aux-loss-free expert-selection bias unless ``--drop-expert-bias`` (then exported without it and a
+warning says the routing changes: Mixtral chooses experts from the unbiased scores).
+
 The folder is written under ``OUT_DIR.tmp-XXXX`` and renamed into place, so OUT_DIR is either absent
 or complete; a non-empty OUT_DIR is replaced only with ``--force``.
 """
@@ -14,6 +18,7 @@ or complete; a non-empty OUT_DIR is replaced only with ``--force``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import sys
@@ -113,12 +118,23 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+BIAS_SUFFIX = ".ffn.router.expert_bias"
+
+
 def export(
-    checkpoint: str | Path, out_dir: str | Path, *, force: bool = False, dtype: str | None = None
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    *,
+    force: bool = False,
+    dtype: str | None = None,
+    drop_expert_bias: bool = False,
 ) -> dict[str, Any]:
     """Write the transformers folder for ``checkpoint`` to ``out_dir``; return a summary dict.
 
     ``dtype`` (fp32 | bf16 | fp16) casts the weights; None keeps the checkpoint's dtype.
+    ``drop_expert_bias`` exports a model trained with aux-loss-free balancing without its
+    expert-selection bias (a warning says so: the exported routing differs); without it such a
+    checkpoint is refused.
     """
     from safetensors.torch import load_file
     from transformers import GenerationConfig
@@ -134,8 +150,22 @@ def export(
         model_cfg = read_model_config(folder)
     except KeyError as e:
         raise ExportError(f"{folder}/config.yaml has no {e} section") from e
+    dropping_bias = drop_expert_bias and model_cfg.moe.bias_update_rate > 0
+    if dropping_bias:
+        model_cfg = dataclasses.replace(
+            model_cfg, moe=dataclasses.replace(model_cfg.moe, bias_update_rate=0.0)
+        )
     arch = hf_architecture(model_cfg)  # refuses what transformers cannot hold, before any heavy work
     state = load_file(str(folder / MODEL_FILE))
+    if dropping_bias:
+        biases = {k: state.pop(k) for k in [k for k in state if k.endswith(BIAS_SUFFIX)]}
+        largest = max((float(b.abs().max()) for b in biases.values()), default=0.0)
+        warnings.warn(
+            f"dropped the expert-selection bias of {len(biases)} MoE layers (largest |bias| {largest:.4g}): "
+            "the exported Mixtral chooses experts from the unbiased router scores, so its routing and "
+            "logits differ from the trained model's",
+            stacklevel=2,
+        )
     if dtype is not None:
         state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
     tokenizer = _load_tokenizer(folder)
@@ -191,6 +221,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--dtype", choices=tuple(DTYPES), default=None, help="cast weights (default: as stored)"
     )
+    parser.add_argument(
+        "--drop-expert-bias",
+        action="store_true",
+        help="export a model trained with aux-loss-free balancing without its expert-selection bias "
+        "(Mixtral has none; the exported routing then differs, and a warning says so)",
+    )
     args = parser.parse_args(argv)
     from transformers.utils import logging as hf_logging
 
@@ -198,7 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)
-            summary = export(args.checkpoint, args.out_dir, force=args.force, dtype=args.dtype)
+            summary = export(
+                args.checkpoint,
+                args.out_dir,
+                force=args.force,
+                dtype=args.dtype,
+                drop_expert_bias=args.drop_expert_bias,
+            )
         for w in caught:
             if w.filename.endswith(("moetrain/hf.py", "moetrain/export.py")):
                 print(f"warning: {_first_line(w.message)}", file=sys.stderr)

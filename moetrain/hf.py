@@ -20,8 +20,10 @@ Our decoder is Mixtral's, so export is a renaming plus two reshapes of the fused
 reads both those and the in-memory names, so a downloaded Mixtral checkpoint can be fine-tuned here.
 
 What the other side cannot express is refused with a one-line ``ValueError``: on export, dense layers
-between MoE layers (a fully dense model exports as ``MistralForCausalLM`` instead) and top-k weights
-that are not renormalised; on import, activations other than SiLU and scaled RoPE variants.
+between MoE layers (a fully dense model exports as ``MistralForCausalLM`` instead), top-k weights
+that are not renormalised, sigmoid router scores (``model.moe.score_function=sigmoid``) and the
+aux-loss-free expert-selection bias (``model.moe.bias_update_rate > 0``; ``moetrain.export
+--drop-expert-bias`` exports without it, with a warning, because Mixtral then routes differently); on import, activations other than SiLU and scaled RoPE variants.
 """
 
 from __future__ import annotations
@@ -73,6 +75,18 @@ def hf_architecture(cfg: ModelConfig) -> str:
         raise ValueError(
             "transformers' Mixtral always renormalises the top-k router weights; this model was trained "
             "with model.moe.normalize_top_k=false, so its exported logits would differ"
+        )
+    if cfg.moe.score_function != "softmax":
+        raise ValueError(
+            "transformers' Mixtral scores experts with a softmax; this model was trained with "
+            f"model.moe.score_function={cfg.moe.score_function} (DeepSeek-V3 routing), which it cannot hold, "
+            "so its exported routing and logits would differ"
+        )
+    if cfg.moe.bias_update_rate > 0:
+        raise ValueError(
+            "transformers' Mixtral has no expert-selection bias; this model was trained with aux-loss-free "
+            f"balancing (model.moe.bias_update_rate={cfg.moe.bias_update_rate}), so its exported routing would "
+            "differ; pass --drop-expert-bias to export without the bias anyway"
         )
     return "MixtralForCausalLM"
 
