@@ -379,6 +379,12 @@ class TrainerConfig:
     sample_prompt: str = "To be, or not to be"
     sample_tokens: int = 40
     deterministic: bool = True
+    # Preemption: these signals stop the run after the current step with a checkpoint (exit 0).
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
+    # A non-finite loss or gradient norm: skip that update (bounded) or stop with an error.
+    on_nonfinite: str = "skip"
+    max_skipped_steps: int = 3  # more skips than this within skip_window steps = diverged: stop
+    skip_window: int = 100
 
     def validate(self, prefix: str = "trainer") -> None:
         _require(self.max_steps > 0, f"{prefix}.max_steps", self.max_steps, "must be > 0")
@@ -397,6 +403,20 @@ class TrainerConfig:
             _require(
                 self.stop_after_minutes > 0, f"{prefix}.stop_after_minutes", self.stop_after_minutes, "> 0"
             )
+        import signal as _signal
+
+        for name in self.stop_signals:
+            _require(
+                isinstance(name, str) and name.startswith("SIG") and hasattr(_signal, name),
+                f"{prefix}.stop_signals",
+                name,
+                "signal names such as SIGTERM, SIGINT, SIGUSR1, SIGUSR2",
+            )
+        _require(
+            self.on_nonfinite in ("skip", "stop"), f"{prefix}.on_nonfinite", self.on_nonfinite, "skip | stop"
+        )
+        _require(self.max_skipped_steps >= 0, f"{prefix}.max_skipped_steps", self.max_skipped_steps, ">= 0")
+        _require(self.skip_window >= 1, f"{prefix}.skip_window", self.skip_window, ">= 1")
 
 
 @dataclass

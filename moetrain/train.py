@@ -73,11 +73,17 @@ def main(raw: DictConfig) -> int:
     from moetrain.data import DataError
     from moetrain.distributed.env import LaunchError
     from moetrain.trainer import Trainer
+    from moetrain.trainer.guards import TrainingDiverged
 
     try:
-        return Trainer(cfg, run_dir).run()
+        code = Trainer(cfg, run_dir).run()
     except (ConfigError, CheckpointError, DataError, LaunchError, FileNotFoundError) as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except TrainingDiverged as e:  # numeric fault beyond trainer.on_nonfinite's policy
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(3)
+    if code:
+        sys.exit(code)
     return 0
 
 

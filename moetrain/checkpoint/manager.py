@@ -1,9 +1,11 @@
 """Saving and restoring whole training state, atomically.
 
 Layout of one checkpoint (``checkpoints/step_00000100/``): see ``moetrain/checkpoint/__init__.py``.
-Every rank writes into ``checkpoints/.tmp-step_00000100/``; after a barrier rank 0 renames it to
-its final name and only then rewrites ``latest`` (tmp file + rename), so an interruption at any point
-leaves the previous checkpoint as ``latest`` and never a half-written one under a final name.
+Every rank writes into ``checkpoints/.tmp-step_00000100/``; after a barrier rank 0 hashes every file
+into ``manifest.json`` (written last, fsynced), renames the folder to its final name and only then
+rewrites ``latest`` (tmp file + rename). An interruption at any point (kill -9 included) leaves the
+previous checkpoint as ``latest`` and never a half-written one under a final name; a checkpoint
+damaged later fails its manifest and ``latest_intact`` walks back past it.
 """
 
 from __future__ import annotations
@@ -18,11 +20,24 @@ from typing import Any
 import numpy as np
 import torch
 
+from moetrain.checkpoint.integrity import fsync_dir, verify, write_manifest
 from moetrain.checkpoint.model_file import LATEST, TOKENIZER_DIR, CheckpointError, save_model_file
 from moetrain.distributed import barrier
 
 STATE_FILE = "trainer_state.json"
 ENGINE_TAG = "engine"
+
+
+# Tests only: MOETRAIN_TEST_KILL_IN_SAVE=POINT@STEP sends SIGKILL to this process at that point of the
+# save of that step (points: files, manifest, renamed), to show that no moment of a save loses a run.
+FAULT_ENV = "MOETRAIN_TEST_KILL_IN_SAVE"
+
+
+def _fault_point(name: str, step: int) -> None:
+    if os.environ.get(FAULT_ENV) == f"{name}@{step}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def step_dirname(step: int) -> str:
@@ -87,6 +102,7 @@ class CheckpointManager:
             save_extra(tmp)
         (tmp / "rank_state").mkdir(exist_ok=True)
         torch.save({**rank_state, "rng": rng_state()}, tmp / "rank_state" / f"rank_{self.rank:05d}.pt")
+        _fault_point("files", step)
         if self.rank == 0:
             assert full_state_dict is not None
             save_model_file(full_state_dict, tmp, config)
@@ -95,19 +111,34 @@ class CheckpointManager:
             (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
         barrier()
         if self.rank == 0:
+            write_manifest(tmp)  # last: a folder with a manifest is complete
+            _fault_point("manifest", step)
             if final.exists():  # re-saving a step (e.g. a resumed run stopping where it started)
                 shutil.rmtree(final)
             os.replace(tmp, final)
+            _fault_point("renamed", step)
             pointer = self.root / f".{LATEST}.tmp"
             pointer.write_text(final.name)
             os.replace(pointer, self.root / LATEST)
+            fsync_dir(self.root)
             self._prune(keep=final)
         barrier()
         return final
 
+    def discard_partial(self) -> None:
+        """Remove an unfinished save's temporary folder (after a failed save, e.g. disk full)."""
+        if self.rank == 0 and self.root.is_dir():
+            for stale in self.root.glob(".tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+
     def _prune(self, keep: Path) -> None:
-        steps = sorted(p for p in self.root.glob("step_*") if p.is_dir())
-        for old in steps[: max(0, len(steps) - self.keep_last)]:
+        """Keep the newest ``keep_last`` checkpoints that pass a size check of their manifest; damaged
+        ones don't count (so they can't push out the newest good one) and are left for the user;
+        ``keep`` (the one just written and verified) is never removed."""
+        complete = sorted(
+            p for p in self.root.glob("step_*") if p.is_dir() and verify(p, hashes=False) is None
+        )
+        for old in complete[: max(0, len(complete) - self.keep_last)]:
             if old != keep:
                 shutil.rmtree(old, ignore_errors=True)
 
@@ -118,6 +149,20 @@ class CheckpointManager:
             return None
         path = self.root / pointer.read_text().strip()
         return path if path.is_dir() else None
+
+    def latest_intact(self, warn=print) -> Path | None:
+        """The newest checkpoint that passes its manifest, starting from ``latest``; each newer one
+        that fails is named in a warning (what is wrong with it) and skipped, never deleted."""
+        latest = self.latest()
+        candidates = sorted((p for p in self.root.glob("step_*") if p.is_dir()), reverse=True)
+        if latest is not None:  # latest first, then older ones
+            candidates = [latest] + [p for p in candidates if p.name < latest.name]
+        for folder in candidates:
+            problem = verify(folder)
+            if problem is None:
+                return folder
+            warn(f"warning: skipping checkpoint {folder}: {problem}")
+        return None
 
 
 def read_trainer_state(folder: Path) -> dict[str, Any]:

@@ -5,7 +5,7 @@
 - The ``deepspeed`` launcher passes ``--local_rank=N``: ``strip_launcher_args`` removes it before
   Hydra parses the command line (the env var LOCAL_RANK carries the same value).
 - Backend: NCCL on CUDA, gloo on CPU. DeepSpeed's CPU shared-memory collective op is JIT-compiled on
-  first use (~2 min); it is disabled unless ``parallel.shm_comm=true`` (see platform notes).
+  first use (~2 min); it is disabled unless ``parallel.shm_comm=true`` (see docs/EXPERT_PARALLEL.md).
 """
 
 from __future__ import annotations
@@ -145,13 +145,18 @@ def init_distributed(*, shm_comm: bool = False) -> DistEnv:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         # Before the process group: NCCL binds each rank's communicator to the current device.
-        if local_rank >= torch.cuda.device_count():
+        visible = torch.cuda.device_count()
+        if local_rank < visible:
+            index = local_rank
+        elif visible == 1:  # srun --gpus-per-task=1 / --gpu-bind: each task sees only its own GPU
+            index = 0
+        else:
             raise LaunchError(
-                f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} visible CUDA "
-                "device(s); fix: start at most that many processes per node (CUDA_VISIBLE_DEVICES)"
+                f"LOCAL_RANK={local_rank} but this process sees {visible} CUDA device(s); fix: start "
+                "at most that many processes per node, or give each process its own GPU"
             )
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(index)
+        device = torch.device("cuda", index)
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():

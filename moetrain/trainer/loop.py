@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from moetrain.checkpoint.integrity import verify
 from moetrain.checkpoint.manager import CheckpointManager, read_rank_state, read_trainer_state, set_rng_state
 from moetrain.checkpoint.model_file import CheckpointError, resolve_checkpoint
 from moetrain.checkpoint.optimizer_state import load_full_optimizer_state, save_full_optimizer_state
@@ -27,6 +28,7 @@ from moetrain.distributed import (
     DistEnv,
     all_reduce_mean,
     all_reduce_sum,
+    any_rank,
     barrier,
     broadcast_object,
     init_distributed,
@@ -40,6 +42,7 @@ from moetrain.distributed.expert_parallel import (
 )
 from moetrain.tracking import CollapseDetector, MetricsFile, RoutingAccumulator, WandbRun, routing_metrics
 from moetrain.trainer.engine import build_engine, resolve_dtype
+from moetrain.trainer.guards import NonFiniteGuard, StopRequest, TrainingDiverged
 
 # Dense bf16 peak TFLOP/s for MFU on known accelerators; unknown devices (and CPUs) log TFLOP/s only.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
@@ -76,6 +79,9 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=False)
         self.step = 0
         self.tokens_seen = 0
+        self._bar = None
+        # Tests only: MOETRAIN_TEST_NAN_AT_STEP=3,7 makes those steps' loss NaN on every rank.
+        self._nan_steps = {int(x) for x in os.environ.get("MOETRAIN_TEST_NAN_AT_STEP", "").split(",") if x}
 
     # ---- setup ------------------------------------------------------------------------------------
     def _shared_run_dir(self, local: Path) -> Path:
@@ -90,7 +96,10 @@ class Trainer:
 
     def _log(self, msg: str) -> None:
         if self.is_main:
-            print(msg, flush=True)
+            if self._bar is not None:  # a line of its own, not glued onto the progress bar
+                self._bar.write(msg)
+            else:
+                print(msg, flush=True)
 
     def _build_data(self) -> None:
         from moetrain.data import ResumableLoader, ValidationLoader, build_data
@@ -180,14 +189,21 @@ class Trainer:
         if r is None:
             return None
         if r == "auto":
-            latest = self.ckpt.latest()
+            ckpt = CheckpointManager(self.run_dir / "checkpoints", self.env.rank, self.cfg.trainer.keep_last)
+            latest = ckpt.latest_intact(warn=self._log)
             if latest is None:
-                self._log("trainer.resume=auto: no checkpoint in this run dir yet, starting from scratch")
+                self._log(
+                    "trainer.resume=auto: no intact checkpoint in this run dir yet, starting from scratch"
+                )
             return latest
         try:
-            return resolve_checkpoint(r)
+            folder = resolve_checkpoint(r)
         except CheckpointError as e:
             raise CheckpointError(f"trainer.resume={r!r}: {e}") from None
+        problem = verify(folder)
+        if problem is not None:  # an explicit choice is never silently replaced by another checkpoint
+            raise CheckpointError(f"trainer.resume={r!r} is damaged: {problem}")
+        return folder
 
     def _resume(self, folder: Path) -> None:
         state = read_trainer_state(folder)
@@ -226,6 +242,13 @@ class Trainer:
                 warnings.simplefilter("ignore")
                 for _ in range(state["step"]):  # keep the LR schedule where it was
                     self.scheduler.step()
+        saved_max = state.get("max_steps")
+        if saved_max is not None and saved_max != self.cfg.trainer.max_steps:
+            self._log(
+                f"note: checkpoint saved with trainer.max_steps={saved_max}, resuming with "
+                f"{self.cfg.trainer.max_steps}: warmup and cosine decay now follow "
+                f"{self.cfg.trainer.max_steps} (lr at step {state['step']}: {self.scheduler.get_last_lr()[0]:.3g})"
+            )
         self.step = state["step"]
         self.tokens_seen = state["tokens_seen"]
         rank_state = read_rank_state(folder, self.env.rank) if same_layout else None
@@ -244,28 +267,48 @@ class Trainer:
         if self._plain_optimizer():
             save_full_optimizer_state(self.model, self.engine.optimizer, folder, self.env.rank, self.ep)
 
-    def _save(self) -> Path:
+    def _save(self) -> Path | None:
+        """Collective. Never from non-finite weights; a failed write (disk full, permissions) is
+        reported in one line, leaves every older checkpoint in place and the run goes on."""
+        if any_rank(not self._weights_finite()):
+            self._log(
+                f"error: step {self.step}: weights are not finite; checkpoint NOT written (older ones kept)"
+            )
+            return None
         trainer_state = {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "ep_size": self.cfg.parallel.ep_size,
             "world_size": self.env.world_size,
+            "max_steps": self.cfg.trainer.max_steps,
+            "skipped_steps": self.nonfinite.total_skipped,
             "loader": self.train_loader.state_dict(),
         }
         sd = full_state_dict(self.model, self.env, self.ep)
-        path = self.ckpt.save(
-            step=self.step,
-            engine=self.engine,
-            full_state_dict=sd,
-            config=self._config_for_checkpoint(),
-            trainer_state=trainer_state,
-            rank_state={"loader": self.train_loader.state_dict()},
-            tokenizer=self.data.tokenizer,
-            sharded_experts=self.ep.enabled,
-            save_extra=self._save_layout_free_optimizer,
-        )
+        try:
+            path = self.ckpt.save(
+                step=self.step,
+                engine=self.engine,
+                full_state_dict=sd,
+                config=self._config_for_checkpoint(),
+                trainer_state=trainer_state,
+                rank_state={"loader": self.train_loader.state_dict()},
+                tokenizer=self.data.tokenizer,
+                sharded_experts=self.ep.enabled,
+                save_extra=self._save_layout_free_optimizer,
+            )
+        except OSError as e:
+            self.ckpt.discard_partial()
+            self._failed_saves += 1
+            self._log(f"error: checkpoint at step {self.step} failed ({e}); older checkpoints kept")
+            return None
         self._log(f"checkpoint saved: {path}")
         return path
+
+    @torch.no_grad()
+    def _weights_finite(self) -> bool:
+        flags = [torch.isfinite(p).all() for p in self.model.parameters()]
+        return bool(torch.stack(flags).all()) if flags else True
 
     # ---- one step ---------------------------------------------------------------------------------
     def _train_step(self) -> dict[str, float]:
@@ -279,17 +322,40 @@ class Trainer:
             ids = batch["input_ids"].to(self.env.device, non_blocking=True)
             labels = batch["labels"].to(self.env.device, non_blocking=True)
             out = self.engine(ids, labels)
+            if self.step + 1 in self._nan_steps:  # test hook: a numeric fault at a chosen step
+                out.loss = out.loss * float("nan")
             self.engine.backward(out.loss)
             boundary = self.engine.is_gradient_accumulation_boundary()  # before step() advances it
-            if boundary and self.cfg.parallel.zero_stage == 0:
-                grad_norm = self._clip_gradients()  # ZeRO-1/2 clip inside DeepSpeed and report the norm
+            sums += torch.stack([out.loss, out.lm_loss, out.aux_loss, out.z_loss]).detach().float()
+            fault = None
+            if boundary:
+                # Checked before the optimizer step, agreed on by all ranks (one collective): a NaN
+                # or inf never reaches the weights. ZeRO-0 also checks the exact global grad norm;
+                # ZeRO-1/2 check it inside DeepSpeed (fp32, and bf16's check_grad_overflow).
+                grad_norm = self._grad_norm() if self.cfg.parallel.zero_stage == 0 else None
+                bad_loss = not bool(torch.isfinite(sums).all())
+                bad_norm = grad_norm is not None and not math.isfinite(grad_norm)
+                if any_rank(bad_loss or bad_norm):
+                    fault = "non-finite loss" if bad_loss else f"non-finite gradient norm ({grad_norm})"
+                elif grad_norm is not None:
+                    self._clip(grad_norm)
+            self._skip_update = fault is not None
             self.engine.step()
             if boundary:
-                self._after_optimizer_step()
+                skipped = fault is not None or not getattr(self.engine, "_step_applied", True)
+                if skipped:
+                    # DeepSpeed does not advance the schedule on a skipped update; we do, so the
+                    # LR keeps following trainer.step (and a resume at another layout replays it).
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        self.scheduler.step()
+                    self._log(self.nonfinite.on_fault(self.step + 1, fault or "non-finite gradients"))
+                else:
+                    self._after_optimizer_step()
             self.routing.add(out.router_stats)
-            sums += torch.stack([out.loss, out.lm_loss, out.aux_loss, out.z_loss]).detach().float()
             self.tokens_seen += ids.numel() * self.env.world_size
         loss, lm, aux, z = (all_reduce_mean(sums.double()) / ga).tolist()
+        skipped_now = int(self._skip_update or not getattr(self.engine, "_step_applied", True))
         if grad_norm is None and self.engine.get_global_grad_norm() is not None:
             grad_norm = float(self.engine.get_global_grad_norm())
         return {
@@ -297,8 +363,10 @@ class Trainer:
             "lm_loss": lm,
             "aux_loss": aux,
             "z_loss": z,
-            "grad_norm": grad_norm,
+            "grad_norm": grad_norm if grad_norm is None or math.isfinite(grad_norm) else None,
             "lr": lr,
+            "skipped_step": skipped_now,
+            "skipped_steps_total": self.nonfinite.total_skipped,
         }
 
     def _after_optimizer_step(self) -> None:
@@ -310,8 +378,8 @@ class Trainer:
             hook(all_reduce=all_reduce_sum)
 
     @torch.no_grad()
-    def _clip_gradients(self) -> float | None:
-        """Global L2 norm of the (already reduced) gradients, then clip to ``optim.grad_clip``.
+    def _grad_norm(self) -> float | None:
+        """Global L2 norm of the (already reduced) gradients.
 
         Expert shards are summed over the expert-parallel group and replicated params counted once,
         so the norm (and the clipping) equals a single process's on the same global batch. Squares are
@@ -329,13 +397,36 @@ class Trainer:
                 dense += sq
         if self.ep.enabled:
             expert = all_reduce_sum(expert, self.ep.group)
-        norm = math.sqrt(float(dense + expert))
+        return math.sqrt(float(dense + expert))
+
+    @torch.no_grad()
+    def _clip(self, norm: float) -> None:
         clip = self.cfg.optim.grad_clip
         if clip > 0 and norm > clip:
             coef = clip / (norm + 1e-6)
-            for p in params:
-                p.grad.mul_(coef)
-        return norm
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+
+    def _install_update_guard(self) -> None:
+        """Let the loop veto one optimizer update (non-finite step) through DeepSpeed's own skip path:
+        the optimizer reports ``overflow`` and the engine counts a skipped step, zeroes the grads and
+        leaves the weights and the optimizer state untouched."""
+        opt = self.engine.optimizer
+        real_step = opt.step
+        self._skip_update = False
+
+        def guarded_step(*args: Any, **kwargs: Any) -> Any:
+            if not self._skip_update:
+                if not hasattr(opt, "check_grad_overflow"):  # DeepSpeed's ZeRO sets its own flag
+                    opt.overflow = False
+                return real_step(*args, **kwargs)
+            opt.overflow = True
+            for key in list(getattr(opt, "averaged_gradients", {}) or {}):  # ZeRO-1/2 reduced partitions
+                opt.averaged_gradients[key] = None
+            return None
+
+        opt.step = guarded_step
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -392,14 +483,52 @@ class Trainer:
         plt.close(fig)
 
     # ---- the run ----------------------------------------------------------------------------------
+    def _check_run_dir_writable(self) -> None:
+        """Before any expensive work: a run that could never save must not start."""
+        probe = self.run_dir / f".write-test-{self.env.rank}"
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            raise CheckpointError(
+                f"run dir {self.run_dir} is not writable ({e.strerror}); fix: choose another "
+                "hydra.run.dir or fix its permissions"
+            ) from None
+
+    def _log_step(self, record: dict[str, Any]) -> None:
+        """One plain line per log step (what a cluster log shows), unless the progress bar shows it."""
+        if not self.is_main or self.cfg.logging.progress:
+            if self.is_main and "val_loss" in record:
+                self._log(
+                    f"step {self.step}: val_loss {record['val_loss']:.4f} (ppl {record['val_ppl']:.1f})"
+                )
+            return
+        parts = [f"step {self.step}/{self.cfg.trainer.max_steps}", f"loss {record['loss']:.4f}"]
+        if "val_loss" in record:
+            parts.append(f"val_loss {record['val_loss']:.4f}")
+        parts.append(f"lr {record['lr']:.2e}")
+        if record.get("grad_norm") is not None:
+            parts.append(f"grad_norm {record['grad_norm']:.3f}")
+        parts.append(f"{record['tokens_per_sec']:,.0f} tok/s")
+        if "moe/max_imbalance" in record:
+            parts.append(f"max_imbalance {record['moe/max_imbalance']:.2f}")
+        self._log(" | ".join(parts))
+
     def run(self) -> int:
         c = self.cfg
+        self._check_run_dir_writable()
         if c.trainer.resume not in (None, "auto"):
-            self._resume_target()  # a wrong checkpoint path fails before any expensive work
+            self._resume_target()  # a wrong or damaged checkpoint path fails before any expensive work
         self._build_data()
         self._build_model()
+        self._install_update_guard()
         self._print_banner()
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", self.env.rank, c.trainer.keep_last)
+        self.nonfinite = NonFiniteGuard(
+            c.trainer.on_nonfinite, c.trainer.max_skipped_steps, c.trainer.skip_window
+        )
+        self._failed_saves = 0
         target = broadcast_object(str(self._resume_target()) if self.is_main else None)
         if target not in (None, "None"):
             self._resume(Path(target))
@@ -416,60 +545,90 @@ class Trainer:
         )
         peak = _peak_tflops(self.env.device)
         stop_step = c.trainer.stop_at or c.trainer.max_steps
-        start_time = time.time()
         window_start, window_tokens = time.time(), self.tokens_seen
-        bar = None
         if self.is_main and c.logging.progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=c.trainer.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
+            self._bar = tqdm(total=c.trainer.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
+        stopper = StopRequest(c.trainer.stop_signals, c.trainer.stop_after_minutes)
+        stopper.install()
         self.engine.train()
-        stopped_early = False
-        while self.step < stop_step:
-            record = self._train_step()
-            self.step += 1
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
-            last = self.step == stop_step
-            if c.trainer.stop_after_minutes is not None:
-                over = (time.time() - start_time) / 60 >= c.trainer.stop_after_minutes
-                stopped_early = bool(broadcast_object(over)) and not last
-                last = last or stopped_early
-            do_eval = bool(c.trainer.eval_every) and (self.step % c.trainer.eval_every == 0 or last)
-            if (c.trainer.log_every and self.step % c.trainer.log_every == 0) or last or do_eval:
-                now = time.time()
-                tps = (self.tokens_seen - window_tokens) / max(now - window_start, 1e-9)
-                record.update(step=self.step, tokens=self.tokens_seen, tokens_per_sec=tps)
-                if self.flops_per_token:
-                    record["tflops"] = tps * self.flops_per_token / 1e12
-                    if peak:
-                        record["mfu"] = record["tflops"] / (peak * self.env.world_size)
-                record.update(self._routing_record())
-                if do_eval:
-                    record.update(self.evaluate())
-                window_start, window_tokens = time.time(), self.tokens_seen  # eval/logging time excluded
-                if bar is not None:
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tps:,.0f}")
-                self.metrics.write(record)
-                self.wandb.log(record, step=self.step)
-                if c.logging.heatmap_every and self.step % c.logging.heatmap_every == 0:
-                    self._heatmap(step=self.step)
-            if (c.trainer.checkpoint_every and self.step % c.trainer.checkpoint_every == 0) or last:
-                self._save()
-                window_start = time.time()  # checkpoint time is not training throughput
-            if stopped_early:
-                break
-        if bar is not None:
-            bar.close()
+        stop_reason = None
+        last_saved: Path | None = None
+        try:
+            while self.step < stop_step:
+                record = self._train_step()
+                self.step += 1
+                if self._bar is not None:
+                    self._bar.update(1)
+                    self._bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
+                last = self.step == stop_step
+                stop_reason = None if last else stopper.poll()  # one collective: all ranks agree
+                last = last or stop_reason is not None
+                do_eval = bool(c.trainer.eval_every) and (self.step % c.trainer.eval_every == 0 or last)
+                if (c.trainer.log_every and self.step % c.trainer.log_every == 0) or last or do_eval:
+                    now = time.time()
+                    tps = (self.tokens_seen - window_tokens) / max(now - window_start, 1e-9)
+                    record.update(step=self.step, tokens=self.tokens_seen, tokens_per_sec=tps)
+                    if self.flops_per_token:
+                        record["tflops"] = tps * self.flops_per_token / 1e12
+                        if peak:
+                            record["mfu"] = record["tflops"] / (peak * self.env.world_size)
+                    record.update(self._routing_record())
+                    if do_eval:
+                        record.update(self.evaluate())
+                    window_start, window_tokens = time.time(), self.tokens_seen  # eval/logging excluded
+                    if self._bar is not None:
+                        self._bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tps:,.0f}")
+                    self._log_step(record)
+                    self.metrics.write(record)
+                    self.wandb.log(record, step=self.step)
+                    if c.logging.heatmap_every and self.step % c.logging.heatmap_every == 0:
+                        self._heatmap(step=self.step)
+                if (c.trainer.checkpoint_every and self.step % c.trainer.checkpoint_every == 0) or last:
+                    saved = self._save()
+                    last_saved = saved or last_saved
+                    window_start = time.time()  # checkpoint time is not training throughput
+                if stop_reason is not None:
+                    break
+        except TrainingDiverged:
+            # The faulty update was not applied: the weights are those of the last good step.
+            self._close_bar()
+            if self._save() is not None:
+                self._log(f"checkpoint of step {self.step} (weights before the faulty update) saved")
+            self.metrics.close()
+            self.wandb.finish()
+            raise
+        finally:
+            stopper.uninstall()
+        self._close_bar()
         if self.is_main:
             self._heatmap(path=self.run_dir / "routing_heatmap.png", step=self.step)
-        if self.step >= c.trainer.max_steps and not stopped_early:
+        where = f"checkpoint {last_saved}" if last_saved else "no checkpoint could be written"
+        if stop_reason is not None:
+            self._log(
+                f"stopped at step {self.step} of {c.trainer.max_steps}: {stop_reason}; {where}; "
+                "continue with trainer.resume=auto (same hydra.run.dir)"
+            )
+        elif self.step < c.trainer.max_steps:
+            self._log(
+                f"stopped at step {self.step} of {c.trainer.max_steps} (trainer.stop_at; the LR schedule "
+                f"runs to {c.trainer.max_steps}); {where}; continue with trainer.resume=auto"
+            )
+        else:
             self._sample()
         self.metrics.close()
         self.wandb.finish()
         barrier()
+        if last_saved is None or self._failed_saves and self.ckpt.latest() != last_saved:
+            self._log("error: the final checkpoint could not be written (see above); older ones are kept")
+            return 1
         return 0
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
     def _sample(self) -> None:
         """A short generation at the end, so a newcomer sees what the model learned."""
@@ -480,14 +639,21 @@ class Trainer:
                 f"sample: skipped under expert parallelism; run python -m moetrain.generate {self.run_dir}"
             )
             return
+        if not self._weights_finite():
+            self._log("sample: skipped (the weights are not finite)")
+            return
         from moetrain.generate import encode_prompt, generate_tokens
 
         tok = self.data.tokenizer
         ids = torch.tensor([encode_prompt(tok, self.cfg.trainer.sample_prompt)], device=self.env.device)
         gen = torch.Generator(device="cpu").manual_seed(self.cfg.trainer.seed)
-        out = generate_tokens(
-            self.model, ids, self.cfg.trainer.sample_tokens, temperature=0.8, top_p=0.95, generator=gen
-        )
+        try:
+            out = generate_tokens(
+                self.model, ids, self.cfg.trainer.sample_tokens, temperature=0.8, top_p=0.95, generator=gen
+            )
+        except RuntimeError as e:  # e.g. non-finite probabilities: a numeric fault is not a crash
+            self._log(f"sample: skipped ({str(e).splitlines()[0]})")
+            return
         text = tok.decode(out[0].tolist(), skip_special_tokens=True)
         print(f"sample: {text!r}", flush=True)
         (self.run_dir / "sample.txt").write_text(text + "\n")
