@@ -43,6 +43,9 @@ def deepspeed_config(cfg: TrainConfig, dp_world_size: int) -> dict[str, Any]:
         "gradient_clipping": o.grad_clip if p.zero_stage > 0 else 0.0,
         "zero_optimization": {"stage": p.zero_stage},
         "bf16": {"enabled": resolve_dtype(p.dtype) == torch.bfloat16},
+        # Gradients are summed across ranks in fp32 even in bf16 runs (DeepSpeed's default would
+        # reduce in the model dtype: 8 mantissa bits for a sum over every data-parallel rank).
+        "communication_data_type": "fp32",
         "optimizer": {
             "type": "AdamW",
             # torch_adam: the torch implementation; DeepSpeed's fused Adam would JIT-compile on CPU.
