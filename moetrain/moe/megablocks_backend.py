@@ -62,12 +62,33 @@ def megablocks_weight_views(experts: GroupedExperts) -> dict[str, torch.Tensor]:
     return {name: getattr(experts, name).view(-1, experts.hidden_size) for name in MEGABLOCKS_WEIGHT_NAMES}
 
 
-def state_dict_from_megablocks(sd: dict[str, torch.Tensor], num_experts: int) -> dict[str, torch.Tensor]:
+def state_dict_from_megablocks(
+    sd: dict[str, torch.Tensor],
+    num_experts: int,
+    *,
+    activation: str = "silu",
+) -> dict[str, torch.Tensor]:
     """A MegaBlocks ``dMoE`` (GLU, no bias) state dict -> one ``MoELayer``'s keys, by views only.
 
     ``router.layer.weight`` [E, H] -> ``router.gate.weight``;
     ``experts.mlp.{w1,v1,w2}`` [E*F, H] -> ``experts.{w1,v1,w2}`` [E, F, H].
-    """
+
+    Our layer computes SiLU-gated experts with renormalised top-k weights. MegaBlocks' defaults are
+    GELU (``Arguments.activation_fn``) and no renormalisation (``moe_normalize_expert_weights=None``):
+    the caller states what the checkpoint was trained with, and anything our layer would compute
+    differently (or any tensor it has no place for, such as ``experts.bias``) is refused in one line
+    instead of loading into a different function. Routing normalisation is the layer's setting: build
+    it with ``model.moe.normalize_top_k=false`` for a checkpoint trained with
+    ``moe_normalize_expert_weights=None``."""
+    if activation != "silu":
+        raise ValueError(
+            f"MegaBlocks checkpoint trained with activation={activation!r}: moetrain's experts are SiLU-gated "
+            "(SwiGLU); converting it would change the model's function"
+        )
+    known = {"router.layer.weight"} | {f"experts.mlp.{n}" for n in MEGABLOCKS_WEIGHT_NAMES}
+    unexpected = sorted(set(sd) - known)
+    if unexpected:
+        raise ValueError(f"MegaBlocks state dict has tensors moetrain's MoE layer cannot hold: {unexpected}")
     out = {"router.gate.weight": sd["router.layer.weight"]}
     for name in MEGABLOCKS_WEIGHT_NAMES:
         w = sd[f"experts.mlp.{name}"]

@@ -205,7 +205,40 @@ class Trainer:
             raise CheckpointError(f"trainer.resume={r!r} is damaged: {problem}")
         return folder
 
+    SHAPE_KEYS = (
+        "vocab_size",
+        "hidden_size",
+        "num_layers",
+        "num_heads",
+        "num_kv_heads",
+        "head_dim",
+        "ffn_hidden_size",
+        "dense_ffn_hidden_size",
+        "num_experts",
+        "moe_every",
+        "tie_embeddings",
+    )
+
+    def _check_same_shape(self, folder: Path) -> None:
+        """A checkpoint of another model shape: one line naming the fields, not DeepSpeed's pages
+        of size-mismatch errors."""
+        from moetrain.checkpoint.model_file import read_config
+
+        saved = (read_config(folder) or {}).get("model", {})
+        ours = dataclasses.asdict(self.cfg.model)
+        diff = [
+            f"model.{k}: {saved[k]} -> {ours[k]}"
+            for k in self.SHAPE_KEYS
+            if k in saved and saved[k] != ours[k]
+        ]
+        if diff:
+            raise CheckpointError(
+                f"checkpoint {folder} has another model shape ({', '.join(diff)}); fix: resume with the "
+                "checkpoint's model settings, or start a new run (another hydra.run.dir)"
+            )
+
     def _resume(self, folder: Path) -> None:
+        self._check_same_shape(folder)
         state = read_trainer_state(folder)
         same_layout = (
             state.get("ep_size") == self.cfg.parallel.ep_size

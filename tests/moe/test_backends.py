@@ -221,6 +221,17 @@ def test_state_dict_from_megablocks():
     assert torch.equal(layer.router.gate.weight, mb_sd["router.layer.weight"])
 
 
+def test_state_dict_from_megablocks_refuses_what_it_cannot_hold():
+    """A dMoE with an expert bias, or trained with MegaBlocks' default GELU, would load into a layer
+    computing another function: one-line refusal naming the reason, never a silent drop."""
+    mb_sd = {f"experts.mlp.{n}": torch.zeros(E * F_, H) for n in ("w1", "v1", "w2")}
+    mb_sd["router.layer.weight"] = torch.zeros(E, H)
+    with pytest.raises(ValueError, match="activation='gelu'"):
+        state_dict_from_megablocks(mb_sd, E, activation="gelu")
+    with pytest.raises(ValueError, match=r"cannot hold: \['experts.bias'\]"):
+        state_dict_from_megablocks({**mb_sd, "experts.bias": torch.zeros(H)}, E)
+
+
 # ---- checkpoints are backend-independent ----------------------------------------------------------
 def _megablocks_layer_on_cpu(monkeypatch, **moe) -> MoELayer:
     """Construction needs no CUDA; only resolve_backend refuses on CPU, so bypass it here."""

@@ -187,3 +187,14 @@ def test_run_dir_not_writable_fails_before_work(tmp_path: Path):
     run.chmod(0o500)
     proc = run_train(run, *tiny(*STEPS))
     assert proc.returncode == 2 and "not writable" in proc.stderr, describe(proc)
+
+
+@pytest.mark.slow
+def test_resume_with_another_model_shape_is_one_line(tmp_path: Path):
+    run = tmp_path / "shape"
+    check_ok(run_train(run, *tiny(*STEPS, "trainer.max_steps=4")))
+    proc = run_train(run, *tiny(*STEPS, "model.num_layers=3", "trainer.resume=auto"))
+    assert proc.returncode == 2, describe(proc)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "model.num_layers: 2 -> 3" in errors[0], describe(proc)
+    assert "size mismatch" not in proc.stderr + proc.stdout
