@@ -22,7 +22,7 @@ from moetrain.hf import hf_architecture
 from moetrain.model import MoETransformer
 from moetrain.moe import sequence_balance_loss
 from moetrain.moe.router import TopKRouter
-from moetrain.testing import rounding_rel, tiny_model_config
+from moetrain.testing import assert_close_scaled, rounding_rel, tiny_model_config
 from moetrain.tracking import expert_bias_metrics
 
 # Hand numbers: a handful of fp32 operations (exp, sum, divide) against Python's float64; 8 ulps.
@@ -289,3 +289,38 @@ def test_export_refuses_what_mixtral_cannot_hold():
     with pytest.raises(ValueError, match="no expert-selection bias.*--drop-expert-bias") as e:
         hf_architecture(biased)
     assert "\n" not in str(e.value)
+
+
+def test_export_cli_refuses_the_bias_or_drops_it_with_a_warning(tmp_path, capsys):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from moetrain.checkpoint import save_model_file
+    from moetrain.export import main as export_main
+
+    torch.manual_seed(0)
+    cfg = tiny_model_config(moe=MoEConfig(bias_update_rate=U))
+    model = MoETransformer(cfg).eval()
+    for layer in model.moe_layers:
+        layer.router.expert_bias.copy_(torch.tensor([0.3, -0.3, 0.0, 0.1]))
+    save_model_file(model.state_dict(), tmp_path / "ckpt", {"model": dataclasses.asdict(cfg)})
+    assert export_main([str(tmp_path / "ckpt"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "--drop-expert-bias" in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+    assert export_main([str(tmp_path / "ckpt"), str(tmp_path / "out"), "--drop-expert-bias"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: dropped the expert-selection bias of 2 MoE layers (largest |bias| 0.3)" in err
+    assert not any("bias" in k for k in load_file(str(tmp_path / "out" / "model.safetensors")))
+    # The export is the same model without the bias: routing from the unbiased scores.
+    unbiased = MoETransformer(dataclasses.replace(cfg, moe=MoEConfig())).eval()
+    unbiased.load_state_dict({k: v for k, v in model.state_dict().items() if "expert_bias" not in k})
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 12))
+    with torch.no_grad():
+        got, want, biased = hf(ids).logits, unbiased(ids).logits, model(ids).logits
+    # transformers' own kernels: 64 ulps of the logits' scale (as tests/test_export.py)
+    assert_close_scaled(got, want, "exported logits", rel=rounding_rel(64))
+    # ...and the trained (biased) model routes differently, which is why the flag is needed
+    assert (got - biased).abs().max() > 1e3 * rounding_rel(64) * biased.abs().max()
