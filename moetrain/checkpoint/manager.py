@@ -81,6 +81,7 @@ class CheckpointManager:
         rank_state: dict[str, Any],
         tokenizer: Any | None,
         sharded_experts: bool = False,
+        save_engine: bool = True,
         save_extra: Any = None,
     ) -> Path:
         """Collective: every rank calls it. ``full_state_dict`` is needed on rank 0 only."""
@@ -92,7 +93,9 @@ class CheckpointManager:
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir()
         barrier()
-        if sharded_experts:
+        if not save_engine:
+            pass  # the layout-free files (save_extra + model file) hold the whole state
+        elif sharded_experts:
             from moetrain.distributed.expert_parallel import save_engine_state
 
             save_engine_state(engine, tmp / ENGINE_TAG, self.rank)

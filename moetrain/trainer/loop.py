@@ -22,6 +22,7 @@ import torch
 from moetrain.checkpoint.integrity import verify
 from moetrain.checkpoint.manager import CheckpointManager, read_rank_state, read_trainer_state, set_rng_state
 from moetrain.checkpoint.model_file import CheckpointError, resolve_checkpoint
+from moetrain.checkpoint.optimizer_state import FILE as OPTIMIZER_FILE
 from moetrain.checkpoint.optimizer_state import load_full_optimizer_state, save_full_optimizer_state
 from moetrain.config import TrainConfig
 from moetrain.distributed import (
@@ -192,8 +193,16 @@ class Trainer:
             ckpt = CheckpointManager(self.run_dir / "checkpoints", self.env.rank, self.cfg.trainer.keep_last)
             latest = ckpt.latest_intact(warn=self._log)
             if latest is None:
+                folder = self.run_dir / "checkpoints"
+                damaged = folder.is_dir() and any(folder.glob("step_*"))
                 self._log(
-                    "trainer.resume=auto: no intact checkpoint in this run dir yet, starting from scratch"
+                    "trainer.resume=auto: "
+                    + (
+                        "no intact checkpoint (see warnings above)"
+                        if damaged
+                        else "no checkpoint in this run dir yet"
+                    )
+                    + ", starting from scratch"
                 )
             return latest
         try:
@@ -244,9 +253,10 @@ class Trainer:
             state.get("ep_size") == self.cfg.parallel.ep_size
             and state.get("world_size") == self.env.world_size
         )
-        if same_layout and self.ep.enabled:
+        engine_saved = (folder / "engine").is_dir()  # absent when the layout-free files hold everything
+        if same_layout and engine_saved and self.ep.enabled:
             load_engine_state(self.engine, folder / "engine", self.env.rank)
-        elif same_layout:
+        elif same_layout and engine_saved:
             self.engine.load_checkpoint(
                 str(folder), tag="engine", load_optimizer_states=True, load_lr_scheduler_states=True
             )
@@ -262,15 +272,22 @@ class Trainer:
             restored = self._plain_optimizer() and load_full_optimizer_state(
                 self.model, self.engine.optimizer, folder, self.ep
             )
-            self._log(
-                f"note: checkpoint saved with ep_size={state.get('ep_size')} world={state.get('world_size')}, "
-                f"resuming with ep_size={self.cfg.parallel.ep_size} world={self.env.world_size}: weights restored "
-                + (
-                    "exactly, optimizer state resharded"
-                    if restored
-                    else "exactly; warning: optimizer state reinitialised (ZeRO-1/2 and bf16 state is per-rank)"
+            if not same_layout:
+                self._log(
+                    f"note: checkpoint saved with ep_size={state.get('ep_size')} world={state.get('world_size')}, "
+                    f"resuming with ep_size={self.cfg.parallel.ep_size} world={self.env.world_size}: weights "
+                    + (
+                        "restored exactly, optimizer state resharded"
+                        if restored
+                        else "restored exactly; warning: optimizer state reinitialised (ZeRO-1/2 and bf16 "
+                        "state is per-rank)"
+                    )
                 )
-            )
+            elif not restored:
+                raise CheckpointError(
+                    f"{folder} has no engine/ and no {OPTIMIZER_FILE}: optimizer state missing"
+                )
+            self.engine.global_steps = state["step"]
             with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
                 warnings.simplefilter("ignore")
                 for _ in range(state["step"]):  # keep the LR schedule where it was
@@ -328,6 +345,9 @@ class Trainer:
                 rank_state={"loader": self.train_loader.state_dict()},
                 tokenizer=self.data.tokenizer,
                 sharded_experts=self.ep.enabled,
+                # ZeRO-0 fp32: model.safetensors + optimizer_full.pt hold everything, exactly, in a
+                # layout-free form: DeepSpeed's engine files would be a second copy of both.
+                save_engine=not self._plain_optimizer(),
                 save_extra=self._save_layout_free_optimizer,
             )
         except OSError as e:
