@@ -7,6 +7,7 @@ reduces gradients at the boundary. Everything logged is global (mean or sum over
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -469,6 +470,7 @@ class Trainer:
         real_step = opt.step
         self._skip_update = False
 
+        @functools.wraps(real_step)  # keeps torch's LR-scheduler marker (no "step() overridden" warning)
         def guarded_step(*args: Any, **kwargs: Any) -> Any:
             if not self._skip_update:
                 if not hasattr(opt, "check_grad_overflow"):  # DeepSpeed's ZeRO sets its own flag

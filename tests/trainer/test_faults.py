@@ -198,3 +198,17 @@ def test_resume_with_another_model_shape_is_one_line(tmp_path: Path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "model.num_layers: 2 -> 3" in errors[0], describe(proc)
     assert "size mismatch" not in proc.stderr + proc.stdout
+
+
+@pytest.mark.slow
+def test_checkpoint_holds_one_copy_of_weights_and_optimizer_state(tmp_path: Path):
+    """ZeRO-0 fp32: model.safetensors + optimizer_full.pt are the whole state (layout-free and exact);
+    no second copy in DeepSpeed's engine files. Bound: 1.15 x (fp32 weights + AdamW's two moments),
+    the 15 % covering tokenizer, RNG/loader state, config and manifest (~40 KB here, ~1 %)."""
+    run = tmp_path / "size"
+    check_ok(run_train(run, *tiny(*STEPS, "trainer.max_steps=3", "trainer.checkpoint_every=3")))
+    ckpt = run / "checkpoints" / "step_00000003"
+    weights = sum(t.numel() * 4 for t in load_file(str(ckpt / "model.safetensors")).values())
+    total = sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file())
+    assert not (ckpt / "engine").exists()
+    assert total <= 1.15 * 3 * weights, f"{total} bytes for {weights} bytes of weights"
