@@ -50,6 +50,30 @@ from moetrain.trainer.guards import NonFiniteGuard, StopRequest, TrainingDiverge
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
 
+def _moe_kernel_summary(layer: Any, device: torch.device, dtype: torch.dtype) -> str:
+    """Backend and expert GEMM for this device and dtype: what the first forward will run."""
+    where = (
+        "cpu"
+        if device.type == "cpu"
+        else f"{torch.cuda.get_device_name(device)} sm{''.join(map(str, torch.cuda.get_device_capability(device)))}"
+    )
+    dt = str(dtype).replace("torch.", "")
+    if layer.moe_backend == "megablocks":
+        gemm = (
+            "grouped_gemm.gmm"
+            if device.type == "cuda" and dtype == torch.bfloat16
+            else "torch matmuls (grouped_gemm is CUDA bf16 only)"
+        )
+        return f"megablocks permutation + {gemm} ({where}, {dt})"
+    impl = layer.experts.resolved_impl(dtype)
+    why = {
+        "grouped_mm": "torch.nn.functional.grouped_mm",
+        "loop": "per-expert matmul loop"
+        + (" (this torch has no grouped_mm)" if not hasattr(torch.nn.functional, "grouped_mm") else ""),
+    }.get(impl, impl)
+    return f"torch dispatch + {why} ({where}, {dt}; model.moe.expert_impl={layer.experts.impl})"
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -181,6 +205,12 @@ class Trainer:
             + (f" | {stats['tokens']} tokens" if "tokens" in stats else ""),
             flush=True,
         )
+        if self.model.moe_layers:  # which kernels this run's MoE layers use, and why (logged once)
+            print(
+                "  moe kernels: "
+                + _moe_kernel_summary(self.model.moe_layers[0], self.env.device, self.dtype),
+                flush=True,
+            )
 
     # ---- checkpoint / resume ----------------------------------------------------------------------
     def _config_for_checkpoint(self) -> dict[str, Any]:
