@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 EXP ?= mixtral_small
 export OMP_NUM_THREADS ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: install train test test-fast test-numerics test-gpu lint format corpus clean
+.PHONY: install train test test-fast test-numerics test-gpu bench lint format corpus clean
 
 install: $(STAMP)
 
@@ -50,6 +50,12 @@ test-numerics: install
 
 test-gpu: install
 	$(PY) -m pytest -q -m gpu -rs $(ARGS)
+
+# Speed, side by side in one process (ratios, never timed tests). On a GPU host the layer benchmark
+# runs on CUDA; results tables with their machine and command: benchmarks/README.md, docs/GPU.md.
+bench: install
+	$(PY) benchmarks/bench_moe_layer.py --threads $(OMP_NUM_THREADS) $(ARGS)
+	$(PY) benchmarks/bench_experts.py --threads $(OMP_NUM_THREADS) --repeats 20
 
 lint: install
 	$(VENV)/bin/ruff check moetrain tests benchmarks scripts
