@@ -304,14 +304,19 @@ class Trainer:
                 self.model, self.engine.optimizer, folder, self.ep
             )
             if not same_layout:
+                # The model file holds the module's weights: fp32 runs store them exactly; bf16 runs
+                # store bf16 copies, so the fp32 master weights restart from those (not exact).
+                weights = (
+                    "restored exactly" if self.dtype == torch.float32 else "restored from their bf16 copies"
+                )
                 self._log(
                     f"note: checkpoint saved with ep_size={state.get('ep_size')} world={state.get('world_size')}, "
                     f"resuming with ep_size={self.cfg.parallel.ep_size} world={self.env.world_size}: weights "
+                    + weights
                     + (
-                        "restored exactly, optimizer state resharded"
+                        ", optimizer state resharded"
                         if restored
-                        else "restored exactly; warning: optimizer state reinitialised (ZeRO-1/2 and bf16 "
-                        "state is per-rank)"
+                        else "; warning: optimizer state reinitialised (ZeRO-1/2 and bf16 state is per-rank)"
                     )
                 )
             elif not restored:
