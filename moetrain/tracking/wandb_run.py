@@ -22,7 +22,10 @@ class WandbRun:
 
         mode = cfg.mode
         if mode == "online" and not (os.environ.get("WANDB_API_KEY") or _has_login()):
-            print("wandb: no API key found; logging offline instead (run `wandb login`, then `wandb sync`)")
+            print(
+                "wandb: no API key found; logging offline instead (run `wandb login`, then "
+                f"`wandb sync {run_dir}/wandb/offline-run-*`)"
+            )
             mode = "offline"
         self.run = wandb.init(
             project=cfg.project,

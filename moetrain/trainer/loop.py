@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import math
 import os
 import random
@@ -74,6 +75,34 @@ def _moe_kernel_summary(layer: Any, device: torch.device, dtype: torch.dtype) ->
     return f"torch dispatch + {why} ({where}, {dt}; model.moe.expert_impl={layer.experts.impl})"
 
 
+def _step_line(step: int, max_steps: int, record: dict[str, Any]) -> str:
+    """The plain log line of one logged step (console without a progress bar, and train.log)."""
+    parts = [f"step {step}/{max_steps}", f"loss {record['loss']:.4f}"]
+    if "val_loss" in record:
+        parts.append(f"val_loss {record['val_loss']:.4f}")
+    parts.append(f"lr {record['lr']:.2e}")
+    if record.get("grad_norm") is not None:
+        parts.append(f"grad_norm {record['grad_norm']:.3f}")
+    parts.append(f"{record['tokens_per_sec']:,.0f} tok/s")
+    if "moe/max_imbalance" in record:
+        parts.append(f"max_imbalance {record['moe/max_imbalance']:.2f}")
+    return " | ".join(parts)
+
+
+def _run_log() -> logging.Logger:
+    """Hydra's ``train.log`` (its FileHandler on the root logger), without a second console copy."""
+    log = logging.getLogger("moetrain.run")
+    if not log.handlers:
+        log.propagate = False
+        log.setLevel(logging.INFO)
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.FileHandler):
+                log.addHandler(handler)
+        if not log.handlers:
+            log.addHandler(logging.NullHandler())
+    return log
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -126,6 +155,7 @@ class Trainer:
                 self._bar.write(msg)
             else:
                 print(msg, flush=True)
+            _run_log().info(msg)
 
     def _build_data(self) -> None:
         from moetrain.data import ResumableLoader, ValidationLoader, build_data
@@ -588,22 +618,16 @@ class Trainer:
 
     def _log_step(self, record: dict[str, Any]) -> None:
         """One plain line per log step (what a cluster log shows), unless the progress bar shows it."""
-        if not self.is_main or self.cfg.logging.progress:
-            if self.is_main and "val_loss" in record:
+        if not self.is_main:
+            return
+        if self.cfg.logging.progress:
+            _run_log().info(_step_line(self.step, self.cfg.trainer.max_steps, record))
+            if "val_loss" in record:
                 self._log(
                     f"step {self.step}: val_loss {record['val_loss']:.4f} (ppl {record['val_ppl']:.1f})"
                 )
             return
-        parts = [f"step {self.step}/{self.cfg.trainer.max_steps}", f"loss {record['loss']:.4f}"]
-        if "val_loss" in record:
-            parts.append(f"val_loss {record['val_loss']:.4f}")
-        parts.append(f"lr {record['lr']:.2e}")
-        if record.get("grad_norm") is not None:
-            parts.append(f"grad_norm {record['grad_norm']:.3f}")
-        parts.append(f"{record['tokens_per_sec']:,.0f} tok/s")
-        if "moe/max_imbalance" in record:
-            parts.append(f"max_imbalance {record['moe/max_imbalance']:.2f}")
-        self._log(" | ".join(parts))
+        self._log(_step_line(self.step, self.cfg.trainer.max_steps, record))
 
     def run(self) -> int:
         c = self.cfg

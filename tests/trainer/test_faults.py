@@ -268,3 +268,13 @@ def test_nonfinite_guard_window():
         guard.on_fault(22, "non-finite loss")
     with pytest.raises(TrainingDiverged, match="on_nonfinite=stop"):
         NonFiniteGuard("stop", 5, 10).on_fault(1, "non-finite loss")
+
+
+@pytest.mark.slow
+def test_train_log_has_a_line_per_logged_step():
+    """A cluster log reader's view: Hydra's train.log holds the step lines and the checkpoint lines."""
+    run = _uninterrupted()
+    log = (run.run_dir / "train.log").read_text()
+    for step in (1, 6, 12):
+        assert f"step {step}/12 | loss " in log, log[-2000:]
+    assert "checkpoint saved:" in log
