@@ -583,6 +583,7 @@ class Trainer:
         for msg in self.collapse.update(fractions):
             self._log(f"warning: {msg}")
             self.wandb.alert("routing collapse", msg)
+        metrics.update(getattr(self.model, "routing_state_metrics", dict)())  # e.g. the expert bias
         return metrics
 
     def _heatmap(self, path: Path | None = None, step: int | None = None) -> None:

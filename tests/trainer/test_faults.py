@@ -278,3 +278,15 @@ def test_train_log_has_a_line_per_logged_step():
     for step in (1, 6, 12):
         assert f"step {step}/12 | loss " in log, log[-2000:]
     assert "checkpoint saved:" in log
+
+
+@pytest.mark.slow
+def test_expert_bias_is_in_metrics():
+    """Aux-loss-free balancing: the bias of every MoE layer is logged next to the loads."""
+    run = cached_run(
+        *tiny("model.moe.bias_update_rate=0.01", "model.moe.aux_loss_weight=0", "trainer.max_steps=6"),
+        name="bias-metrics",
+    ).check()
+    rec = run.metrics()[-1]
+    assert len(rec["moe/layer_0/expert_bias"]) == 4
+    assert rec["moe/layer_0/expert_bias_spread"] > 0  # six steps of +-u updates moved it
