@@ -23,24 +23,13 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moetrain.config import MoEConfig
+from moetrain.model.layers import SwiGLU
 from moetrain.moe import MoELayer
 
 SHAPES = {"small": (256, 512, 8, 2), "S1": (512, 1024, 8, 2), "S2": (512, 256, 64, 8)}
-
-
-class DenseSwiGLU(nn.Module):
-    def __init__(self, hidden: int, ffn: int) -> None:
-        super().__init__()
-        self.w1 = nn.Linear(hidden, ffn, bias=False)
-        self.v1 = nn.Linear(hidden, ffn, bias=False)
-        self.w2 = nn.Linear(ffn, hidden, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.v1(x))
 
 
 def _timer(device: torch.device):
@@ -90,7 +79,7 @@ def main() -> None:
         for dt_name in args.dtypes.split(","):
             dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dt_name]
             torch.manual_seed(0)
-            dense = DenseSwiGLU(H, K * Fh).to(device, dtype)
+            dense = SwiGLU(H, K * Fh).to(device, dtype)
             layers = {}
             for impl in ("grouped_mm", "loop"):
                 layer = MoELayer(H, Fh, E, K, MoEConfig(backend="torch", expert_impl=impl))

@@ -42,26 +42,24 @@ def _on_comm(t: torch.Tensor, group: Any) -> torch.Tensor:
     return t.detach().to(comm_device(group), copy=True).contiguous()
 
 
-def all_reduce_sum(t: torch.Tensor, group: Any = None) -> torch.Tensor:
+def _all_reduce(t: torch.Tensor, op: dist.ReduceOp, group: Any) -> torch.Tensor:
     if not initialized():
         return t
     buf = _on_comm(t, group)
-    dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+    dist.all_reduce(buf, op=op, group=group)
     return buf.to(t.device)
 
 
+def all_reduce_sum(t: torch.Tensor, group: Any = None) -> torch.Tensor:
+    return _all_reduce(t, dist.ReduceOp.SUM, group)
+
+
 def all_reduce_mean(t: torch.Tensor, group: Any = None) -> torch.Tensor:
-    if not initialized():
-        return t
     return all_reduce_sum(t, group) / world_size(group)
 
 
 def all_reduce_max(t: torch.Tensor, group: Any = None) -> torch.Tensor:
-    if not initialized():
-        return t
-    buf = _on_comm(t, group)
-    dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group)
-    return buf.to(t.device)
+    return _all_reduce(t, dist.ReduceOp.MAX, group)
 
 
 def any_rank(flag: bool, group: Any = None) -> bool:
