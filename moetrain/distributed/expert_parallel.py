@@ -229,17 +229,23 @@ def full_state_dict(model: nn.Module, env: DistEnv, ep: ExpertParallelInfo) -> d
     return out
 
 
-def load_full_state_dict(
-    model: nn.Module, full: dict[str, torch.Tensor], env: DistEnv, ep: ExpertParallelInfo
-) -> None:
-    """Load a layout-free state dict, keeping this rank's expert shard."""
-    sd = dict(full)
+def load_model_file_shard(model: nn.Module, path: Path, ep: ExpertParallelInfo) -> None:
+    """Load a layout-free ``model.safetensors`` reading only this rank's experts from disk
+    (``safe_open(...).get_slice``): host memory follows the shard, never the whole model."""
+    from safetensors import safe_open
+
+    expert_names = set(_expert_param_names(model)) if ep.enabled else set()
+    sd: dict[str, torch.Tensor] = {}
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+            if name in expert_names:
+                sl = f.get_slice(name)
+                El = sl.get_shape()[0] // ep.ep_size
+                sd[name] = sl[ep.ep_rank * El : (ep.ep_rank + 1) * El]
+            else:
+                sd[name] = f.get_tensor(name)
     if getattr(model, "cfg", None) is not None and model.cfg.tie_embeddings:
         sd.setdefault("lm_head.weight", sd["embed.weight"])
-    if ep.enabled:
-        for name in _expert_param_names(model):
-            El = sd[name].shape[0] // ep.ep_size
-            sd[name] = sd[name][ep.ep_rank * El : (ep.ep_rank + 1) * El]
     model.load_state_dict(sd, strict=True)
 
 

@@ -40,7 +40,7 @@ from moetrain.distributed.expert_parallel import (
     build_model,
     full_state_dict,
     load_engine_state,
-    load_full_state_dict,
+    load_model_file_shard,
     parallelize,
 )
 from moetrain.tracking import CollapseDetector, MetricsFile, RoutingAccumulator, WandbRun, routing_metrics
@@ -324,9 +324,7 @@ class Trainer:
         else:
             # Another parallel layout: weights come from the layout-free model file (exact); the
             # optimizer state is per-rank and layout-specific, so it restarts (see docs/EXPERT_PARALLEL.md).
-            from safetensors.torch import load_file
-
-            load_full_state_dict(self.model, load_file(str(folder / "model.safetensors")), self.env, self.ep)
+            load_model_file_shard(self.model, folder / "model.safetensors", self.ep)
             refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
             if refresh is not None:  # ZeRO / bf16 keep fp32 master copies of the weights
                 refresh()

@@ -1,7 +1,7 @@
 """A rank builds only its experts: meta-device build, this rank's shard materialised and initialised.
 
-Host memory is measured in a fresh process (peak resident set, ``ru_maxrss``) so that the check sees
-every byte the build allocated, however briefly."""
+Host memory is measured in a fresh process (its peak resident set, VmHWM) so that the check sees every
+byte the build allocated, however briefly (``ru_maxrss`` would carry over the parent's peak)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -18,27 +19,37 @@ from moetrain.distributed.expert_parallel import build_model
 from moetrain.model import MoETransformer
 
 # Experts dominate: 4 layers x 3 x 8 experts x 8192 x 256 fp32 = 805 MB; the rest is ~2.6 MB, large
-# enough that allocator and lazy-import noise (~80 MB seen in ru_maxrss) cannot blur the ratios.
+# enough that allocator and lazy-import noise (~80 MB seen in the peak) cannot blur the ratios.
 # Measured (AMD EPYC, 2026-11-25): peak growth 858 MiB full, 290 MiB ep 4, 804 MiB full-then-shard.
 BIG = dict(vocab_size=512, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, ffn_hidden_size=8192)
 
 PROBE = textwrap.dedent(
     """
-    import json, resource, sys, torch
+    import json, sys, torch
     from types import SimpleNamespace
     from moetrain.config import ModelConfig
     from moetrain.distributed.expert_parallel import build_model, shard_experts
     from moetrain.model import MoETransformer
     mode, ep_size = sys.argv[1], int(sys.argv[2])
     cfg = SimpleNamespace(model=ModelConfig(**json.loads(sys.argv[3])))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    def peak_kib():  # VmHWM: this process's own peak (ru_maxrss would include the parent's, kept over exec)
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    before = peak_kib()
     torch.manual_seed(0)
     if mode == "meta":
         model = build_model(cfg, torch.device("cpu"), ep_rank=1, ep_size=ep_size)
+    elif mode.startswith("load:"):  # resume: build the shard, then read its experts from the file
+        from pathlib import Path
+        from moetrain.distributed.expert_parallel import ExpertParallelInfo, load_model_file_shard
+        model = build_model(cfg, torch.device("cpu"), ep_rank=1, ep_size=ep_size)
+        ep = ExpertParallelInfo(enabled=ep_size > 1, ep_size=ep_size, ep_rank=1)
+        load_model_file_shard(model, Path(mode[5:]), ep)
     else:  # what the trainer did before: the whole model on every rank, then keep a slice
         model = MoETransformer(cfg.model)
         shard_experts(model, 1, ep_size)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    after = peak_kib()
     kept = sum(p.numel() * p.element_size() for p in model.parameters())
     print(json.dumps({"peak_kib": after - before, "kept_bytes": kept}))
     """
@@ -95,3 +106,24 @@ def test_init_depends_on_the_seed():
     torch.manual_seed(2)
     b = build_model(cfg, torch.device("cpu"))
     assert not torch.equal(a.embed.weight, b.embed.weight)
+
+
+def test_resume_reads_only_this_ranks_experts(tmp_path: Path):
+    """Loading model.safetensors under expert parallelism slices experts on disk (get_slice): the
+    peak stays near the shard's; reading the whole file first would add the full ~805 MB."""
+    from safetensors.torch import save_file
+
+    cfg = SimpleNamespace(model=ModelConfig(**BIG))
+    torch.manual_seed(0)
+    full = build_model(cfg, torch.device("cpu"))
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in full.state_dict().items()}, str(path))
+    del full
+    shard_only = _peak("meta", 4)
+    loaded = _peak(f"load:{path}", 4)
+    whole = _peak("meta", 1)
+    grow = (loaded["peak_kib"] - shard_only["peak_kib"]) / 1024
+    # The shard's experts (~201 MB) come in once more at most, far below the whole file.
+    assert grow < 0.5 * whole["peak_kib"] / 1024, (
+        f"loading grew the peak by {grow:.0f} MiB ({shard_only}, {loaded}, {whole})"
+    )
