@@ -1,10 +1,9 @@
 """Aux-loss-free balancing in real training runs (mixtral_tiny, CPU, gloo).
 
 - expert parallelism: ep_size=2 on 2 processes trains like one process with the bias on (same losses,
-  gradient norms and weights within the rounding bounds of moetrain.testing; the bias itself equal),
-  and both ranks hold the same bias (each saves its own engine state);
+  gradient norms and weights within the rounding bounds of moetrain.testing; the bias itself equal);
 - resume: stopping at step 10 and resuming reproduces the uninterrupted run bit for bit, the bias
-  included (it is a buffer in model.safetensors and in the engine state).
+  included (it is a buffer in model.safetensors).
 """
 
 from __future__ import annotations
@@ -58,12 +57,10 @@ def test_ep2_equals_single_process_with_expert_bias():
         assert b1[k].equal(b2[k]), f"{k}: {b1[k].tolist()} (1 process) vs {b2[k].tolist()} (ep 2)"
     spread = max(float(b.max() - b.min()) for b in b1.values())
     assert spread >= 2 * U, "the bias must have moved for this comparison to mean anything"
-    # every rank holds the full [E] bias, identical (each saved its own engine state)
-    ranks = sorted((two.step_dir(20) / "engine").glob("rank_*.pt"))
-    assert len(ranks) == 2, ranks
-    mods = [biases(torch.load(p, map_location="cpu", weights_only=False)["module"]) for p in ranks]
-    for k in b1:
-        assert mods[0][k].shape == (4,) and mods[0][k].equal(mods[1][k]) and mods[0][k].equal(b1[k]), k
+    # Each rank routes its own tokens with its own copy of the [E] bias: a copy that differed on rank 1
+    # would route rank 1's half of the batch differently from the one-process run, which the loss,
+    # gradient-norm and weight comparison above would report. (ZeRO-0 fp32 checkpoints hold only the
+    # layout-free files, so there is no per-rank file to compare directly.)
 
 
 @pytest.mark.slow
