@@ -251,8 +251,7 @@ class Trainer:
         if r is None:
             return None
         if r == "auto":
-            ckpt = CheckpointManager(self.run_dir / "checkpoints", self.env.rank, self.cfg.trainer.keep_last)
-            latest = ckpt.latest_intact(warn=self._log)
+            latest = self.ckpt.latest_intact(warn=self._log)
             if latest is None:
                 folder = self.run_dir / "checkpoints"
                 damaged = folder.is_dir() and any(folder.glob("step_*"))
@@ -434,6 +433,7 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]  # the LR this step uses
         ga = self.cfg.optim.grad_accum
         grad_norm = None
+        skipped = False
         for _ in range(ga):
             batch = next(self.train_loader)
             ids = batch["input_ids"].to(self.env.device, non_blocking=True)
@@ -472,7 +472,6 @@ class Trainer:
             self.routing.add(out.router_stats)
             self.tokens_seen += ids.numel() * self.env.world_size
         loss, lm, aux, z = (all_reduce_mean(sums.double()) / ga).tolist()
-        skipped_now = int(self._skip_update or not getattr(self.engine, "_step_applied", True))
         if grad_norm is None and self.engine.get_global_grad_norm() is not None:
             grad_norm = float(self.engine.get_global_grad_norm())
         return {
@@ -482,7 +481,7 @@ class Trainer:
             "z_loss": z,
             "grad_norm": grad_norm if grad_norm is None or math.isfinite(grad_norm) else None,
             "lr": lr,
-            "skipped_step": skipped_now,
+            "skipped_step": int(skipped),
             "skipped_steps_total": self.nonfinite.total_skipped,
         }
 
@@ -631,13 +630,13 @@ class Trainer:
     def run(self) -> int:
         c = self.cfg
         self._check_run_dir_writable()
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", self.env.rank, c.trainer.keep_last)
         if c.trainer.resume not in (None, "auto"):
             self._resume_target()  # a wrong or damaged checkpoint path fails before any expensive work
         self._build_data()
         self._build_model()
         self._install_update_guard()
         self._print_banner()
-        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", self.env.rank, c.trainer.keep_last)
         self.nonfinite = NonFiniteGuard(
             c.trainer.on_nonfinite, c.trainer.max_skipped_steps, c.trainer.skip_window
         )
