@@ -1,12 +1,14 @@
-"""Checkpoints: a backend- and layout-independent model file plus the engine/trainer state.
+"""Checkpoints: the whole training state once, in backend- and layout-independent files.
 
 A checkpoint is a folder ``checkpoints/step_XXXXXXXX/`` holding
-- ``model.safetensors``: every parameter of the model with *all* experts in global order, under the
-  names of ``MoETransformer.state_dict()`` (what export, generate, analyze and EP resharding read);
+- ``model.safetensors``: every parameter of the model (the optimizer's fp32 masters) with *all*
+  experts in global order, under the names of ``MoETransformer.state_dict()`` (what export, generate,
+  analyze and resuming read);
+- ``optimizer.safetensors``: the optimizer state per parameter, experts in the same order;
 - ``config.yaml``: the resolved training config; ``tokenizer/``: the tokenizer the model was trained with;
-- ``trainer_state.json`` and ``rng/``: step, tokens seen, data-loader position, RNG states;
-- the DeepSpeed engine state (optimizer, scheduler) in the engine's own sub-folder.
-``checkpoints/latest`` names the newest complete checkpoint; it is written last, atomically.
+- ``trainer_state.json`` and ``rank_state/``: step, tokens seen, data-loader position, RNG states;
+- ``manifest.json``: sizes and SHA-256 of every file, written last.
+No DeepSpeed engine files (they would be a second, per-rank copy). ``checkpoints/latest`` names the newest complete checkpoint; it is written last, atomically.
 """
 
 from moetrain.checkpoint.model_file import (

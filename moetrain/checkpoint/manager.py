@@ -19,13 +19,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
 from moetrain.checkpoint.integrity import fsync_dir, verify, write_manifest
 from moetrain.checkpoint.model_file import LATEST, TOKENIZER_DIR, CheckpointError, save_model_file
+from moetrain.checkpoint.optimizer_state import FILE as OPTIMIZER_FILE
 from moetrain.distributed import barrier
 
 STATE_FILE = "trainer_state.json"
-ENGINE_TAG = "engine"
 
 
 # Tests only: MOETRAIN_TEST_KILL_IN_SAVE=POINT@STEP sends SIGKILL to this process at that point of the
@@ -74,17 +75,15 @@ class CheckpointManager:
         self,
         *,
         step: int,
-        engine: Any,
-        full_state_dict: dict[str, torch.Tensor] | None,
+        model_state: dict[str, torch.Tensor] | None,
+        optimizer_state: dict[str, torch.Tensor] | None,
         config: dict[str, Any],
         trainer_state: dict[str, Any],
         rank_state: dict[str, Any],
         tokenizer: Any | None,
-        sharded_experts: bool = False,
-        save_engine: bool = True,
-        save_extra: Any = None,
     ) -> Path:
-        """Collective: every rank calls it. ``full_state_dict`` is needed on rank 0 only."""
+        """Collective: every rank calls it. ``model_state`` and ``optimizer_state`` (layout-free, all
+        experts; see checkpoint/optimizer_state.py) are needed on rank 0 only."""
         final = self.root / step_dirname(step)
         tmp = self.root / f".tmp-{step_dirname(step)}"
         if self.rank == 0:
@@ -93,22 +92,14 @@ class CheckpointManager:
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir()
         barrier()
-        if not save_engine:
-            pass  # the layout-free files (save_extra + model file) hold the whole state
-        elif sharded_experts:
-            from moetrain.distributed.expert_parallel import save_engine_state
-
-            save_engine_state(engine, tmp / ENGINE_TAG, self.rank)
-        else:
-            engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False)
-        if save_extra is not None:  # collective extras (e.g. the layout-free optimizer state)
-            save_extra(tmp)
         (tmp / "rank_state").mkdir(exist_ok=True)
         torch.save({**rank_state, "rng": rng_state()}, tmp / "rank_state" / f"rank_{self.rank:05d}.pt")
         _fault_point("files", step)
         if self.rank == 0:
-            assert full_state_dict is not None
-            save_model_file(full_state_dict, tmp, config)
+            assert model_state is not None
+            save_model_file(model_state, tmp, config)
+            if optimizer_state:
+                save_file(optimizer_state, str(tmp / OPTIMIZER_FILE), metadata={"producer": "moetrain"})
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
             (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))

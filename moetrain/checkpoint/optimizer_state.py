@@ -1,9 +1,20 @@
-"""A layout-free copy of the AdamW state (ZeRO-0), so a run can resume with another ``ep_size``.
+"""The optimizer's whole state in a layout-free form, for every ZeRO stage and dtype.
 
-Per parameter name: ``exp_avg`` and ``exp_avg_sq`` with all experts in global order, plus ``step``.
-Written by rank 0 beside ``model.safetensors``; on load every rank keeps its expert shard. ZeRO-1/2
-keep their state in flat per-rank partitions; resharding those is left to DeepSpeed's universal
-checkpoint (documented), and the trainer reinitialises the optimizer with a warning instead.
+What a checkpoint needs from the optimizer is, per parameter name, the fp32 master weight and the
+optimizer's per-element state (AdamW: ``exp_avg``, ``exp_avg_sq``) plus its step count, with all
+experts in global order. Stored that way, one copy of each, a checkpoint resumes exactly at the same
+layout *and* at another ``ep_size`` / world size, and DeepSpeed's per-rank engine files (a second copy
+of weights and state) are not written at all.
+
+Where that state lives depends on the engine:
+- ZeRO-0 fp32: a plain torch optimizer; the module's parameters are the master weights.
+- ZeRO-1/2 (any dtype) and bf16 at ZeRO-0: DeepSpeed keeps flat fp32 partitions per param group and
+  links every module parameter to its fragment (``param._hp_mapping``); ``safe_get_full_*`` /
+  ``safe_set_full_*`` read and write a parameter's full fp32 value through those links (reading is
+  an all-reduce over the parameter's data-parallel group, so it is collective).
+:class:`OptimizerView` hides the difference. Files: the master weights go into ``model.safetensors``
+(fp32, so a bf16 run resumes from its fp32 masters, not from bf16 copies), the rest into
+``optimizer.safetensors`` as ``<state key>/<parameter name>``.
 """
 
 from __future__ import annotations
@@ -12,64 +23,161 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from moetrain.distributed.comm import gather_to_first
-
-FILE = "optimizer_full.pt"
-
-
-def _name_of(model: nn.Module) -> dict[int, str]:
-    return {id(p): n for n, p in model.named_parameters()}
+FILE = "optimizer.safetensors"
+LEGACY_FILE = "optimizer_full.pt"  # torch.save'd dict of the same content (ZeRO-0 checkpoints, 2026-11)
 
 
-def save_full_optimizer_state(model: nn.Module, optimizer: Any, folder: Path, rank: int, ep: Any) -> None:
-    """Collective under expert parallelism. ``optimizer`` must be a plain torch optimizer (ZeRO-0 fp32)."""
-    names = _name_of(model)
-    full: dict[str, dict[str, Any]] = {}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            st = optimizer.state.get(p)
-            if not st:
-                continue
-            entry = {"step": float(st["step"])}
-            for key in ("exp_avg", "exp_avg_sq"):
-                t = st[key].detach()
-                if ep.enabled and getattr(p, "allreduce", True) is False:
-                    if 0 not in dist.get_process_group_ranks(ep.group):
-                        continue  # a replica group: rank 0's group writes these experts
-                    t = gather_to_first(t, ep.group, out_device="cpu")  # streamed to rank 0's host
-                    if t is None:
-                        continue
-                entry[key] = t.cpu().clone()
-            full[names[id(p)]] = entry
-    if rank == 0:
-        torch.save(full, folder / FILE)
+class OptimizerView:
+    """Per-parameter, full-tensor access to a DeepSpeed engine's fp32 master weights and optimizer state.
+
+    Three kinds of holder: ``plain`` (ZeRO-0 fp32: the torch optimizer, the parameters are the
+    masters), ``fragments`` (ZeRO-1/2 and DeepSpeed's BF16_Optimizer: flat fp32 partitions reached
+    through ``param._hp_mapping``) and ``paired`` (bf16 at ZeRO-0 in DeepSpeed 0.19:
+    FP16_UnfusedOptimizer, one fp32 copy per parameter in ``fp32_groups``).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: Any) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self._masters: dict[int, torch.Tensor] = {}
+        if not type(optimizer).__module__.startswith("deepspeed"):
+            self.kind, self.base = "plain", optimizer
+        elif hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
+            self.kind, self.base = "fragments", optimizer.optimizer
+            if self.base.state:
+                self._relink()
+        elif hasattr(optimizer, "fp16_groups") and hasattr(optimizer, "fp32_groups"):
+            self.kind, self.base = "paired", optimizer.optimizer
+            for low, high in zip(optimizer.fp16_groups, optimizer.fp32_groups, strict=True):
+                self._masters.update({id(lp): hp for lp, hp in zip(low, high, strict=True)})
+        else:
+            raise TypeError(
+                f"checkpointing does not know DeepSpeed's {type(optimizer).__name__}; "
+                "fix: use parallel.zero_stage 0, 1 or 2 with the default optimizer settings"
+            )
+
+    def _relink(self) -> None:
+        # DeepSpeed links each parameter's fragment to the flat optimizer state once, right after the
+        # first param group's first step: groups stepped later (no-decay, expert groups) stay
+        # unlinked ("exp_avg not found in optimizer state fragment"). Link again now that all exist.
+        self.optimizer._hp_optimizer_states_linked = False
+        self.optimizer._lazy_init_hp_params_optimizer_state()
+
+    def _holder(self, p: nn.Parameter) -> torch.Tensor:
+        """The tensor the torch optimizer keys its state by (plain and paired kinds)."""
+        return self._masters[id(p)] if self.kind == "paired" else p
+
+    # ---- reading (collective for the fragments kind) ---------------------------------------------------
+    def master(self, p: nn.Parameter) -> torch.Tensor:
+        if self.kind == "fragments":
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            return safe_get_full_fp32_param(p)
+        return self._holder(p).detach()
+
+    def state_keys(self) -> list[str]:
+        """The per-element state keys (e.g. exp_avg, exp_avg_sq); [] before the first step."""
+        for st in self.base.state.values():
+            return sorted(k for k, v in st.items() if torch.is_tensor(v) and v.dim() > 0)
+        return []
+
+    def state(self, p: nn.Parameter, key: str) -> torch.Tensor:
+        if self.kind == "fragments":
+            from deepspeed.utils import safe_get_full_optimizer_state
+
+            return safe_get_full_optimizer_state(p, key)
+        return self.base.state[self._holder(p)][key].detach()
+
+    def step_count(self) -> float:
+        for st in self.base.state.values():
+            return float(st["step"])
+        return 0.0
+
+    # ---- writing (local: each rank writes its own fragment) --------------------------------------------
+    def prepare_state(self, keys: list[str], step: float) -> None:
+        """Create zeroed optimizer state (as the optimizer's first step would) so it can be filled."""
+        for group in self.base.param_groups:
+            on_device = group.get("fused") or group.get("capturable")
+            for t in group["params"]:
+                st: dict[str, Any] = {
+                    k: torch.zeros_like(t, memory_format=torch.preserve_format) for k in keys
+                }
+                st["step"] = torch.tensor(step, dtype=torch.float32, device=t.device if on_device else "cpu")
+                self.base.state[t] = st
+        if self.kind == "fragments":  # link every parameter's fragment to the new flat state
+            self._relink()
+
+    @torch.no_grad()
+    def set_master(self, p: nn.Parameter, value: torch.Tensor) -> None:
+        if self.kind == "fragments":
+            from deepspeed.utils import safe_set_full_fp32_param
+
+            safe_set_full_fp32_param(p, value.to(device=p.device, dtype=torch.float32))
+        elif self.kind == "paired":
+            self._masters[id(p)].copy_(value)
+        # plain: the master is the parameter, loaded with the module already
+
+    @torch.no_grad()
+    def set_state(self, p: nn.Parameter, key: str, value: torch.Tensor) -> None:
+        if self.kind == "fragments":
+            from deepspeed.utils import safe_set_full_optimizer_state
+
+            safe_set_full_optimizer_state(p, value.to(device=p.device, dtype=torch.float32), key)
+        else:
+            self.base.state[self._holder(p)][key].copy_(value)
 
 
-def load_full_optimizer_state(model: nn.Module, optimizer: Any, folder: Path, ep: Any) -> bool:
-    """Fill a freshly built torch optimizer from the layout-free file; False if there is none."""
+def read_legacy_state(folder: Path) -> dict[str, torch.Tensor] | None:
+    """Checkpoints written before optimizer.safetensors: the same content in a torch.save'd dict."""
+    path = folder / LEGACY_FILE
+    if not path.is_file():
+        return None
+    out: dict[str, torch.Tensor] = {}
+    for name, entry in torch.load(path, map_location="cpu", weights_only=False).items():
+        out[f"step/{name}"] = torch.tensor(entry["step"])
+        for key in ("exp_avg", "exp_avg_sq"):
+            out[f"{key}/{name}"] = entry[key]
+    return out
+
+
+def load_training_state(model: nn.Module, view: OptimizerView, folder: Path, ep: Any) -> bool:
+    """Fill the module, the fp32 master weights and the optimizer state from a checkpoint's
+    layout-free files, this rank's experts only. Returns False when the checkpoint holds no
+    optimizer state (the optimizer then starts fresh; the caller decides whether that is an error)."""
+    from moetrain.distributed.expert_parallel import load_model_file_shard, read_layout_free
+
+    weights = load_model_file_shard(model, folder / "model.safetensors", ep)
+    params = list(model.named_parameters())
+    for name, p in params:  # bf16 / ZeRO: the fp32 masters take the file's values, not rounded copies
+        view.set_master(p, weights[name])
+    del weights
     path = folder / FILE
-    if (
-        not path.is_file()
-        or not hasattr(optimizer, "state")
-        or type(optimizer).__module__.startswith("deepspeed")
-    ):
-        return False
-    full = torch.load(path, map_location="cpu", weights_only=False)
-    names = _name_of(model)
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            entry = full.get(names[id(p)])
-            if entry is None:
-                continue
-            state = {"step": torch.tensor(entry["step"])}
-            for key in ("exp_avg", "exp_avg_sq"):
-                t = entry[key]
-                if ep.enabled and getattr(p, "allreduce", True) is False:
-                    El = t.shape[0] // ep.ep_size
-                    t = t[ep.ep_rank * El : (ep.ep_rank + 1) * El]
-                state[key] = t.to(device=p.device, dtype=p.dtype).clone()
-            optimizer.state[p] = state
+    if path.is_file():
+        state = read_layout_free(path, model, ep)
+    else:
+        state = read_legacy_state(folder)
+        if state is None:
+            return False
+        if ep.enabled:
+            state = _legacy_shard(state, model, ep)
+    keys = sorted({k.split("/", 1)[0] for k in state} - {"step"})
+    view.prepare_state(keys, float(state[f"step/{params[0][0]}"]))
+    for name, p in params:
+        for key in keys:
+            view.set_state(p, key, state[f"{key}/{name}"])
     return True
+
+
+def _legacy_shard(state: dict[str, torch.Tensor], model: nn.Module, ep: Any) -> dict[str, torch.Tensor]:
+    from moetrain.distributed.expert_parallel import _expert_param_names
+
+    experts = set(_expert_param_names(model))
+    out = {}
+    for k, t in state.items():
+        if k.split("/", 1)[1] in experts and t.dim() > 0:
+            El = t.shape[0] // ep.ep_size
+            t = t[ep.ep_rank * El : (ep.ep_rank + 1) * El]
+        out[k] = t
+    return out

@@ -10,9 +10,11 @@ layer into ``ExpertParallelMoELayer``: our ``MoELayer`` that also satisfies Deep
 ``deepspeed.utils.groups``) and tags its expert parameters (``allreduce=False``, ``group_name``).
 The all-to-all backward passes gradients unscaled, so no extra scaling is applied anywhere.
 
-DeepSpeed's own MoE *checkpoint* writer only understands its expert module names, so sharded runs
-save the engine state per rank through ``save_engine_state`` and the model through the layout-free
-``model.safetensors`` (all experts, global ids), which is what makes resharding possible.
+Checkpoints never use DeepSpeed's engine files (its MoE writer only understands its own expert module
+names): the model and the optimizer state are gathered into layout-free files with all experts in
+global order (``full_state_dict``, ``full_optimizer_state``) and read back shard by shard
+(``read_layout_free``), which is what makes resharding possible. ``load_engine_state`` only reads
+checkpoints written before that.
 """
 
 from __future__ import annotations
@@ -208,18 +210,19 @@ def _expert_param_names(model: nn.Module) -> list[str]:
     return out
 
 
-def full_state_dict(model: nn.Module, env: DistEnv, ep: ExpertParallelInfo) -> dict[str, torch.Tensor] | None:
-    """Every parameter with all experts in global order, on the host of rank 0 (None elsewhere).
+def _gather_named(items, env: DistEnv, ep: ExpertParallelInfo) -> dict[str, torch.Tensor] | None:
+    """``(name, is_expert, get)`` triples -> full tensors on rank 0's host (None elsewhere).
 
-    Collective under EP for the ranks of rank 0's expert-parallel group (the other groups hold
-    replicas of the same experts). Tensors travel one at a time to rank 0 and go straight to host
-    memory, so no rank ever holds every expert on its device, and the other ranks hold nothing extra.
+    ``get()`` is called on every rank in the same order (it may itself be collective, e.g. DeepSpeed's
+    fp32 master read). Expert tensors are gathered over rank 0's expert-parallel group (the other
+    groups hold replicas of the same experts) one at a time, straight to host memory: no rank ever
+    holds every expert on its device, and the other ranks hold nothing extra.
     """
-    expert_names = set(_expert_param_names(model)) if ep.enabled else set()
     in_first_group = ep.enabled and 0 in dist.get_process_group_ranks(ep.group)
     out: dict[str, torch.Tensor] | None = {} if env.rank == 0 else None
-    for name, t in model.state_dict().items():
-        if name in expert_names:
+    for name, is_expert, get in items:
+        t = get()
+        if ep.enabled and is_expert:
             if in_first_group:
                 full = gather_to_first(t, ep.group, out_device="cpu")
                 if out is not None:
@@ -229,43 +232,76 @@ def full_state_dict(model: nn.Module, env: DistEnv, ep: ExpertParallelInfo) -> d
     return out
 
 
-def load_model_file_shard(model: nn.Module, path: Path, ep: ExpertParallelInfo) -> None:
-    """Load a layout-free ``model.safetensors`` reading only this rank's experts from disk
-    (``safe_open(...).get_slice``): host memory follows the shard, never the whole model."""
+def full_state_dict(
+    model: nn.Module, env: DistEnv, ep: ExpertParallelInfo, master: Any = None
+) -> dict[str, torch.Tensor] | None:
+    """Every parameter and buffer with all experts in global order, on the host of rank 0 (None
+    elsewhere). ``master(param)``, when given, supplies a parameter's value (the optimizer's fp32
+    master weight) instead of the module's own copy. A tied parameter is stored once, under its
+    first name (loaders re-tie ``lm_head.weight``)."""
+    expert_names = set(_expert_param_names(model))
+    seen: set[int] = set()
+    items = []
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        is_param = isinstance(t, nn.Parameter)
+        get = (lambda t=t: master(t)) if (master is not None and is_param) else (lambda t=t: t.detach())
+        items.append((name, name in expert_names, get))
+    return _gather_named(items, env, ep)
+
+
+def full_optimizer_state(
+    model: nn.Module, view: Any, env: DistEnv, ep: ExpertParallelInfo
+) -> dict[str, torch.Tensor] | None:
+    """The optimizer state of ``view`` (an ``OptimizerView``) as ``<key>/<parameter name>`` tensors
+    with all experts in global order, plus ``step/<name>``, on the host of rank 0."""
+    expert_names = set(_expert_param_names(model))
+    keys = view.state_keys()
+    items = []
+    for name, p in model.named_parameters():
+        for key in keys:
+            items.append((f"{key}/{name}", name in expert_names, lambda p=p, key=key: view.state(p, key)))
+    out = _gather_named(items, env, ep)
+    if out is not None and keys:
+        for name, _ in model.named_parameters():  # one tensor each: safetensors refuses shared storage
+            out[f"step/{name}"] = torch.tensor(view.step_count())
+    return out
+
+
+def read_layout_free(path: Path, model: nn.Module, ep: ExpertParallelInfo) -> dict[str, torch.Tensor]:
+    """Read a layout-free safetensors file (model or optimizer state), keeping only this rank's
+    experts (``safe_open(...).get_slice``): host memory follows the shard, never the whole model.
+    A key names its parameter after the last ``/`` (``exp_avg/layers.0.ffn.experts.w1``)."""
     from safetensors import safe_open
 
     expert_names = set(_expert_param_names(model)) if ep.enabled else set()
-    sd: dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
     with safe_open(str(path), framework="pt", device="cpu") as f:
-        for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
-            if name in expert_names:
-                sl = f.get_slice(name)
+        for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+            sl = f.get_slice(key)
+            if key.rsplit("/", 1)[-1] in expert_names and sl.get_shape():  # (step/<name> is a scalar)
                 El = sl.get_shape()[0] // ep.ep_size
-                sd[name] = sl[ep.ep_rank * El : (ep.ep_rank + 1) * El]
+                out[key] = sl[ep.ep_rank * El : (ep.ep_rank + 1) * El]
             else:
-                sd[name] = f.get_tensor(name)
+                out[key] = f.get_tensor(key)
+    return out
+
+
+def load_model_file_shard(model: nn.Module, path: Path, ep: ExpertParallelInfo) -> dict[str, torch.Tensor]:
+    """Load a layout-free ``model.safetensors`` (this rank's experts only); returns what was read
+    (full precision: a bf16 module gets rounded copies, the optimizer's fp32 masters take the file's)."""
+    sd = read_layout_free(path, model, ep)
     if getattr(model, "cfg", None) is not None and model.cfg.tie_embeddings:
         sd.setdefault("lm_head.weight", sd["embed.weight"])
     model.load_state_dict(sd, strict=True)
+    return sd
 
 
 # ---- engine state for sharded runs ----------------------------------------------------------------
-def save_engine_state(engine: Any, folder: Path, rank: int) -> None:
-    """Per-rank module shard, optimizer and LR-scheduler state (DeepSpeed's MoE writer can't name ours)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {
-            "module": engine.module.state_dict(),
-            "optimizer": engine.optimizer.state_dict(),
-            "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
-            "global_steps": engine.global_steps,
-            "global_samples": engine.global_samples,
-        },
-        folder / f"rank_{rank:05d}.pt",
-    )
-
-
 def load_engine_state(engine: Any, folder: Path, rank: int) -> None:
+    """Checkpoints written before 2026-11-25 by ZeRO-1/2 or bf16 runs: per-rank engine files."""
     # map_location: each rank's file holds tensors of that rank's GPU; load everything to the host
     # first (DeepSpeed and load_state_dict copy onto this rank's device).
     state = torch.load(folder / f"rank_{rank:05d}.pt", map_location="cpu", weights_only=False)

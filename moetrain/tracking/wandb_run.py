@@ -1,4 +1,7 @@
-"""Weights & Biases: offline by default (sync later with ``wandb sync``), online with a key or on request.
+"""Weights & Biases: offline by default, online with a key or on request.
+
+Upload an offline run later with ``python -m moetrain.tracking.wandb_sync RUN_DIR`` (one W&B run from
+``metrics.jsonl``, also after resumes; see that module for why not ``wandb sync`` of the folders).
 
 The API key is never written anywhere by us: wandb reads it from its own login or WANDB_API_KEY.
 """
@@ -23,8 +26,8 @@ class WandbRun:
         mode = cfg.mode
         if mode == "online" and not (os.environ.get("WANDB_API_KEY") or _has_login()):
             print(
-                "wandb: no API key found; logging offline instead (run `wandb login`, then "
-                f"`wandb sync {run_dir}/wandb/offline-run-*`)"
+                "wandb: no API key found; logging offline instead (later: `wandb login`, then "
+                f"`python -m moetrain.tracking.wandb_sync {run_dir}`)"
             )
             mode = "offline"
         self.run = wandb.init(
@@ -43,15 +46,7 @@ class WandbRun:
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if self.run is None:
             return
-        # W&B wants scalars; lists (expert fractions) go as a histogram-free per-expert breakdown.
-        flat: dict[str, Any] = {}
-        for k, v in metrics.items():
-            if isinstance(v, list):
-                for i, x in enumerate(v):
-                    flat[f"{k}/{i}"] = x
-            elif v is not None:
-                flat[k] = v
-        self.run.log(flat, step=step)
+        self.run.log(flatten(metrics), step=step)
 
     def log_image(self, key: str, figure: Any, step: int) -> None:
         if self.run is None:
@@ -74,6 +69,18 @@ class WandbRun:
         if self.run is not None:
             self.run.finish()
             self.run = None
+
+
+def flatten(metrics: dict[str, Any]) -> dict[str, Any]:
+    """W&B wants scalars: lists (expert fractions) become a per-expert breakdown, None is dropped."""
+    flat: dict[str, Any] = {}
+    for k, v in metrics.items():
+        if isinstance(v, list):
+            for i, x in enumerate(v):
+                flat[f"{k}/{i}"] = x
+        elif v is not None:
+            flat[k] = v
+    return flat
 
 
 def _has_login() -> bool:

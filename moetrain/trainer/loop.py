@@ -25,7 +25,7 @@ from moetrain.checkpoint.integrity import verify
 from moetrain.checkpoint.manager import CheckpointManager, read_rank_state, read_trainer_state, set_rng_state
 from moetrain.checkpoint.model_file import CheckpointError, resolve_checkpoint
 from moetrain.checkpoint.optimizer_state import FILE as OPTIMIZER_FILE
-from moetrain.checkpoint.optimizer_state import load_full_optimizer_state, save_full_optimizer_state
+from moetrain.checkpoint.optimizer_state import OptimizerView, load_training_state
 from moetrain.config import TrainConfig
 from moetrain.distributed import (
     DistEnv,
@@ -38,9 +38,9 @@ from moetrain.distributed import (
 )
 from moetrain.distributed.expert_parallel import (
     build_model,
+    full_optimizer_state,
     full_state_dict,
     load_engine_state,
-    load_model_file_shard,
     parallelize,
 )
 from moetrain.tracking import CollapseDetector, MetricsFile, RoutingAccumulator, WandbRun, routing_metrics
@@ -313,42 +313,30 @@ class Trainer:
             state.get("ep_size") == self.cfg.parallel.ep_size
             and state.get("world_size") == self.env.world_size
         )
-        engine_saved = (folder / "engine").is_dir()  # absent when the layout-free files hold everything
-        if same_layout and engine_saved and self.ep.enabled:
-            load_engine_state(self.engine, folder / "engine", self.env.rank)
-        elif same_layout and engine_saved:
-            self.engine.load_checkpoint(
-                str(folder), tag="engine", load_optimizer_states=True, load_lr_scheduler_states=True
-            )
-        else:
-            # Another parallel layout: weights come from the layout-free model file (exact); the
-            # optimizer state is per-rank and layout-specific, so it restarts (see docs/EXPERT_PARALLEL.md).
-            load_model_file_shard(self.model, folder / "model.safetensors", self.ep)
-            refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
-            if refresh is not None:  # ZeRO / bf16 keep fp32 master copies of the weights
-                refresh()
-            restored = self._plain_optimizer() and load_full_optimizer_state(
-                self.model, self.engine.optimizer, folder, self.ep
-            )
-            if not same_layout:
-                # The model file holds the module's weights: fp32 runs store them exactly; bf16 runs
-                # store bf16 copies, so the fp32 master weights restart from those (not exact).
-                weights = (
-                    "restored exactly" if self.dtype == torch.float32 else "restored from their bf16 copies"
+        if same_layout and (folder / "engine").is_dir():  # written before 2026-11-25 by ZeRO-1/2 or bf16
+            if self.ep.enabled:
+                load_engine_state(self.engine, folder / "engine", self.env.rank)
+            else:
+                self.engine.load_checkpoint(
+                    str(folder), tag="engine", load_optimizer_states=True, load_lr_scheduler_states=True
                 )
+        else:
+            # The layout-free files: fp32 master weights and optimizer state with all experts in
+            # global order, each rank reading its own shard; the same path for every ZeRO stage,
+            # dtype and layout, so a resume at another ep_size / world size is exact too.
+            restored = load_training_state(self.model, self._optimizer_view(), folder, self.ep)
+            if not restored and same_layout:
+                raise CheckpointError(f"{folder} has no {OPTIMIZER_FILE}: optimizer state missing")
+            if not same_layout:
                 self._log(
                     f"note: checkpoint saved with ep_size={state.get('ep_size')} world={state.get('world_size')}, "
-                    f"resuming with ep_size={self.cfg.parallel.ep_size} world={self.env.world_size}: weights "
-                    + weights
+                    f"resuming with ep_size={self.cfg.parallel.ep_size} world={self.env.world_size}: "
                     + (
-                        ", optimizer state resharded"
+                        "weights and optimizer state resharded"
                         if restored
-                        else "; warning: optimizer state reinitialised (ZeRO-1/2 and bf16 state is per-rank)"
+                        else "weights resharded; warning: optimizer state reinitialised (this older "
+                        "checkpoint has per-rank engine files only)"
                     )
-                )
-            elif not restored:
-                raise CheckpointError(
-                    f"{folder} has no engine/ and no {OPTIMIZER_FILE}: optimizer state missing"
                 )
             self.engine.global_steps = state["step"]
             with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
@@ -372,13 +360,8 @@ class Trainer:
             self.train_loader.load_state_dict(state["loader"])
         self._log(f"resumed from {folder} at step {self.step}")
 
-    def _plain_optimizer(self) -> bool:
-        """ZeRO-0 fp32 keeps a plain torch optimizer whose state we can reshard across ep sizes."""
-        return not type(self.engine.optimizer).__module__.startswith("deepspeed")
-
-    def _save_layout_free_optimizer(self, folder: Path) -> None:
-        if self._plain_optimizer():
-            save_full_optimizer_state(self.model, self.engine.optimizer, folder, self.env.rank, self.ep)
+    def _optimizer_view(self) -> OptimizerView:
+        return OptimizerView(self.model, self.engine.optimizer)
 
     def _save(self) -> Path | None:
         """Collective. Never from non-finite weights; a failed write (disk full, permissions) is
@@ -397,21 +380,19 @@ class Trainer:
             "skipped_steps": self.nonfinite.total_skipped,
             "loader": self.train_loader.state_dict(),
         }
-        sd = full_state_dict(self.model, self.env, self.ep)
+        # Collective, in the same order on every rank: fp32 master weights, then optimizer state.
+        view = self._optimizer_view()
+        model_state = full_state_dict(self.model, self.env, self.ep, master=view.master)
+        optimizer_state = full_optimizer_state(self.model, view, self.env, self.ep)
         try:
             path = self.ckpt.save(
                 step=self.step,
-                engine=self.engine,
-                full_state_dict=sd,
+                model_state=model_state,
+                optimizer_state=optimizer_state,
                 config=self._config_for_checkpoint(),
                 trainer_state=trainer_state,
                 rank_state={"loader": self.train_loader.state_dict()},
                 tokenizer=self.data.tokenizer,
-                sharded_experts=self.ep.enabled,
-                # ZeRO-0 fp32: model.safetensors + optimizer_full.pt hold everything, exactly, in a
-                # layout-free form: DeepSpeed's engine files would be a second copy of both.
-                save_engine=not self._plain_optimizer(),
-                save_extra=self._save_layout_free_optimizer,
             )
         except OSError as e:
             self.ckpt.discard_partial()
@@ -666,7 +647,10 @@ class Trainer:
         stopper.install()
         self.engine.train()
         stop_reason = None
-        last_saved: Path | None = None
+        # resumed at (or past) the stop step: nothing to train, the checkpoint resumed from is the last
+        last_saved: Path | None = (
+            Path(target) if target not in (None, "None") and self.step >= stop_step else None
+        )
         try:
             while self.step < stop_step:
                 record = self._train_step()

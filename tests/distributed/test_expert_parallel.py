@@ -146,13 +146,13 @@ def test_resume_ep2_from_ep2_is_exact(tmp_path: Path):
 def test_resume_ep2_checkpoint_with_ep1(tmp_path: Path):
     src = ep2_run(aux=True)
     folder = src.step_dir(10)
-    assert (folder / "optimizer_full.pt").is_file(), "the layout-free optimizer state is saved under EP"
-    full_opt = torch.load(folder / "optimizer_full.pt", weights_only=False)
-    w1 = full_opt["layers.0.ffn.experts.w1"]["exp_avg"]
+    assert (folder / "optimizer.safetensors").is_file(), "the layout-free optimizer state is saved under EP"
+    full_opt = load_file(str(folder / "optimizer.safetensors"))
+    w1 = full_opt["exp_avg/layers.0.ffn.experts.w1"]
     assert w1.shape[0] == 4, "optimizer state holds all experts in global order"
     proc = run_train(tmp_path / "run", *tiny(f"trainer.resume={folder}"), nproc=1)
     check_ok(proc)
-    assert "optimizer state resharded" in proc.stdout, describe(proc)
+    assert "weights and optimizer state resharded" in proc.stdout, describe(proc)
     # step 11's loss depends on the loaded weights only; later steps on the optimizer state too
     assert_equivalent(tmp_path / "run", reference_run(), [11])
     assert_equivalent(tmp_path / "run", reference_run(), range(11, 21), grad_norm=True, weights_step=20)
@@ -162,10 +162,10 @@ def test_resume_ep2_checkpoint_with_ep1(tmp_path: Path):
 @pytest.mark.numerics
 def test_resume_ep1_checkpoint_with_ep2(tmp_path: Path):
     ref = reference_run().check()
-    assert (ref.step_dir(10) / "optimizer_full.pt").is_file()
+    assert (ref.step_dir(10) / "optimizer.safetensors").is_file()
     proc = run_train(tmp_path / "run", *tiny(*EP2, f"trainer.resume={ref.step_dir(10)}"), nproc=2)
     check_ok(proc)
-    assert "optimizer state resharded" in proc.stdout, describe(proc)
+    assert "weights and optimizer state resharded" in proc.stdout, describe(proc)
     assert_equivalent(tmp_path / "run", ref, [11])
     assert_equivalent(tmp_path / "run", ref, range(11, 21), grad_norm=True, weights_step=20)
 

@@ -96,7 +96,7 @@ def test_sigterm_to_torchrun_with_expert_parallelism(tmp_path: Path):
     latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
     assert (latest / "manifest.json").is_file()
     # ZeRO-0 fp32: the layout-free files are the whole state; every rank's RNG and loader position too.
-    assert (latest / "optimizer_full.pt").is_file() and not (latest / "engine").exists()
+    assert (latest / "optimizer.safetensors").is_file() and not (latest / "engine").exists()
     assert sorted(p.name for p in (latest / "rank_state").iterdir()) == ["rank_00000.pt", "rank_00001.pt"]
     check_ok(run_train(run, *tiny(*STEPS, *ep2, "trainer.resume=auto"), nproc=2))
     resumed = metric_by_step(run)
@@ -207,7 +207,7 @@ def test_resume_with_another_model_shape_is_one_line(tmp_path: Path):
 
 @pytest.mark.slow
 def test_checkpoint_holds_one_copy_of_weights_and_optimizer_state():
-    """ZeRO-0 fp32: model.safetensors + optimizer_full.pt are the whole state (layout-free and exact);
+    """model.safetensors + optimizer.safetensors are the whole state (layout-free and exact);
     no second copy in DeepSpeed's engine files. Bound: 1.15 x (fp32 weights + AdamW's two moments),
     the 15 % covering tokenizer, RNG/loader state, config and manifest (~40 KB here, ~1 %)."""
     ckpt = _uninterrupted().step_dir(12)

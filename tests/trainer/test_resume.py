@@ -15,16 +15,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from moetrain.testing import (
     TrainRun,
+    assert_close_scaled,
     cached_run,
     check_ok,
     describe,
     metric_by_step,
     reference_run,
+    rounding_rel,
     run_train,
+    scaled_mismatch,
     tiny,
 )
 
@@ -99,3 +103,77 @@ def test_resume_data_parallel_two_processes(tmp_path: Path):
     resume_from(full, 10, tmp_path / "run", "optim.micro_batch_size=2", nproc=2)
     assert_bitwise_continuation(full.run_dir, tmp_path / "run", range(11, 21))
     assert_same_model_file(full.step_dir(20), tmp_path / "run" / "checkpoints" / "step_00000020")
+
+
+# ---- every ZeRO stage and dtype: one layout-free checkpoint -------------------------------------------
+# (zero_stage, dtype): ZeRO-1/2 keep fp32 master partitions per data-parallel rank, bf16 keeps fp32
+# masters at every stage; a checkpoint stores the masters (model.safetensors, fp32) and the optimizer
+# state (optimizer.safetensors) once, layout-free, and no DeepSpeed engine files.
+ZERO_DTYPES = [("1", "fp32"), ("2", "bf16"), ("0", "bf16")]
+
+
+def _zero_run(stage: str, dtype: str, *extra: str, ep: int = 1) -> TrainRun:
+    args = ("optim.micro_batch_size=2", f"parallel.zero_stage={stage}", f"parallel.dtype={dtype}")
+    args += (f"parallel.ep_size={ep}", *extra)
+    return cached_run(*tiny(*args), nproc=2, name=f"zero{stage}-{dtype}-ep{ep}")
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(("stage", "dtype"), ZERO_DTYPES)
+def test_resume_is_exact_for_every_zero_stage_and_dtype(tmp_path: Path, stage: str, dtype: str):
+    full = _zero_run(stage, dtype).check()
+    ckpt = full.step_dir(10)
+    assert not (ckpt / "engine").exists(), "no second copy of the state in DeepSpeed's engine files"
+    opt = load_file(str(ckpt / "optimizer.safetensors"))
+    weights = load_file(str(ckpt / "model.safetensors"))
+    assert all(t.dtype == torch.float32 for t in weights.values()), "fp32 master weights, also in bf16"
+    assert {k.split("/", 1)[0] for k in opt} == {"exp_avg", "exp_avg_sq", "step"}
+    state_bytes = sum(t.numel() * 4 for t in weights.values()) * 3  # fp32 masters + two moments
+    total = sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file())
+    assert total <= 1.15 * state_bytes, f"{total} bytes on disk for {state_bytes} bytes of state"
+    # DeepSpeed's bf16 ZeRO-0 optimizer (FP16_UnfusedOptimizer) takes one zero-gradient step at build
+    assert float(opt["step/embed.weight"]) == (11 if (stage, dtype) == ("0", "bf16") else 10)
+    resume_from(
+        full,
+        10,
+        tmp_path / "run",
+        "optim.micro_batch_size=2",
+        f"parallel.zero_stage={stage}",
+        f"parallel.dtype={dtype}",
+        nproc=2,
+    )
+    assert_bitwise_continuation(full.run_dir, tmp_path / "run", range(11, 21))
+    assert_same_model_file(full.step_dir(20), tmp_path / "run" / "checkpoints" / "step_00000020")
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.numerics
+def test_zero1_resume_at_another_ep_size_keeps_adamw_state(tmp_path: Path):
+    """ep 2 -> ep 1 on 2 ranks (ZeRO-1 then partitions the experts too): one step after the resume,
+    the AdamW moments and weights equal the uninterrupted ep-2 run's within rounding (the layouts sum
+    gradients in another order). A reinitialised optimizer would be off by ~90% (exp_avg restarts
+    at 0.1 x gradient); the first check below is that negative control."""
+    ep2 = ("trainer.checkpoint_every=1", "trainer.keep_last=3", "trainer.stop_at=11")
+    src = _zero_run("1", "fp32", *ep2, ep=2).check()
+    run_dir = tmp_path / "run"
+    args = ("optim.micro_batch_size=2", "parallel.zero_stage=1", "parallel.ep_size=1", "trainer.stop_at=11")
+    proc = run_train(run_dir, *tiny(*args, f"trainer.resume={src.step_dir(10)}"), nproc=2)
+    check_ok(proc)
+    assert "weights and optimizer state resharded" in proc.stdout, describe(proc)
+    before = load_file(str(src.step_dir(10) / "optimizer.safetensors"))
+    want = load_file(str(src.step_dir(11) / "optimizer.safetensors"))
+    got = load_file(str(run_dir / "checkpoints" / "step_00000011" / "optimizer.safetensors"))
+    assert want.keys() == got.keys()
+    assert float(got["step/embed.weight"]) == 11
+    # negative control: a fresh optimizer's first exp_avg is (1 - b1) g = m11 - b1 m10 (b1 = 0.9)
+    m10, m11 = before["exp_avg/embed.weight"], want["exp_avg/embed.weight"]
+    assert scaled_mismatch(m11 - 0.9 * m10, m11, "control", rel=rounding_rel(2000)) is not None
+    for k in want:
+        if not k.startswith("step/"):
+            assert_close_scaled(got[k], want[k], k, rel=rounding_rel(2000))
+    w_want = load_file(str(src.step_dir(11) / "model.safetensors"))
+    w_got = load_file(str(run_dir / "checkpoints" / "step_00000011" / "model.safetensors"))
+    for k in w_want:
+        assert_close_scaled(w_got[k], w_want[k], k, rel=rounding_rel(2000))

@@ -94,7 +94,7 @@ def test_run_directory(ref):
     target = ckpts / latest.read_text().strip()
     assert target.name == "step_00000020" and target.is_dir()
     assert resolve_checkpoint(run_dir) == target
-    for name in ("model.safetensors", "config.yaml", "trainer_state.json", "optimizer_full.pt"):
+    for name in ("model.safetensors", "config.yaml", "trainer_state.json", "optimizer.safetensors"):
         assert (target / name).is_file(), f"{name} missing from {target}"
     assert (target / "tokenizer").is_dir() and any((target / "tokenizer").iterdir())
     state = json.loads((target / "trainer_state.json").read_text())
@@ -169,65 +169,66 @@ def test_stop_after_minutes(tmp_path: Path):
 
 
 # ---- atomic checkpoints (in-process, world size 1, no process group) ------------------------------
-class FakeEngine:
-    """Writes an engine folder in two parts; with ``fail`` set, raises between them (a crash mid-save)."""
+class FakeTokenizer:
+    """Writes its folder in two parts; with ``fail`` set, raises between them (a crash mid-save)."""
 
     def __init__(self) -> None:
         self.fail = False
 
-    def save_checkpoint(self, path: str, tag: str, save_latest: bool = True) -> None:
-        folder = Path(path) / tag
+    def save_pretrained(self, path: str) -> None:
+        folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
-        torch.save({"part": 1}, folder / "part1.pt")
+        (folder / "part1.json").write_text("{}")
         if self.fail:
             raise RuntimeError("simulated crash while saving")
-        torch.save({"part": 2}, folder / "part2.pt")
+        (folder / "part2.json").write_text("{}")
 
 
-def _save(mgr: CheckpointManager, engine: FakeEngine, step: int, save_extra=None) -> Path:
+def _save(mgr: CheckpointManager, tokenizer: FakeTokenizer, step: int, optimizer_state=None) -> Path:
     return mgr.save(
         step=step,
-        engine=engine,
-        full_state_dict={"w": torch.full((2, 3), float(step))},
+        model_state={"w": torch.full((2, 3), float(step))},
+        optimizer_state=optimizer_state or {"exp_avg/w": torch.zeros(2, 3)},
         config={"model": {"name": "fake"}},
         trainer_state={"step": step},
         rank_state={"loader": {"position": step}},
-        tokenizer=None,
-        save_extra=save_extra,
+        tokenizer=tokenizer,
     )
 
 
 def _complete(folder: Path, step: int) -> None:
     from safetensors.torch import load_file
 
-    for name in ("model.safetensors", "config.yaml", "trainer_state.json", "engine/part2.pt"):
+    for name in (
+        "model.safetensors",
+        "optimizer.safetensors",
+        "config.yaml",
+        "trainer_state.json",
+        "tokenizer/part2.json",
+    ):
         assert (folder / name).is_file(), f"{folder / name} missing"
     assert json.loads((folder / "trainer_state.json").read_text())["step"] == step
     assert torch.equal(load_file(str(folder / "model.safetensors"))["w"], torch.full((2, 3), float(step)))
 
 
-@pytest.mark.parametrize("where", ["engine", "extra"])
+@pytest.mark.parametrize("where", ["tokenizer", "optimizer"])
 def test_interrupted_save_keeps_previous_checkpoint(tmp_path: Path, where: str):
     import torch.distributed as dist
 
     assert not dist.is_initialized()  # barrier() is a no-op
     root = tmp_path / "checkpoints"
     mgr = CheckpointManager(root, rank=0, keep_last=2)
-    engine = FakeEngine()
-    first = _save(mgr, engine, 1)
+    tokenizer = FakeTokenizer()
+    first = _save(mgr, tokenizer, 1)
     assert first == root / "step_00000001"
     _complete(first, 1)
 
-    def crash(folder: Path) -> None:
-        (folder / "optimizer_full.pt").write_bytes(b"partial")
-        raise RuntimeError("simulated crash in save_extra")
-
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        if where == "engine":
-            engine.fail = True
-            _save(mgr, engine, 2)
-        else:
-            _save(mgr, engine, 2, save_extra=crash)
+    with pytest.raises((RuntimeError, ValueError), match="simulated crash|contiguous"):
+        if where == "tokenizer":
+            tokenizer.fail = True
+            _save(mgr, tokenizer, 2)
+        else:  # safetensors refuses a non-contiguous tensor after the model file is written
+            _save(mgr, tokenizer, 2, optimizer_state={"exp_avg/w": torch.zeros(3, 2).t()})
     assert (root / "latest").read_text().strip() == "step_00000001"
     assert mgr.latest() == first
     assert resolve_checkpoint(root) == first
@@ -235,8 +236,8 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path: Path, where: str):
     _complete(first, 1)
     assert [p.name for p in root.glob("step_*")] == ["step_00000001"]
 
-    engine.fail = False
-    third = _save(mgr, engine, 3)
+    tokenizer.fail = False
+    third = _save(mgr, tokenizer, 3)
     assert not list(root.glob(".tmp-*")), "the next save cleans up the failed one's temp folder"
     assert (root / "latest").read_text().strip() == "step_00000003" and mgr.latest() == third
     _complete(third, 3)
