@@ -177,3 +177,14 @@ def test_zero1_resume_at_another_ep_size_keeps_adamw_state(tmp_path: Path):
     w_got = load_file(str(run_dir / "checkpoints" / "step_00000011" / "model.safetensors"))
     for k in w_want:
         assert_close_scaled(w_got[k], w_want[k], k, rel=rounding_rel(2000))
+
+
+def test_resume_at_the_stop_step_has_nothing_to_do(tmp_path: Path):
+    """Resuming a checkpoint of step N with trainer.stop_at=N trains nothing and exits 0, naming the
+    checkpoint it resumed from as the run's last (not "the final checkpoint could not be written")."""
+    src = reference_run().check().step_dir(10)
+    proc = run_train(tmp_path / "run", *tiny("trainer.stop_at=10", f"trainer.resume={src}"))
+    check_ok(proc)
+    assert (
+        "stopped at step 10 of 20 (trainer.stop_at" in proc.stdout and f"checkpoint {src}" in proc.stdout
+    ), describe(proc)
