@@ -583,15 +583,18 @@ class Trainer:
 
     # ---- the run ----------------------------------------------------------------------------------
     def _check_run_dir_writable(self) -> None:
-        """Before any expensive work: a run that could never save must not start."""
-        probe = self.run_dir / f".write-test-{self.env.rank}"
+        """Before any expensive work: a run that could never save must not start. Probes the
+        checkpoint folder when it exists (where saves go), else the run dir (creating nothing more)."""
+        ckpts = self.run_dir / "checkpoints"
+        folder = ckpts if ckpts.exists() or ckpts.is_symlink() else self.run_dir
         try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(parents=True, exist_ok=True)  # FileExistsError if it is a file
+            probe = folder / f".write-test-{self.env.rank}"
             probe.write_text("ok")
             probe.unlink()
         except OSError as e:
             raise CheckpointError(
-                f"run dir {self.run_dir} is not writable ({e.strerror}); fix: choose another "
+                f"{folder} is not writable ({e.strerror}); fix: choose another "
                 "hydra.run.dir or fix its permissions"
             ) from None
 

@@ -187,12 +187,24 @@ def test_damaged_checkpoint_falls_back_or_fails_in_one_line(tmp_path: Path, how:
 
 def test_run_dir_not_writable_fails_before_work(tmp_path: Path):
     if os.geteuid() == 0:
-        pytest.skip("root ignores directory permissions; the check is exercised by a non-root user")
+        pytest.skip("root ignores directory permissions; test_checkpoint_folder_unusable covers root")
     run = tmp_path / "ro"
     run.mkdir()
     run.chmod(0o500)
     proc = run_train(run, *tiny(*STEPS))
     assert proc.returncode == 2 and "not writable" in proc.stderr, describe(proc)
+
+
+def test_checkpoint_folder_unusable_fails_before_work(tmp_path: Path):
+    """Runs as any user (root included): a file where the checkpoint folder should be."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoints").write_text("not a folder")
+    proc = run_train(run, *tiny(*STEPS))
+    assert proc.returncode == 2, describe(proc)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "checkpoints is not writable" in errors[0], describe(proc)
+    assert "moetrain: mixtral_tiny" not in proc.stdout, "failed before building the model"
 
 
 @pytest.mark.slow
