@@ -86,7 +86,9 @@ def resolve_source(source: str, key: str = "model.init_from") -> Path:
         )
     except Exception as e:  # noqa: BLE001 - offline, unknown repo, gated model: one line for the user
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ConfigError(f"{key}={source!r}: download failed ({first})") from None
+        raise ConfigError(
+            f"{key}={source!r} is not a local folder, and downloading it as a hub id failed ({first})"
+        ) from None
     return Path(path)
 
 

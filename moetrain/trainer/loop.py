@@ -302,7 +302,12 @@ class Trainer:
         "dense_ffn_hidden_size",
         "num_experts",
         "moe_every",
+        "mlp_only_layers",
         "tie_embeddings",
+        "qk_norm",
+        "attention_bias",
+        "shared_expert_intermediate_size",
+        "shared_expert_gate",
     )
 
     def _check_same_shape(self, folder: Path) -> None:
