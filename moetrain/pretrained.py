@@ -129,20 +129,16 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def source_model_config(source: Path, key: str) -> ModelConfig:
+    """Our ModelConfig for the folder's config.json (``moetrain.hf.from_hf_config``), or one line why not."""
     from transformers import AutoConfig
 
+    from moetrain.hf import from_hf_config
+
     try:
-        hf_cfg = AutoConfig.from_pretrained(str(source), local_files_only=True)
-        return _from_hf(hf_cfg)
+        return from_hf_config(AutoConfig.from_pretrained(str(source), local_files_only=True))
     except (ValueError, OSError, KeyError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ConfigError(f"{key}={str(source)!r}: {first}") from None
-
-
-def _from_hf(hf_cfg: Any) -> ModelConfig:
-    from moetrain.hf import from_hf_config
-
-    return from_hf_config(hf_cfg)
 
 
 def resolve_pretrained(cfg: TrainConfig, overrides: list[str] | None = None) -> list[str]:
