@@ -494,13 +494,19 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
-    def validate(self) -> TrainConfig:
+    def validate_sections(self) -> TrainConfig:
+        """Each section on its own; ``validate`` adds the checks across sections. (A pretrained model's
+        shape replaces the model section in between: moetrain.pretrained.resolve_pretrained.)"""
         self.model.validate()
         self.data.validate()
         self.optim.validate()
         self.parallel.validate()
         self.logging.validate()
         self.trainer.validate()
+        return self
+
+    def validate(self) -> TrainConfig:
+        self.validate_sections()
         if self.parallel.ep_size > 1:
             _require(
                 self.model.num_experts > 0 and self.model.num_experts % self.parallel.ep_size == 0,
@@ -599,14 +605,16 @@ def model_config_from_dict(values: dict[str, Any]) -> ModelConfig:
     return cfg
 
 
-def train_config_from_dict(values: dict[str, Any]) -> TrainConfig:
+def train_config_from_dict(values: dict[str, Any], *, cross_checks: bool = True) -> TrainConfig:
     """Build and validate from a plain dict (e.g. ``OmegaConf.to_container(cfg, resolve=True)``).
 
     Keys that are not ours (``hydra``, ``plan``, ``experiment`` ...) are ignored at the top level.
+    ``cross_checks=False`` validates each section only (the caller completes the model section, then
+    calls ``validate()``).
     """
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = _build(TrainConfig, {k: v for k, v in values.items() if k in known}, "")
-    return cfg.validate()
+    return cfg.validate() if cross_checks else cfg.validate_sections()
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

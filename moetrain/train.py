@@ -60,11 +60,12 @@ def main(raw: DictConfig) -> int:
 
     try:
         plain = OmegaConf.to_container(raw, resolve=True)
-        cfg = train_config_from_dict(plain)  # type: ignore[arg-type]
+        cfg = train_config_from_dict(plain, cross_checks=False)  # type: ignore[arg-type]
         from moetrain.pretrained import resolve_pretrained
 
         # model.init_from / upcycle_from: shape from the checkpoint's config, weights checked by name
         notes = resolve_pretrained(cfg, list(HydraConfig.get().overrides.task))
+        cfg.validate()
         check_launch(cfg)
         if cfg.model.num_experts > 0:  # an impossible MoE backend fails before any data work
             from moetrain.moe.backends import resolve_backend
