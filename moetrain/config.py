@@ -16,6 +16,9 @@ EXPERT_IMPLS = ("auto", "grouped_mm", "loop")
 AUX_LOSS_TYPES = ("switch", "mixtral")
 AUX_LOSS_SCOPES = ("micro_batch", "global_batch")
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
+# Normalisation of queries and keys before RoPE: none (Mixtral, Mistral, Qwen2-MoE), one RMSNorm over
+# the whole q / k projection (OLMoE), or one per head over head_dim (Qwen3, Qwen3-MoE).
+QK_NORMS = ("none", "full", "per_head")
 # data.name values that are not Hugging Face Hub datasets: ours, and the `datasets` loaders for
 # local files (data.data_files).
 DATA_SOURCES = ("builtin", "fixture")
@@ -130,6 +133,21 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
+    qk_norm: str = "none"  # none | full (OLMoE) | per_head (Qwen3)
+    attention_bias: bool = False  # biases on the q, k, v projections (Qwen2)
+    # Dense layers among MoE layers by index (Qwen2/3-MoE's mlp_only_layers), on top of moe_every.
+    mlp_only_layers: list[int] = field(default_factory=list)
+    # A shared expert: a dense SwiGLU every token goes through, added to the routed experts' output
+    # (Qwen2-MoE); 0 = none. With shared_expert_gate its output is scaled by sigmoid(x w_g), w_g [1, H].
+    shared_expert_intermediate_size: int = 0
+    shared_expert_gate: bool = False
+    # Start from a transformers model folder or hub id (shape, weights, tokenizer come from it), or
+    # turn a dense one into an MoE (sparse upcycling); see moetrain/pretrained.py.
+    init_from: str | None = None
+    upcycle_from: str | None = None
+    upcycle_noise: float = (
+        0.0  # relative std of Gaussian noise added to each upcycled expert; 0 = exact copies
+    )
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     @property
@@ -141,7 +159,11 @@ class ModelConfig:
         return self.dense_ffn_hidden_size if self.dense_ffn_hidden_size is not None else self.ffn_hidden_size
 
     def is_moe_layer(self, layer_idx: int) -> bool:
-        return self.num_experts > 0 and (layer_idx + 1) % self.moe_every == 0
+        return (
+            self.num_experts > 0
+            and (layer_idx + 1) % self.moe_every == 0
+            and layer_idx not in self.mlp_only_layers
+        )
 
     @property
     def moe_layer_ids(self) -> list[int]:
@@ -199,6 +221,50 @@ class ModelConfig:
             )
         _require(self.rope_theta > 0, f"{prefix}.rope_theta", self.rope_theta, "must be > 0")
         _require(self.init_std > 0, f"{prefix}.init_std", self.init_std, "must be > 0")
+        _require(self.qk_norm in QK_NORMS, f"{prefix}.qk_norm", self.qk_norm, f"one of {', '.join(QK_NORMS)}")
+        layers = self.mlp_only_layers
+        _require(
+            isinstance(layers, (list, tuple))
+            and all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.num_layers for i in layers
+            ),
+            f"{prefix}.mlp_only_layers",
+            layers,
+            f"a list of layer indices in 0..{self.num_layers - 1} (e.g. [0, 3])",
+        )
+        _require(
+            isinstance(self.shared_expert_intermediate_size, int)
+            and self.shared_expert_intermediate_size >= 0,
+            f"{prefix}.shared_expert_intermediate_size",
+            self.shared_expert_intermediate_size,
+            "must be >= 0 (0 = no shared expert)",
+        )
+        if self.shared_expert_intermediate_size:
+            _require(
+                self.num_experts > 0,
+                f"{prefix}.shared_expert_intermediate_size",
+                self.shared_expert_intermediate_size,
+                "needs routed experts (model.num_experts > 0); a dense model's FFN is dense_ffn_hidden_size",
+            )
+        else:
+            _require(
+                not self.shared_expert_gate,
+                f"{prefix}.shared_expert_gate",
+                self.shared_expert_gate,
+                f"gates the shared expert: set {prefix}.shared_expert_intermediate_size > 0 or leave it false",
+            )
+        _require(
+            not (self.init_from and self.upcycle_from),
+            f"{prefix}.upcycle_from",
+            self.upcycle_from,
+            f"choose one: {prefix}.init_from (continue a model as it is) or {prefix}.upcycle_from (dense -> MoE)",
+        )
+        _require(
+            self.upcycle_noise >= 0,
+            f"{prefix}.upcycle_noise",
+            self.upcycle_noise,
+            "must be >= 0 (0 = exact copies)",
+        )
         self.moe.validate(f"{prefix}.moe")
 
 
@@ -428,13 +494,19 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
-    def validate(self) -> TrainConfig:
+    def validate_sections(self) -> TrainConfig:
+        """Each section on its own; ``validate`` adds the checks across sections. (A pretrained model's
+        shape replaces the model section in between: moetrain.pretrained.resolve_pretrained.)"""
         self.model.validate()
         self.data.validate()
         self.optim.validate()
         self.parallel.validate()
         self.logging.validate()
         self.trainer.validate()
+        return self
+
+    def validate(self) -> TrainConfig:
+        self.validate_sections()
         if self.parallel.ep_size > 1:
             _require(
                 self.model.num_experts > 0 and self.model.num_experts % self.parallel.ep_size == 0,
@@ -533,14 +605,16 @@ def model_config_from_dict(values: dict[str, Any]) -> ModelConfig:
     return cfg
 
 
-def train_config_from_dict(values: dict[str, Any]) -> TrainConfig:
+def train_config_from_dict(values: dict[str, Any], *, cross_checks: bool = True) -> TrainConfig:
     """Build and validate from a plain dict (e.g. ``OmegaConf.to_container(cfg, resolve=True)``).
 
     Keys that are not ours (``hydra``, ``plan``, ``experiment`` ...) are ignored at the top level.
+    ``cross_checks=False`` validates each section only (the caller completes the model section, then
+    calls ``validate()``).
     """
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = _build(TrainConfig, {k: v for k, v in values.items() if k in known}, "")
-    return cfg.validate()
+    return cfg.validate() if cross_checks else cfg.validate_sections()
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

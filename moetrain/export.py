@@ -5,11 +5,15 @@ OUT_DIR receives what ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokeniz
 read: ``config.json``, ``generation_config.json``, ``model.safetensors`` and the checkpoint's tokenizer
 (set to add bos like training, with ``model_max_length`` = the model's ``max_seq_len``). Files and
 folders get the usual modes (0644 / 0755 under the common umask 022).
-MoE models become ``MixtralForCausalLM``, fully dense ones ``MistralForCausalLM`` (see moetrain/hf.py).
+The architecture is the one the model came from, read off its options (``moetrain.hf.hf_architecture``):
+``OlmoeForCausalLM`` (QK-norm over the whole projection), ``Qwen3MoeForCausalLM`` (per-head QK-norm,
+also an upcycled Qwen3), ``Qwen2MoeForCausalLM`` (shared expert, q/k/v bias), otherwise
+``MixtralForCausalLM`` (also an upcycled Mistral / Llama); dense models ``MistralForCausalLM`` or
+``Qwen3ForCausalLM``.
 
-What transformers' Mixtral cannot hold is refused in one line: sigmoid router scores, and the
+What the target cannot hold is refused in one line: sigmoid router scores, and the
 aux-loss-free expert-selection bias unless ``--drop-expert-bias`` (then exported without it and a
-warning says the routing changes: Mixtral chooses experts from the unbiased scores).
+warning says the routing changes: the export chooses experts from the unbiased scores).
 
 The folder is written under ``OUT_DIR.tmp-XXXX`` and renamed into place, so OUT_DIR is either absent
 or complete; a non-empty OUT_DIR is replaced only with ``--force``.
@@ -213,7 +217,8 @@ def _first_line(e: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m moetrain.export",
-        description="Export a moetrain checkpoint as a transformers MixtralForCausalLM folder.",
+        description="Export a moetrain checkpoint as a transformers model folder (Mixtral, OLMoE, Qwen2-MoE, "
+        "Qwen3-MoE or, dense, Mistral / Qwen3: the architecture the model came from).",
     )
     parser.add_argument("checkpoint", help="checkpoint folder, checkpoints/ folder or run folder")
     parser.add_argument("out_dir", help="folder to write (must be absent or empty unless --force)")
@@ -225,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         "--drop-expert-bias",
         action="store_true",
         help="export a model trained with aux-loss-free balancing without its expert-selection bias "
-        "(Mixtral has none; the exported routing then differs, and a warning says so)",
+        "(transformers' MoEs have none; the exported routing then differs, and a warning says so)",
     )
     args = parser.parse_args(argv)
     from transformers.utils import logging as hf_logging

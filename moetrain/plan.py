@@ -26,7 +26,16 @@ BYTES_PER_PARAM: dict[str, dict[str, int]] = {
     "bf16": {"weights": 2, "grads": 2, "optimizer": 12},
 }
 ACTIVATION_BYTES = {"fp32": 4, "bf16": 2}
-COMPONENTS = ("embedding", "lm_head", "attention", "norms", "router", "experts", "dense_ffn")
+COMPONENTS = (
+    "embedding",
+    "lm_head",
+    "attention",
+    "norms",
+    "router",
+    "experts",
+    "shared_expert",
+    "dense_ffn",
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -38,17 +47,28 @@ def _attention_params(cfg: ModelConfig) -> int:
     q = h * cfg.num_heads * hd
     kv = 2 * h * cfg.num_kv_heads * hd
     o = cfg.num_heads * hd * h
-    return q + kv + o
+    bias = (cfg.num_heads + 2 * cfg.num_kv_heads) * hd if cfg.attention_bias else 0
+    return q + kv + o + bias
+
+
+def _qk_norm_params(cfg: ModelConfig) -> int:
+    """Per layer: OLMoE normalises the whole q / k projections, Qwen3 each head (one shared weight)."""
+    if cfg.qk_norm == "full":
+        return (cfg.num_heads + cfg.num_kv_heads) * cfg.head_size
+    if cfg.qk_norm == "per_head":
+        return 2 * cfg.head_size
+    return 0
 
 
 def count_params(model_cfg: ModelConfig) -> dict[str, Any]:
-    """Parameter counts of the moetrain decoder built from ``model_cfg`` (exact, no biases).
+    """Parameter counts of the moetrain decoder built from ``model_cfg`` (exact).
 
-    Returns ``{"total", "active", "total_breakdown", "active_breakdown", "expert_params",
+    Attention includes its q/k/v biases (``attention_bias``); norms include QK-norm weights; the
+    shared expert (and its gate) is active for every token. Returns ``{"total", "active", "total_breakdown", "active_breakdown", "expert_params",
     "non_expert_params", "moe_layers", "dense_layers"}``. ``total`` equals
     ``sum(p.numel() for p in model.parameters())`` (a tied LM head is counted once, as
     ``embedding``); ``active`` counts only ``top_k`` experts per MoE layer (Mixtral convention).
-    Breakdown keys: embedding, lm_head, attention, norms, router, experts, dense_ffn.
+    Breakdown keys: embedding, lm_head, attention, norms, router, experts, shared_expert, dense_ffn.
     """
     cfg = model_cfg
     h, v = cfg.hidden_size, cfg.vocab_size
@@ -60,8 +80,11 @@ def count_params(model_cfg: ModelConfig) -> dict[str, Any]:
         "embedding": v * h,
         "lm_head": 0 if cfg.tie_embeddings else v * h,
         "attention": cfg.num_layers * _attention_params(cfg),
-        "norms": (2 * cfg.num_layers + 1) * h,  # attention_norm + ffn_norm per layer, final norm
+        # attention_norm + ffn_norm (+ QK-norm) per layer, final norm
+        "norms": (2 * cfg.num_layers + 1) * h + cfg.num_layers * _qk_norm_params(cfg),
         "router": moe_layers * h * cfg.num_experts,
+        "shared_expert": moe_layers
+        * (3 * h * cfg.shared_expert_intermediate_size + (h if cfg.shared_expert_gate else 0)),
         "dense_ffn": dense_layers * 3 * h * cfg.dense_ffn_size,
     }
     total_breakdown = {k: shared.get(k, 0) for k in COMPONENTS}
@@ -120,7 +143,14 @@ def flops_per_token(model_cfg: ModelConfig, seq_len: int | None = None) -> dict[
     seq_len = seq_len or model_cfg.max_seq_len
     counts = count_params(model_cfg)
     a = counts["active_breakdown"]
-    matmul = a["attention"] + a["router"] + a["experts"] + a["dense_ffn"] + _lm_head_matmul(model_cfg)
+    matmul = (
+        a["attention"]
+        + a["router"]
+        + a["experts"]
+        + a["shared_expert"]
+        + a["dense_ffn"]
+        + _lm_head_matmul(model_cfg)
+    )
     out = _flops(model_cfg, matmul, seq_len)
     out["six_n_active"] = 6 * counts["active"]  # the 6N rule of thumb, for comparison
     return out
@@ -144,7 +174,7 @@ def dense_equivalent(model_cfg: ModelConfig, seq_len: int | None = None) -> dict
     bd["experts"] = 0
     bd["router"] = 0
     total = sum(bd.values())
-    matmul = bd["attention"] + bd["dense_ffn"] + _lm_head_matmul(cfg)
+    matmul = bd["attention"] + bd["shared_expert"] + bd["dense_ffn"] + _lm_head_matmul(cfg)
     flops = _flops(cfg, matmul, seq_len or cfg.max_seq_len)
     return {
         "ffn_hidden_size": cfg.top_k * cfg.ffn_hidden_size if counts["moe_layers"] else cfg.dense_ffn_size,
@@ -413,6 +443,12 @@ def build_plan(
             "num_experts": cfg.num_experts,
             "top_k": cfg.top_k if cfg.num_experts else 0,
             "moe_layers": counts["moe_layers"],
+            "moe_layer_ids": cfg.moe_layer_ids,
+            "shared_expert_intermediate_size": cfg.shared_expert_intermediate_size,
+            "shared_expert_gate": cfg.shared_expert_gate,
+            "normalize_top_k": cfg.moe.normalize_top_k,
+            "qk_norm": cfg.qk_norm,
+            "attention_bias": cfg.attention_bias,
             "tie_embeddings": cfg.tie_embeddings,
             "max_seq_len": cfg.max_seq_len,
         },
@@ -503,6 +539,19 @@ def render(plan: dict[str, Any], console: Any = None) -> None:
         f"[bold]{plan['model']}[/bold]: H={s['hidden_size']}, L={s['num_layers']}, heads={s['num_heads']}/"
         f"{s['num_kv_heads']}kv x {s['head_dim']}, F={s['ffn_hidden_size']}, V={s['vocab_size']}, {moe}"
     )
+    options = [f"qk_norm={s['qk_norm']}"] if s.get("qk_norm", "none") != "none" else []
+    if s.get("attention_bias"):
+        options.append("q/k/v bias")
+    if s["num_experts"]:
+        if s.get("shared_expert_intermediate_size"):
+            gate = " (sigmoid gate)" if s.get("shared_expert_gate") else ""
+            options.append(f"shared expert F={s['shared_expert_intermediate_size']}{gate}")
+        if not s.get("normalize_top_k", True):
+            options.append("top-k weights not renormalised")
+        if s["moe_layers"] != s["num_layers"]:
+            options.append(f"MoE layers {s['moe_layer_ids']}")
+    if options:
+        console.print("options: " + ", ".join(options))
     source = plan.get("vocab_source", "")
     if source.startswith("data."):
         console.print(

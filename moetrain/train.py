@@ -60,7 +60,12 @@ def main(raw: DictConfig) -> int:
 
     try:
         plain = OmegaConf.to_container(raw, resolve=True)
-        cfg = train_config_from_dict(plain)  # type: ignore[arg-type]
+        cfg = train_config_from_dict(plain, cross_checks=False)  # type: ignore[arg-type]
+        from moetrain.pretrained import resolve_pretrained
+
+        # model.init_from / upcycle_from: shape from the checkpoint's config, weights checked by name
+        notes = resolve_pretrained(cfg, list(HydraConfig.get().overrides.task))
+        cfg.validate()
         check_launch(cfg)
         if cfg.model.num_experts > 0:  # an impossible MoE backend fails before any data work
             from moetrain.moe.backends import resolve_backend
@@ -68,6 +73,9 @@ def main(raw: DictConfig) -> int:
             resolve_backend(cfg.model.moe.backend)
     except Exception as e:  # ConfigError, and OmegaConf's interpolation errors
         _fail(str(e).splitlines()[0])
+    if int(os.environ.get("RANK", "0")) == 0:
+        for note in notes:
+            print(note, flush=True)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     from moetrain.checkpoint.model_file import CheckpointError
     from moetrain.data import DataError

@@ -118,10 +118,56 @@ def test_count_matches_the_real_module():
             ModelConfig(), hidden_size=64, num_heads=4, vocab_size=512, moe_every=2, dense_ffn_hidden_size=80
         ),
         dataclasses.replace(ModelConfig(), hidden_size=64, num_heads=4, vocab_size=512, num_experts=0),
+        # the pretrained families' options: QK-norm, q/k/v bias, a gated shared expert, mlp_only_layers
+        dataclasses.replace(ModelConfig(), hidden_size=64, num_heads=4, vocab_size=512, qk_norm="full"),
+        dataclasses.replace(
+            ModelConfig(), hidden_size=64, num_heads=4, vocab_size=512, qk_norm="per_head", head_dim=24
+        ),
+        dataclasses.replace(
+            ModelConfig(),
+            hidden_size=64,
+            num_heads=4,
+            vocab_size=512,
+            attention_bias=True,
+            shared_expert_intermediate_size=40,
+            shared_expert_gate=True,
+            mlp_only_layers=[0, 2],
+            dense_ffn_hidden_size=72,
+        ),
     ):
         with torch.device("meta"):
             model = MoETransformer(cfg)
-        assert sum(p.numel() for p in model.parameters()) == count_params(cfg)["total"]
+        counts = count_params(cfg)
+        assert sum(p.numel() for p in model.parameters()) == counts["total"]
+        assert model.num_params(active=True) == counts["active"]
+
+
+def test_report_shows_the_family_options():
+    import io
+
+    from rich.console import Console
+
+    from moetrain.plan import render
+
+    cfg = dataclasses.replace(
+        ModelConfig(),
+        qk_norm="per_head",
+        shared_expert_intermediate_size=128,
+        shared_expert_gate=True,
+        mlp_only_layers=[0],
+    )
+    cfg.moe.normalize_top_k = False
+    plan = build_plan(cfg)
+    out = io.StringIO()
+    render(plan, Console(file=out, width=150))
+    text = out.getvalue()
+    assert (
+        "options: qk_norm=per_head, shared expert F=128 (sigmoid gate), top-k weights not renormalised"
+        in text
+    )
+    assert "MoE layers [1, 2, 3]" in text and "shared_expert" in text
+    assert plan["shape"]["moe_layer_ids"] == [1, 2, 3]
+    assert plan["total_breakdown"]["shared_expert"] == 3 * (3 * 256 * 128 + 256)
 
 
 def test_flops_formula():

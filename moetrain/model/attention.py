@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moetrain.model.layers import apply_rotary
+from moetrain.model.layers import RMSNorm, apply_rotary
 
 
 @dataclass
@@ -39,16 +39,36 @@ def _causal_mask(q_len: int, kv_len: int, window: int | None, device: torch.devi
 
 
 class Attention(nn.Module):
+    """``qk_norm``: ``full`` normalises the whole q / k projection output (OLMoE), ``per_head`` each
+    head over head_dim with one weight shared by the heads (Qwen3); both before RoPE.
+    ``bias`` puts biases on q, k and v (Qwen2), not on o."""
+
     def __init__(
-        self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        sliding_window: int | None,
+        *,
+        qk_norm: str = "none",
+        bias: bool = False,
+        norm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.sliding_window = sliding_window
-        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
-        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
-        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=False)
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+        self.qk_norm = qk_norm
+        if qk_norm == "full":
+            self.q_norm = RMSNorm(num_heads * head_dim, norm_eps)
+            self.k_norm = RMSNorm(num_kv_heads * head_dim, norm_eps)
+        elif qk_norm == "per_head":
+            self.q_norm = RMSNorm(head_dim, norm_eps)
+            self.k_norm = RMSNorm(head_dim, norm_eps)
 
     def forward(
         self,
@@ -57,8 +77,14 @@ class Attention(nn.Module):
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         B, T, _ = x_BTH.shape
-        q = self.q_proj(x_BTH).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x_BTH).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = self.q_proj(x_BTH), self.k_proj(x_BTH)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "per_head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x_BTH).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

@@ -44,13 +44,26 @@ class Block(nn.Module):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.attention = Attention(
-            cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_size, cfg.sliding_window
+            cfg.hidden_size,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_size,
+            cfg.sliding_window,
+            qk_norm=cfg.qk_norm,
+            bias=cfg.attention_bias,
+            norm_eps=cfg.norm_eps,
         )
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.is_moe = cfg.is_moe_layer(layer_idx)
         if self.is_moe:
             self.ffn: nn.Module = MoELayer(
-                cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_experts, cfg.top_k, cfg.moe
+                cfg.hidden_size,
+                cfg.ffn_hidden_size,
+                cfg.num_experts,
+                cfg.top_k,
+                cfg.moe,
+                shared_expert_size=cfg.shared_expert_intermediate_size,
+                shared_expert_gate=cfg.shared_expert_gate,
             )
         else:
             self.ffn = SwiGLU(cfg.hidden_size, cfg.dense_ffn_size)
@@ -98,7 +111,8 @@ class MoETransformer(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Normal(0, init_std); residual output projections scaled by 1/sqrt(2 * num_layers) (GPT-2).
+        """Normal(0, init_std); residual output projections scaled by 1/sqrt(2 * num_layers) (GPT-2);
+        norm weights 1, biases 0.
 
         Every tensor draws from its own CPU generator, seeded from the global seed and its name, and
         every expert from its own (seed, name, global expert id): a model built on the meta device
@@ -111,10 +125,14 @@ class MoETransformer(nn.Module):
         for name, p in self.named_parameters():
             if p.is_meta:
                 continue
+            if name.endswith(".bias"):
+                p.zero_()
+                continue
             if p.dim() == 1:
                 p.fill_(1.0)
                 continue
-            sigma = out_std if name.endswith(("o_proj.weight", "ffn.w2.weight", "experts.w2")) else std
+            residual_out = ("o_proj.weight", "ffn.w2.weight", "experts.w2", "shared_expert.w2.weight")
+            sigma = out_std if name.endswith(residual_out) else std
             if name.endswith(("experts.w1", "experts.v1", "experts.w2")):
                 first = getattr(self.get_submodule(name.rsplit(".", 1)[0]), "first_expert", 0)
                 for e in range(p.shape[0]):

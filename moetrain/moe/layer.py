@@ -16,7 +16,7 @@ from torch import nn
 from moetrain.config import MoEConfig
 from moetrain.moe.backends import resolve_backend
 from moetrain.moe.dispatch import combine, plan_dispatch
-from moetrain.moe.experts import GroupedExperts
+from moetrain.moe.experts import GroupedExperts, SharedExpert
 from moetrain.moe.router import TopKRouter
 
 
@@ -61,8 +61,20 @@ class LocalExchange:
 
 
 class MoELayer(nn.Module):
+    """``shared_expert_size`` > 0 adds a dense SwiGLU that every token goes through (Qwen2-MoE), scaled
+    by ``sigmoid(x w_g)`` with ``shared_expert_gate``. It is an ordinary replicated parameter under
+    expert parallelism: only the routed experts are sharded."""
+
     def __init__(
-        self, hidden_size: int, ffn_hidden_size: int, num_experts: int, top_k: int, cfg: MoEConfig
+        self,
+        hidden_size: int,
+        ffn_hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        cfg: MoEConfig,
+        *,
+        shared_expert_size: int = 0,
+        shared_expert_gate: bool = False,
     ) -> None:
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
@@ -86,6 +98,18 @@ class MoELayer(nn.Module):
         else:
             self.experts = GroupedExperts(num_experts, hidden_size, ffn_hidden_size, cfg.expert_impl)
         self.exchange = LocalExchange()
+        self.shared_expert = SharedExpert(hidden_size, shared_expert_size) if shared_expert_size else None
+        self.shared_expert_gate = (
+            nn.Linear(hidden_size, 1, bias=False) if shared_expert_size and shared_expert_gate else None
+        )
+
+    def _add_shared(self, out_NH: torch.Tensor, x_NH: torch.Tensor) -> torch.Tensor:
+        if self.shared_expert is None:
+            return out_NH
+        shared_NH = self.shared_expert(x_NH)
+        if self.shared_expert_gate is not None:
+            shared_NH = torch.sigmoid(self.shared_expert_gate(x_NH)) * shared_NH
+        return out_NH + shared_NH
 
     def forward(self, x_BTH: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
         B, T, H = x_BTH.shape
@@ -97,11 +121,12 @@ class MoELayer(nn.Module):
             out_NH, routed_E = dropless_forward(
                 x_NH, routing.expert_ids_NK, routing.weights_NK, self.num_experts, self.exchange, self.experts
             )
+            out_NH = self._add_shared(out_NH, x_NH)
             return out_NH.view(B, T, H), self._with_seq_loss(self._stats(routing, routed_E, 0), routing, B, T)
         plan = plan_dispatch(routing.expert_ids_NK, self.num_experts, self.capacity_factor)
         x_SH = x_NH[plan.token_idx_S]
         y_SH = self.exchange(x_SH, plan.tokens_per_expert_E, self.experts)
-        out_NH = combine(y_SH, plan, routing.weights_NK, B * T)
+        out_NH = self._add_shared(combine(y_SH, plan, routing.weights_NK, B * T), x_NH)
         stats = self._stats(routing, plan.routed_per_expert_E, plan.num_dropped)
         return out_NH.view(B, T, H), self._with_seq_loss(stats, routing, B, T)
 

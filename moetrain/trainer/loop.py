@@ -26,7 +26,7 @@ from moetrain.checkpoint.manager import CheckpointManager, read_rank_state, read
 from moetrain.checkpoint.model_file import CheckpointError, resolve_checkpoint
 from moetrain.checkpoint.optimizer_state import FILE as OPTIMIZER_FILE
 from moetrain.checkpoint.optimizer_state import OptimizerView, load_training_state
-from moetrain.config import TrainConfig
+from moetrain.config import ConfigError, TrainConfig
 from moetrain.distributed import (
     DistEnv,
     all_reduce_mean,
@@ -167,6 +167,12 @@ class Trainer:
         if not self.is_main:
             self.data = build_data(self.cfg.data, main_process=False)
         tok_vocab = len(self.data.tokenizer)
+        m = self.cfg.model
+        if (m.init_from or m.upcycle_from) and m.vocab_size < tok_vocab:
+            raise ConfigError(
+                f"the tokenizer ({self.cfg.data.tokenizer or 'builtin'}) has {tok_vocab} tokens, more than the "
+                f"pretrained model's vocab_size={m.vocab_size}: use the model's own tokenizer (data.tokenizer)"
+            )
         if self.cfg.model.vocab_size < tok_vocab:
             padded = int(math.ceil(tok_vocab / 64) * 64)
             self._log(
@@ -196,6 +202,13 @@ class Trainer:
         # DeepSpeed's expert groups are consecutive ranks, so the expert-parallel rank is rank % ep.
         ep_size = self.cfg.parallel.ep_size
         model = build_model(self.cfg, self.env.device, self.env.rank % ep_size, ep_size)
+        m = self.cfg.model
+        if m.init_from or m.upcycle_from:  # this rank's experts only, before DeepSpeed sees the model
+            from moetrain.pretrained import load_pretrained
+
+            load_pretrained(
+                model, m.init_from or m.upcycle_from, upcycle=bool(m.upcycle_from), noise=m.upcycle_noise
+            )
         model.activation_checkpointing = self.cfg.parallel.activation_checkpointing
         self.ep = parallelize(model, self.cfg, self.env)
         self.model = model
@@ -218,6 +231,10 @@ class Trainer:
             f"(ep {c.parallel.ep_size}, ZeRO-{c.parallel.zero_stage}, {self.env.backend}, {self.dtype}) | run dir {self.run_dir}",
             flush=True,
         )
+        from moetrain.pretrained import pretrained_summary
+
+        if pretrained_summary(c.model):
+            print("  " + pretrained_summary(c.model), flush=True)
         for line in plan_summary(
             c.model,
             ep_size=c.parallel.ep_size,
@@ -285,7 +302,12 @@ class Trainer:
         "dense_ffn_hidden_size",
         "num_experts",
         "moe_every",
+        "mlp_only_layers",
         "tie_embeddings",
+        "qk_norm",
+        "attention_bias",
+        "shared_expert_intermediate_size",
+        "shared_expert_gate",
     )
 
     def _check_same_shape(self, folder: Path) -> None:
