@@ -3,6 +3,11 @@
 Dropless by default (every token copy is computed). With a capacity factor (GShard/Switch), each
 expert keeps at most ``ceil(capacity_factor * N * k / E)`` copies, in token order, and the rest are
 dropped (their slot contributes zero; the residual connection carries the token on).
+
+Dropless, every routing slot (token n, choice j) sits at exactly one sorted position, so both
+directions are pure gathers through the permutation and its inverse, forward and backward: no
+zero-filled buffers, no scatter-add (``index_put``/``index_add`` with accumulation), and the k copies
+of a token are summed in one pass. Capacity mode (some slots have no position) keeps the scatter path.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ class DispatchPlan:
     tokens_per_expert_E: torch.Tensor  # int64 counts of kept copies per expert (global ids)
     routed_per_expert_E: torch.Tensor  # int64 counts before dropping (what the router asked for)
     num_dropped: int
+    # Dropless only: sorted position of each routing slot (the inverse of slot_idx_S); None with drops.
+    position_NK: torch.Tensor | None = None
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
@@ -44,20 +51,78 @@ def plan_dispatch(
     order = torch.argsort(flat_ids, stable=True)
     routed = tokens_per_expert(flat_ids[order], num_experts)
     if capacity_factor is None:
-        return DispatchPlan(order // K, order, routed, routed, 0)
+        return DispatchPlan(order // K, order, routed, routed, 0, _positions(order, N, K))
     capacity = expert_capacity(N, K, num_experts, capacity_factor)
     starts = torch.cumsum(routed, 0) - routed
     rank_in_expert = torch.arange(order.numel(), device=order.device) - starts[flat_ids[order]]
     keep = rank_in_expert < capacity
     kept = order[keep]
     kept_counts = torch.clamp(routed, max=capacity)
-    return DispatchPlan(kept // K, kept, kept_counts, routed, int(order.numel() - kept.numel()))
+    num_dropped = int(order.numel() - kept.numel())  # boolean indexing above already synced
+    # Nothing dropped: the same gather path as dropless (same operations, bit for bit).
+    position = _positions(order, N, K) if num_dropped == 0 else None
+    return DispatchPlan(kept // K, kept, kept_counts, routed, num_dropped, position)
+
+
+def _positions(order: torch.Tensor, N: int, K: int) -> torch.Tensor:
+    """[N, K] sorted position of each routing slot: the inverse permutation of ``order``."""
+    arange = torch.arange(order.numel(), device=order.device)
+    return torch.empty_like(order).scatter_(0, order, arange).view(N, K)
+
+
+class _GatherCopies(torch.autograd.Function):
+    """x_NH -> x_SH, row s = x[token_idx_S[s]]. Backward: each token's k copy gradients are gathered
+    by their sorted positions and summed (no scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, x_NH: torch.Tensor, token_idx_S: torch.Tensor, position_NK: torch.Tensor):  # type: ignore[override]
+        ctx.save_for_backward(position_NK)
+        return x_NH.index_select(0, token_idx_S)
+
+    @staticmethod
+    def backward(ctx, grad_SH: torch.Tensor):  # type: ignore[override]
+        (position_NK,) = ctx.saved_tensors
+        N, K = position_NK.shape
+        grad_NKH = grad_SH.index_select(0, position_NK.reshape(-1)).view(N, K, -1)
+        return grad_NKH.sum(1), None, None
+
+
+class _WeightedUngather(torch.autograd.Function):
+    """out[n] = sum_j w[n, j] * y[position[n, j]]. Backward: dy[s] = w_s * dout[token_s] (a gather)
+    and dw[n, j] = <dout[n], y[position[n, j]]>."""
+
+    @staticmethod
+    def forward(ctx, y_SH, weights_NK, position_NK, token_idx_S, slot_idx_S):  # type: ignore[override]
+        N, K = position_NK.shape
+        y_NKH = y_SH.index_select(0, position_NK.reshape(-1)).view(N, K, -1)
+        ctx.save_for_backward(y_NKH, weights_NK, token_idx_S, slot_idx_S)
+        return (y_NKH * weights_NK.unsqueeze(-1)).sum(1)
+
+    @staticmethod
+    def backward(ctx, grad_NH: torch.Tensor):  # type: ignore[override]
+        y_NKH, weights_NK, token_idx_S, slot_idx_S = ctx.saved_tensors
+        grad_y = grad_w = None
+        if ctx.needs_input_grad[0]:
+            w_S = weights_NK.reshape(-1).index_select(0, slot_idx_S).unsqueeze(-1)
+            grad_y = grad_NH.index_select(0, token_idx_S) * w_S
+        if ctx.needs_input_grad[1]:
+            grad_w = (y_NKH * grad_NH.unsqueeze(1)).sum(-1)
+        return grad_y, grad_w, None, None, None
+
+
+def gather_copies(x_NH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """The token copies in expert-sorted order, [S, H]."""
+    if plan.position_NK is None:
+        return x_NH[plan.token_idx_S]
+    return _GatherCopies.apply(x_NH, plan.token_idx_S, plan.position_NK)
 
 
 def combine(
     y_SH: torch.Tensor, plan: DispatchPlan, weights_NK: torch.Tensor, num_tokens: int
 ) -> torch.Tensor:
     """out[n] = sum over kept copies of n: weight * expert_output."""
+    if plan.position_NK is not None:
+        return _WeightedUngather.apply(y_SH, weights_NK, plan.position_NK, plan.token_idx_S, plan.slot_idx_S)
     w_S = weights_NK.reshape(-1)[plan.slot_idx_S].unsqueeze(-1)
     out = torch.zeros(num_tokens, y_SH.shape[-1], dtype=y_SH.dtype, device=y_SH.device)
     return out.index_add(0, plan.token_idx_S, y_SH * w_S)
