@@ -25,7 +25,11 @@ def main() -> None:
     layer = json.loads(Path(args.layer_json).read_text())
     train = json.loads(Path(args.train_json).read_text()) if args.train_json else []
 
-    groups = sorted({(r["shape"], r["dtype"]) for r in layer}, key=lambda g: (g[1], g[0]))
+    order = ["small", "S1", "S2"]
+    groups = sorted(
+        {(r["shape"], r["dtype"]) for r in layer},
+        key=lambda g: (g[1], order.index(g[0]) if g[0] in order else len(order)),
+    )
     variants = [v for v in dict.fromkeys(r["variant"] for r in layer) if v != "dense"]
     fig, axes = plt.subplots(1, 2 if train else 1, figsize=(13 if train else 8, 4.5), squeeze=False)
     ax = axes[0][0]
