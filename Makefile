@@ -53,9 +53,12 @@ test-gpu: install
 
 # Speed, side by side in one process (ratios, never timed tests). On a GPU host the layer benchmark
 # runs on CUDA; results tables with their machine and command: benchmarks/README.md, docs/GPU.md.
+# ARGS go to the layer benchmark (e.g. ARGS=--quick), TRAIN_ARGS to the training-step benchmark.
 bench: install
-	$(PY) benchmarks/bench_moe_layer.py --threads $(OMP_NUM_THREADS) $(ARGS)
-	$(PY) benchmarks/bench_experts.py --threads $(OMP_NUM_THREADS) --repeats 20
+	mkdir -p benchmarks/results
+	$(PY) benchmarks/bench_moe_layer.py --threads $(OMP_NUM_THREADS) --json benchmarks/results/layer.json $(ARGS)
+	$(PY) benchmarks/bench_train_step.py --threads $(OMP_NUM_THREADS) --json benchmarks/results/train_step.json $(TRAIN_ARGS)
+	$(PY) benchmarks/plot_bench.py benchmarks/results/layer.json benchmarks/results/train_step.json --out benchmarks/results/bench.png
 
 lint: install
 	$(VENV)/bin/ruff check moetrain tests benchmarks scripts

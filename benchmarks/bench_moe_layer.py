@@ -1,26 +1,35 @@
-"""The whole MoE layer (router -> dispatch -> experts -> combine) vs a dense SwiGLU of equal active FLOPs.
+"""The whole MoE layer (router -> dispatch -> experts -> combine) vs a dense SwiGLU of equal active
+FLOPs and vs peer implementations, forward + backward, interleaved step by step in one process.
 
-Forward + backward per step, interleaved step by step (dense, MoE grouped_mm, MoE loop), median of
-``--repeats``; on CUDA timed with CUDA events after a synchronize, on CPU with perf_counter. Shapes:
+Variants (each timed on the same input, in turn, every repeat: background load hits all alike):
+- ``dense``: SwiGLU with ``F_dense = top_k * F`` (same active expert FLOPs; the router's E*H per
+  token is extra for every MoE variant)
+- ``moetrain``: ``MoELayer`` with grouped_mm experts; ``moetrain_loop``: the per-expert matmul loop
+- ``experts_only``: moetrain's grouped_mm experts alone on the N*k copies pre-sorted by expert (no
+  router, dispatch or combine): the GEMM floor of any dropless MoE layer at this shape
+- ``hf_mixtral``: transformers' ``MixtralSparseMoeBlock`` (its default experts implementation)
+- ``ds_grouped``: DeepSpeed's ``GroupedExperts`` (grouped_mm) with DeepSpeed's own AutoEP routing,
+  permutation and combine at ep_size 1 (``TokenChoiceTopKRouter``, ``permute_by_local_expert``,
+  ``combine_from_routed``)
+- ``ds_classic``: classic ``deepspeed.moe.layer.MoE`` (capacity factor 1.25: it drops tokens, so it
+  does less work than a dropless layer), top-1/top-2 only
 
-- ``small``: mixtral_small's layer, H256 F512 E8 top-2
-- ``S1``: H512 F1024 E8 top-2 (coarse experts)
-- ``S2``: H512 F256 E64 top-8 (fine-grained experts)
+Shapes: ``small`` = mixtral_small's layer H256 F512 E8 top-2; ``S1`` = H512 F1024 E8 top-2;
+``S2`` = H512 F256 E64 top-8 (fine-grained). Reported: median ms, ratio to dense, active GFLOP/s
+(fwd+bwd = 18 * tokens * k * H * F) and that as % of a ``torch.mm`` measured in the same run.
 
-The dense twin has ``F_dense = top_k * F`` so its FLOPs equal the MoE layer's active expert FLOPs
-(the router's E*H per token is extra for the MoE). Prints a markdown table: ms per step, the
-MoE/dense ratio, and the device.
-
-    .venv/bin/python benchmarks/bench_moe_layer.py --device cpu --threads 2 --tokens 2048
-    python benchmarks/bench_moe_layer.py --device cuda --tokens 16384      # on a GPU host
+    python benchmarks/bench_moe_layer.py --device cpu --threads 2 --tokens 4096
+    python benchmarks/bench_moe_layer.py --quick     # small shape, fewer repeats
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
+import json
+import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -30,28 +39,147 @@ from moetrain.model.layers import SwiGLU
 from moetrain.moe import MoELayer
 
 SHAPES = {"small": (256, 512, 8, 2), "S1": (512, 1024, 8, 2), "S2": (512, 256, 64, 8)}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def _timer(device: torch.device):
-    if device.type == "cuda":
-
-        def run(fn) -> float:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    def run(fn) -> float:
+        if device.type == "cuda":
             torch.cuda.synchronize()
-            start.record()
-            fn()
-            end.record()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
             torch.cuda.synchronize()
-            return start.elapsed_time(end)
-
-    else:
-
-        def run(fn) -> float:
-            t0 = time.perf_counter()
-            fn()
-            return (time.perf_counter() - t0) * 1e3
+        return (time.perf_counter() - t0) * 1e3
 
     return run
+
+
+def mm_peak_gflops(device: torch.device, dtype: torch.dtype, n: int, timer, tries: int = 3) -> float:
+    """Best of ``tries`` ``torch.mm`` n x n x n in this dtype: the GEMM ceiling of this machine."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    timer(lambda: a @ b)
+    return 2 * n**3 / min(timer(lambda: a @ b) for _ in range(tries)) / 1e6
+
+
+def _init(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        nn.init.normal_(p, std=0.02)
+    return module
+
+
+def moetrain_layer(H, Fh, E, K, impl):
+    layer = _init(MoELayer(H, Fh, E, K, MoEConfig(backend="torch", expert_impl=impl)))
+    return lambda x_NH: layer(x_NH.unsqueeze(0))[0].squeeze(0), layer
+
+
+def experts_only(H, Fh, E, K, tokens):
+    """Diagnostic floor: moetrain's grouped_mm experts alone, forward + backward, on the N*k copies
+    already sorted by expert (random top-k loads): no router, no dispatch, no combine. It brings its
+    own [N*k, H] input and output gradient (``fwd.own_io``)."""
+    from moetrain.moe.experts import GroupedExperts
+
+    experts = _init(GroupedExperts(E, H, Fh, "grouped_mm"))
+    counts = torch.bincount(torch.topk(torch.randn(tokens, E), K).indices.flatten(), minlength=E)
+
+    def fwd(x_SH):
+        return experts(x_SH, fwd.counts)
+
+    fwd.counts = counts
+    fwd.own_io = (torch.randn(tokens * K, H), torch.randn(tokens * K, H))
+    return fwd, experts
+
+
+def hf_mixtral(H, Fh, E, K):
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    cfg = MixtralConfig(
+        hidden_size=H,
+        intermediate_size=Fh,
+        num_local_experts=E,
+        num_experts_per_tok=K,
+        experts_implementation="grouped_mm",  # its CPU default when built as a whole model
+    )
+    block = _init(MixtralSparseMoeBlock(cfg))
+
+    def fwd(x_NH):
+        out = block(x_NH.unsqueeze(0))
+        return (out[0] if isinstance(out, tuple) else out).squeeze(0)
+
+    return fwd, block
+
+
+def ds_grouped(H, Fh, E, K):
+    """DeepSpeed 0.19's AutoEP path at ep_size 1, from its own pieces (AutoEPMoELayer._forward)."""
+    from deepspeed.module_inject.auto_ep_layer import (
+        RouterOutput,
+        combine_from_routed,
+        permute_by_local_expert,
+        unpermute_by_local_expert,
+    )
+    from deepspeed.moe.ep_experts import GroupedExperts
+    from deepspeed.moe.ep_router import TokenChoiceTopKRouter
+
+    mod = nn.Module()
+    mod.router = TokenChoiceTopKRouter(H, E, None, None, K, "softmax", True, 1.0, False)
+    mod.experts = GroupedExperts(H, Fh, E, use_grouped_mm=True)
+    _init(mod)
+
+    def fwd(x_NH):
+        ro = RouterOutput(*mod.router(x_NH, None))
+        order = torch.argsort(ro.selected_experts.view(-1), stable=True)
+        routed = x_NH[order // K]
+        permuted, perm_idx, counts, n = permute_by_local_expert(routed, ro.num_tokens_per_expert)
+        y = unpermute_by_local_expert(mod.experts(permuted, counts), perm_idx, n)
+        shape = (1, x_NH.shape[0], H)
+        return combine_from_routed(y, ro.top_scores, order, K, "post", "weighted_sum", shape).view(-1, H)
+
+    return fwd, mod
+
+
+def ds_classic(H, Fh, E, K):
+    from deepspeed.moe.layer import MoE
+
+    if K > 2:
+        raise ValueError("classic deepspeed.moe MoE gates top-1 or top-2 only")
+    layer = _init(MoE(H, SwiGLU(H, Fh), num_experts=E, ep_size=1, k=K, capacity_factor=1.25))
+    return lambda x_NH: layer(x_NH.unsqueeze(0))[0].squeeze(0), layer
+
+
+def _ensure_process_group() -> None:
+    """deepspeed.moe needs torch.distributed (world 1, gloo) for its expert groups."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29561")
+        dist.init_process_group("gloo", rank=0, world_size=1)
+
+
+def build_variants(H, Fh, E, K, tokens, device, dtype, names):
+    builders = {
+        "moetrain": lambda: moetrain_layer(H, Fh, E, K, "grouped_mm"),
+        "moetrain_loop": lambda: moetrain_layer(H, Fh, E, K, "loop"),
+        "experts_only": lambda: experts_only(H, Fh, E, K, tokens),
+        "hf_mixtral": lambda: hf_mixtral(H, Fh, E, K),
+        "ds_grouped": lambda: ds_grouped(H, Fh, E, K),
+        "ds_classic": lambda: ds_classic(H, Fh, E, K),
+    }
+    dense = _init(SwiGLU(H, K * Fh)).to(device, dtype)
+    variants, skipped = {"dense": dense}, {}
+    for name in names:
+        try:
+            torch.manual_seed(0)
+            fwd, module = builders[name]()
+            module.to(device, dtype)
+            if hasattr(fwd, "own_io"):
+                fwd.counts = fwd.counts.to(device)
+                fwd.own_io = tuple(t.to(device, dtype) for t in fwd.own_io)
+            variants[name] = fwd
+        except Exception as e:  # a peer that cannot run here is reported, not fatal
+            skipped[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
+    return variants, skipped
 
 
 def main() -> None:
@@ -59,62 +187,96 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--shapes", default="small,S1,S2")
     ap.add_argument("--dtypes", default="fp32,bf16")
-    ap.add_argument("--tokens", type=int, default=4096)
-    ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=4096, help="tokens per step (small uses half)")
+    ap.add_argument(
+        "--bf16-tokens",
+        type=int,
+        default=None,
+        help="tokens for bf16 (default: --tokens, or 512 where bf16 torch.mm runs at < 1/4 of fp32's; then the small shape only)",
+    )
+    ap.add_argument(
+        "--variants", default="moetrain,experts_only,moetrain_loop,hf_mixtral,ds_grouped,ds_classic"
+    )
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (CPU device only)")
+    ap.add_argument("--peak-size", type=int, default=1024, help="n of the torch.mm peak measurement")
+    ap.add_argument("--quick", action="store_true", help="small shape, fp32, 5 repeats")
+    ap.add_argument("--json", default=None, help="write the rows here (for plot_bench.py)")
     args = ap.parse_args()
+    args.bf16_shapes = None
+    if args.quick:
+        args.shapes, args.dtypes, args.repeats = "small", "fp32", 5
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     timer = _timer(device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{args.threads}"
-    print(
-        f"device: {name}, torch {torch.__version__}, {args.tokens} tokens, fwd+bwd, median of {args.repeats}"
-    )
-    print("| shape | dtype | dense ms | MoE grouped_mm ms | MoE loop ms | grouped/dense | loop/dense |")
-    print("|---|---|---:|---:|---:|---:|---:|")
-    for shape in args.shapes.split(","):
-        H, Fh, E, K = SHAPES[shape]
-        for dt_name in args.dtypes.split(","):
-            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dt_name]
+    names = [n for n in args.variants.split(",") if n]
+    if "ds_classic" in names or "ds_grouped" in names:
+        _ensure_process_group()
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{args.threads}"
+    print(f"device: {where}, torch {torch.__version__}, fwd+bwd, median of {args.repeats}")
+    rows = []
+    peaks = {d: mm_peak_gflops(device, DTYPES[d], args.peak_size, timer) for d in args.dtypes.split(",")}
+    if args.bf16_tokens is None and peaks.get("bf16", 1e9) < peaks.get("fp32", 0.0) / 4:
+        # A CPU without bf16 instructions (no AVX512-BF16/AMX) runs bf16 GEMMs on a slow generic
+        # path: full-size bf16 steps would take minutes each. Fewer tokens keep the suite short.
+        args.bf16_tokens = 512
+        args.bf16_shapes = "small"
+        print(
+            f"note: bf16 torch.mm {peaks['bf16']:.1f} GFLOP/s vs fp32 {peaks['fp32']:.1f} (no bf16 "
+            "instructions?): bf16 rows use the small shape at 256 tokens only"
+        )
+    for dt_name in args.dtypes.split(","):
+        dtype = DTYPES[dt_name]
+        peak = peaks[dt_name]
+        print(
+            f"\n{dt_name}: torch.mm {args.peak_size}^3 peak {peak:.1f} GFLOP/s; load {os.getloadavg()[0]:.2f}"
+        )
+        print("| shape | tokens | variant | ms | × dense | GFLOP/s | % mm peak |")
+        print("|---|---:|---|---:|---:|---:|---:|")
+        shapes = args.bf16_shapes if dt_name == "bf16" and args.bf16_shapes else args.shapes
+        for shape in shapes.split(","):
+            H, Fh, E, K = SHAPES[shape]
+            tokens = args.bf16_tokens if (dt_name == "bf16" and args.bf16_tokens) else args.tokens
+            tokens = tokens // 2 if shape == "small" else tokens  # the issue's shape: 2k tokens
             torch.manual_seed(0)
-            dense = SwiGLU(H, K * Fh).to(device, dtype)
-            layers = {}
-            for impl in ("grouped_mm", "loop"):
-                layer = MoELayer(H, Fh, E, K, MoEConfig(backend="torch", expert_impl=impl))
-                for p in layer.parameters():
-                    nn.init.normal_(p, std=0.02)
-                layers[impl] = layer.to(device, dtype)
-            x = torch.randn(args.tokens, H, device=device, dtype=dtype)
+            variants, skipped = build_variants(H, Fh, E, K, tokens, device, dtype, names)
+            x = torch.randn(tokens, H, device=device, dtype=dtype)
             grad = torch.randn_like(x)
 
-            def step_dense(x=x, grad=grad, dense=dense):
-                xi = x.detach().requires_grad_(True)
-                dense(xi).backward(grad)
+            def step(fwd, x=x, grad=grad):
+                x_in, g_out = getattr(fwd, "own_io", (x, grad))
+                fwd(x_in.detach().requires_grad_(True)).backward(g_out)
 
-            def step_moe(layer, x=x, grad=grad):
-                xi = x.detach().requires_grad_(True)
-                out, stats = layer(xi.unsqueeze(0))
-                out.squeeze(0).backward(grad)
-
-            fns = {
-                "dense": step_dense,
-                "grouped_mm": functools.partial(step_moe, layers["grouped_mm"]),
-                "loop": functools.partial(step_moe, layers["loop"]),
-            }
-            times: dict[str, list[float]] = {k: [] for k in fns}
+            times: dict[str, list[float]] = {k: [] for k in variants}
             for i in range(args.warmup + args.repeats):
-                for k, fn in fns.items():  # interleaved: background load hits every variant alike
-                    ms = timer(fn)
+                for k, fwd in variants.items():  # interleaved
+                    ms = timer(lambda fwd=fwd: step(fwd))
                     if i >= args.warmup:
                         times[k].append(ms)
-            med = {k: statistics.median(v) for k, v in times.items()}
-            print(
-                f"| {shape} H{H} F{Fh} E{E} k{K} | {dt_name} | {med['dense']:.3f} | {med['grouped_mm']:.3f} "
-                f"| {med['loop']:.3f} | {med['grouped_mm'] / med['dense']:.2f} | {med['loop'] / med['dense']:.2f} |",
-                flush=True,
-            )
+                # the peak too, between the steps: one taken at a single moment of a shared machine's
+                # load can sit below what the variants reach (best of all rounds)
+                peak = max(peak, mm_peak_gflops(device, dtype, args.peak_size, timer, tries=1))
+                peaks[dt_name] = peak
+            flops = 18 * tokens * K * H * Fh
+            dense_ms = statistics.median(times["dense"])
+            for k, v in times.items():
+                ms = statistics.median(v)
+                gf = flops / ms / 1e6
+                row = dict(shape=shape, dtype=dt_name, tokens=tokens, variant=k, ms=ms,
+                           ratio=ms / dense_ms, gflops=gf, peak_pct=100 * gf / peak, peak_gflops=peak,
+                           load=os.getloadavg()[0])  # fmt: skip
+                rows.append(row)
+                print(
+                    f"| {shape} H{H} F{Fh} E{E} k{K} | {tokens} | {k} | {ms:.1f} | {row['ratio']:.2f} "
+                    f"| {gf:.1f} | {row['peak_pct']:.0f}% |",
+                    flush=True,
+                )
+            for k, why in skipped.items():
+                print(f"| {shape} | {tokens} | {k} | n/a: {why} | | | |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from torch import nn
 
 from moetrain.config import MoEConfig
 from moetrain.moe.backends import resolve_backend
-from moetrain.moe.dispatch import combine, plan_dispatch
+from moetrain.moe.dispatch import combine, gather_copies, plan_dispatch
 from moetrain.moe.experts import GroupedExperts, SharedExpert
 from moetrain.moe.router import TopKRouter
 
@@ -124,7 +124,7 @@ class MoELayer(nn.Module):
             out_NH = self._add_shared(out_NH, x_NH)
             return out_NH.view(B, T, H), self._with_seq_loss(self._stats(routing, routed_E, 0), routing, B, T)
         plan = plan_dispatch(routing.expert_ids_NK, self.num_experts, self.capacity_factor)
-        x_SH = x_NH[plan.token_idx_S]
+        x_SH = gather_copies(x_NH, plan)
         y_SH = self.exchange(x_SH, plan.tokens_per_expert_E, self.experts)
         out_NH = self._add_shared(combine(y_SH, plan, routing.weights_NK, B * T), x_NH)
         stats = self._stats(routing, plan.routed_per_expert_E, plan.num_dropped)
