@@ -37,6 +37,7 @@ from torch import nn
 from moetrain.config import MoEConfig
 from moetrain.model.layers import SwiGLU
 from moetrain.moe import MoELayer
+from moetrain.trainer.host_memory import configure_host_allocator
 
 SHAPES = {"small": (256, 512, 8, 2), "S1": (512, 1024, 8, 2), "S2": (512, 256, 64, 8)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -203,7 +204,14 @@ def main() -> None:
     ap.add_argument("--peak-size", type=int, default=1024, help="n of the torch.mm peak measurement")
     ap.add_argument("--quick", action="store_true", help="small shape, fp32, 5 repeats")
     ap.add_argument("--json", default=None, help="write the rows here (for plot_bench.py)")
+    ap.add_argument(
+        "--host-allocator",
+        default="retain",
+        choices=("retain", "system"),
+        help="malloc policy, as parallel.host_allocator in training (default: what training uses)",
+    )
     args = ap.parse_args()
+    configure_host_allocator(args.host_allocator)
     args.bf16_shapes = None
     if args.quick:
         args.shapes, args.dtypes, args.repeats = "small", "fp32", 5

@@ -389,12 +389,21 @@ class ParallelConfig:
     deepspeed_config: str | None = None  # a user JSON merged over the generated one
     shm_comm: bool = False  # DeepSpeed's CPU shared-memory collectives (JIT-compiles an op once)
     check_memory: bool = True  # stop at start when the training state cannot fit this machine
+    # retain: freed host memory stays in the process for reuse (no page faults per step on large CPU
+    # tensors; trainer/host_memory.py); system: malloc's defaults
+    host_allocator: str = "retain"
 
     def validate(self, prefix: str = "parallel") -> None:
         _require(self.ep_size >= 1, f"{prefix}.ep_size", self.ep_size, "must be >= 1")
         _require(self.zero_stage in (0, 1, 2), f"{prefix}.zero_stage", self.zero_stage, "one of 0, 1, 2")
         _require(
             self.dtype in ("auto", "fp32", "bf16"), f"{prefix}.dtype", self.dtype, "one of auto, fp32, bf16"
+        )
+        _require(
+            self.host_allocator in ("retain", "system"),
+            f"{prefix}.host_allocator",
+            self.host_allocator,
+            "one of retain, system",
         )
 
 

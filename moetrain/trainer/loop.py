@@ -46,6 +46,7 @@ from moetrain.distributed.expert_parallel import (
 from moetrain.tracking import CollapseDetector, MetricsFile, RoutingAccumulator, WandbRun, routing_metrics
 from moetrain.trainer.engine import build_engine, resolve_dtype
 from moetrain.trainer.guards import NonFiniteGuard, StopRequest, TrainingDiverged
+from moetrain.trainer.host_memory import configure_host_allocator
 
 # Dense bf16 peak TFLOP/s for MFU on known accelerators; unknown devices (and CPUs) log TFLOP/s only.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
@@ -119,6 +120,7 @@ def _peak_tflops(device: torch.device) -> float | None:
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path) -> None:
         self.cfg = cfg
+        configure_host_allocator(cfg.parallel.host_allocator)  # before the first large allocation
         self.env: DistEnv = init_distributed(shm_comm=cfg.parallel.shm_comm)
         self.is_main = self.env.is_main
         self.run_dir = self._shared_run_dir(run_dir)
