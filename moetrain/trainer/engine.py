@@ -119,4 +119,10 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, dp_world_size: int):
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=groups, config=ds_config, lr_scheduler=make_scheduler
     )
+    if dp_world_size == 1 and cfg.parallel.zero_stage == 0:
+        # One process: DeepSpeed's gradient "all-reduce" would still flatten every gradient into one
+        # buffer, cast it to the fp32 communication dtype, reduce it over a group of one and copy it
+        # back: three passes over all gradients that change no bit (ZeRO-1/2 read their partitions
+        # from that path, so they keep it).
+        engine.enable_backward_allreduce = False
     return engine, optimizer, scheduler, ds_config

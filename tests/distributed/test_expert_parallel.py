@@ -397,3 +397,35 @@ def _uneven_worker(rank: int, world: int) -> None:
 @pytest.mark.numerics
 def test_uneven_routing_no_hang_and_exact():
     run_distributed(_uneven_worker, 2, timeout=120)
+
+
+def _single_process_engine_worker(rank: int, world: int, dtype: str) -> None:
+    import copy
+
+    from moetrain.distributed import init_distributed
+    from moetrain.model import MoETransformer
+    from moetrain.trainer.engine import build_engine
+
+    init_distributed()
+    cfg = _train_config(ep_size=1)
+    cfg.parallel.dtype = dtype
+    torch.manual_seed(0)
+    model = MoETransformer(cfg.model)
+    twin = copy.deepcopy(model)
+    engine, *_ = build_engine(model, cfg, world)
+    # One process, ZeRO-0: the engine skips DeepSpeed's gradient all-reduce over a group of one...
+    assert engine.enable_backward_allreduce is False
+    reducing, *_ = build_engine(twin, cfg, world)
+    reducing.enable_backward_allreduce = True  # the pass it skips: flatten, fp32 cast, reduce, copy
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 13), generator=torch.Generator().manual_seed(1))
+    for e in (engine, reducing):
+        e.backward(e(ids[:, :-1], ids[:, 1:]).loss)
+    # ...which changes no bit of any gradient.
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert p.grad is not None and torch.equal(p.grad, q.grad), name
+    assert any(p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_single_process_engine_skips_a_reduction_that_changes_nothing(dtype: str):
+    run_distributed(_single_process_engine_worker, 1, dtype, timeout=120)
