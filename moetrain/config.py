@@ -389,8 +389,8 @@ class ParallelConfig:
     deepspeed_config: str | None = None  # a user JSON merged over the generated one
     shm_comm: bool = False  # DeepSpeed's CPU shared-memory collectives (JIT-compiles an op once)
     check_memory: bool = True  # stop at start when the training state cannot fit this machine
-    # retain: freed host memory stays in the process for reuse (no page faults per step on large CPU
-    # tensors; trainer/host_memory.py); system: malloc's defaults
+    # CPU training: retain = freed host memory stays in the process for reuse (no page faults per
+    # step on large tensors; trainer/host_memory.py); system = malloc's defaults. No effect on CUDA.
     host_allocator: str = "retain"
 
     def validate(self, prefix: str = "parallel") -> None:

@@ -9,8 +9,9 @@ and tcmalloc keep freed memory for reuse; this asks glibc to do the same: no mma
 (``M_MMAP_MAX=0``) and no trimming of the heap top below 2 GiB (``M_TRIM_THRESHOLD``). The cost is
 that the resident size stays at its peak instead of shrinking between steps.
 
-``parallel.host_allocator``: ``retain`` (default) applies it; ``system`` leaves malloc as it is.
-Elsewhere than glibc (macOS, musl) it is a no-op.
+``parallel.host_allocator``: ``retain`` (default) applies it to CPU training processes, where the
+activations live in host memory; ``system`` leaves malloc as it is; CUDA runs keep malloc's defaults
+(their large tensors are on the GPU). Elsewhere than glibc (macOS, musl) it is a no-op.
 """
 
 from __future__ import annotations

@@ -120,13 +120,16 @@ def _peak_tflops(device: torch.device) -> float | None:
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path) -> None:
         self.cfg = cfg
-        configure_host_allocator(cfg.parallel.host_allocator)  # before the first large allocation
         self.env: DistEnv = init_distributed(shm_comm=cfg.parallel.shm_comm)
         self.is_main = self.env.is_main
         self.run_dir = self._shared_run_dir(run_dir)
-        if self.env.device.type == "cpu":  # one process per core budget; no oversubscription
-            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if self.env.device.type == "cpu":
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # one process per core budget
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+            # Before the data and the model are built. Only where the activations live in host
+            # memory: on a GPU node, ranks keeping their host high-water marks (tokenising,
+            # checkpoint gathers) would only cost host RAM.
+            configure_host_allocator(cfg.parallel.host_allocator)
         if cfg.trainer.deterministic:
             # Same losses for the same seed, run after run, and bitwise resume, on CPU and CUDA alike.
             # warn_only=False: an op without a deterministic kernel raises instead of silently breaking
