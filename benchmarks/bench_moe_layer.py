@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moetrain.config import MoEConfig
+from moetrain.config import HOST_ALLOCATORS, MoEConfig
 from moetrain.model.layers import SwiGLU
 from moetrain.moe import MoELayer
 from moetrain.trainer.host_memory import configure_host_allocator
@@ -207,17 +207,17 @@ def main() -> None:
     ap.add_argument(
         "--host-allocator",
         default="retain",
-        choices=("retain", "system"),
-        help="malloc policy, as parallel.host_allocator in training (default: what training uses)",
+        choices=HOST_ALLOCATORS,
+        help="CPU malloc policy, as parallel.host_allocator in training (default: what training uses)",
     )
     args = ap.parse_args()
-    configure_host_allocator(args.host_allocator)
     args.bf16_shapes = None
     if args.quick:
         args.shapes, args.dtypes, args.repeats = "small", "fp32", 5
     device = torch.device(args.device)
-    if device.type == "cpu":
+    if device.type == "cpu":  # as the trainer does on CPU
         torch.set_num_threads(args.threads)
+        configure_host_allocator(args.host_allocator)
     timer = _timer(device)
     names = [n for n in args.variants.split(",") if n]
     if "ds_classic" in names or "ds_grouped" in names:

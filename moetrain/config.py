@@ -16,6 +16,7 @@ EXPERT_IMPLS = ("auto", "grouped_mm", "loop")
 AUX_LOSS_TYPES = ("switch", "mixtral")
 AUX_LOSS_SCOPES = ("micro_batch", "global_batch")
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
+HOST_ALLOCATORS = ("retain", "system")  # parallel.host_allocator (trainer/host_memory.py)
 # Normalisation of queries and keys before RoPE: none (Mixtral, Mistral, Qwen2-MoE), one RMSNorm over
 # the whole q / k projection (OLMoE), or one per head over head_dim (Qwen3, Qwen3-MoE).
 QK_NORMS = ("none", "full", "per_head")
@@ -400,10 +401,10 @@ class ParallelConfig:
             self.dtype in ("auto", "fp32", "bf16"), f"{prefix}.dtype", self.dtype, "one of auto, fp32, bf16"
         )
         _require(
-            self.host_allocator in ("retain", "system"),
+            self.host_allocator in HOST_ALLOCATORS,
             f"{prefix}.host_allocator",
             self.host_allocator,
-            "one of retain, system",
+            f"one of {', '.join(HOST_ALLOCATORS)}",
         )
 
 

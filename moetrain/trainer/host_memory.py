@@ -20,13 +20,13 @@ import ctypes
 import ctypes.util
 import functools
 
+from moetrain.config import HOST_ALLOCATORS
+
 # <malloc.h>
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 _GLIBC_MMAP_MAX_DEFAULT = 65536
 _TRIM_KEEP = 2**31 - 1  # mallopt takes an int: keep up to 2 GiB of free heap top
-
-MODES = ("retain", "system")
 
 
 @functools.cache
@@ -43,8 +43,8 @@ def configure_host_allocator(mode: str) -> bool:
     """Apply ``mode`` (``retain`` | ``system``) to this process's malloc. Returns whether it took effect
     (False where malloc is not glibc's). ``system`` restores glibc's defaults for mmap use; the trim
     threshold stays fixed (glibc's own default is adaptive and cannot be restored by mallopt)."""
-    if mode not in MODES:
-        raise ValueError(f"host allocator mode {mode!r}: one of {MODES}")
+    if mode not in HOST_ALLOCATORS:
+        raise ValueError(f"host allocator mode {mode!r}: one of {HOST_ALLOCATORS}")
     libc = _glibc()
     if libc is None:
         return False
