@@ -429,3 +429,51 @@ def _single_process_engine_worker(rank: int, world: int, dtype: str) -> None:
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_single_process_engine_skips_a_reduction_that_changes_nothing(dtype: str):
     run_distributed(_single_process_engine_worker, 1, dtype, timeout=120)
+
+
+def _lean_bf16_step_worker(rank: int, world: int) -> None:
+    import copy
+
+    from moetrain.distributed import init_distributed
+    from moetrain.model import MoETransformer
+    from moetrain.trainer.engine import build_engine, lean_bf16_step
+
+    init_distributed()
+    cfg = _train_config(ep_size=1)
+    cfg.parallel.dtype = "bf16"
+    torch.manual_seed(0)
+    model = MoETransformer(cfg.model)
+    twin = copy.deepcopy(model)
+    lean, *_ = build_engine(model, cfg, world)
+    # bf16 ZeRO-0: the engine's optimizer step is the lean one...
+    assert lean.optimizer.step.func is lean_bf16_step
+    stock, *_ = build_engine(twin, cfg, world)
+    del stock.optimizer.step  # ...this one runs DeepSpeed's FP16_UnfusedOptimizer.step
+    assert "step" not in vars(stock.optimizer)
+    before = [hp.clone() for group in lean.optimizer.fp32_groups for hp in group]
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        ids = torch.randint(0, cfg.model.vocab_size, (2, 13), generator=gen)
+        for e in (lean, stock):
+            e.backward(e(ids[:, :-1], ids[:, 1:]).loss)
+            e.step()
+    # ...and gives the same bits: bf16 weights, fp32 masters, every optimizer state tensor.
+    a, b = lean.optimizer, stock.optimizer
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert p.dtype == torch.bfloat16 and torch.equal(p, q), name
+    after = [hp for group in a.fp32_groups for hp in group]
+    assert all(not torch.equal(x, y) for x, y in zip(before, after))  # every parameter moved
+    for ga, gb in zip(a.fp32_groups, b.fp32_groups):
+        for hp, hq in zip(ga, gb):
+            assert hp.grad is None and hq.grad is None
+            assert torch.equal(hp, hq)
+            sa, sb = a.optimizer.state[hp], b.optimizer.state[hq]
+            assert sa.keys() == sb.keys() and "exp_avg_sq" in sa
+            for k in sa:
+                assert torch.equal(sa[k], sb[k]), k
+    assert a.loss_scale_config.cur_iter == b.loss_scale_config.cur_iter
+    assert a.overflow is False and lean.skipped_steps == 0 and lean.global_steps == 3
+
+
+def test_lean_bf16_optimizer_step_matches_deepspeeds_bit_for_bit():
+    run_distributed(_lean_bf16_step_worker, 1, timeout=120)
