@@ -137,6 +137,11 @@ class Trainer:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.backends.cudnn.benchmark = False
             torch.use_deterministic_algorithms(True, warn_only=False)
+            # Deterministic mode also fills every new tensor with NaN, a debugging aid that costs one
+            # pass over each allocation (the logits, every gradient, every optimizer temporary).
+            # Results do not depend on it: no op reads memory it has not written (tested with the
+            # fill on, tests/model/test_transformer.py).
+            torch.utils.deterministic.fill_uninitialized_memory = False
         self.step = 0
         self.tokens_seen = 0
         self._bar = None

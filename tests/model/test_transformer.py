@@ -297,3 +297,45 @@ def test_init_scales_residual_projections(seed):
     assert model.layers[0].ffn.experts.w2.std().item() == pytest.approx(out_std, rel=0.1)
     assert model.layers[0].ffn.experts.w1.std().item() == pytest.approx(0.05, rel=0.1)
     assert model.layers[0].attention_norm.weight.eq(1).all()
+
+
+@pytest.fixture
+def deterministic_mode():
+    was = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(was[0])
+    torch.utils.deterministic.fill_uninitialized_memory = was[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "cfg_kw",
+    [
+        {"moe": MoEConfig(expert_impl="grouped_mm")},
+        {"moe": MoEConfig(expert_impl="loop")},
+        {"moe": MoEConfig(expert_impl="grouped_mm", capacity_factor=0.5)},  # drops: the scatter path
+        {"moe": MoEConfig(expert_impl="grouped_mm"), "shared_expert_intermediate_size": 16},
+        {"num_experts": 0},
+    ],
+    ids=["grouped_mm", "loop", "capacity_drops", "shared_expert", "dense"],
+)
+def test_no_op_reads_uninitialised_memory(deterministic_mode, dtype, cfg_kw):
+    """The trainer turns off deterministic mode's NaN fill of new tensors (a pass over every
+    allocation). That is only sound if forward and backward never read memory they did not write:
+    with the fill on, such a read would put NaN into the loss or a gradient."""
+    results = []
+    for fill in (True, False):
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+        torch.manual_seed(0)
+        model = MoETransformer(tiny(**cfg_kw)).to(dtype)
+        batch = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(1))
+        out = model(batch, labels_BT=batch)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        assert torch.isfinite(out.loss), fill
+        assert all(torch.isfinite(g).all() for g in grads.values()), fill
+        results.append((out.loss.detach(), grads))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b)
+    assert all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)
