@@ -68,17 +68,3 @@ class GroupedExperts(nn.Module):
             h = F.silu(x_e @ self.w1[e].T) * (x_e @ self.v1[e].T)
             outs.append(h @ self.w2[e])
         return torch.cat(outs) if outs else x_SH.new_zeros(0, self.hidden_size)
-
-
-class SharedExpert(nn.Module):
-    """A dense SwiGLU every token goes through (Qwen2-MoE's shared expert): w2(silu(w1 x) * w3 x).
-    (Same names as the dense FFN, model.layers.SwiGLU; defined here to keep moe/ free of model/.)"""
-
-    def __init__(self, hidden_size: int, ffn_hidden_size: int) -> None:
-        super().__init__()
-        self.w1 = nn.Linear(hidden_size, ffn_hidden_size, bias=False)
-        self.w3 = nn.Linear(hidden_size, ffn_hidden_size, bias=False)
-        self.w2 = nn.Linear(ffn_hidden_size, hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))

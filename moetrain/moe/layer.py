@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from moetrain.config import MoEConfig
+from moetrain.model.layers import SwiGLU
 from moetrain.moe.backends import resolve_backend
 from moetrain.moe.dispatch import combine, gather_copies, plan_dispatch
-from moetrain.moe.experts import GroupedExperts, SharedExpert
+from moetrain.moe.experts import GroupedExperts
 from moetrain.moe.router import TopKRouter
 
 
@@ -98,7 +99,7 @@ class MoELayer(nn.Module):
         else:
             self.experts = GroupedExperts(num_experts, hidden_size, ffn_hidden_size, cfg.expert_impl)
         self.exchange = LocalExchange()
-        self.shared_expert = SharedExpert(hidden_size, shared_expert_size) if shared_expert_size else None
+        self.shared_expert = SwiGLU(hidden_size, shared_expert_size) if shared_expert_size else None
         self.shared_expert_gate = (
             nn.Linear(hidden_size, 1, bias=False) if shared_expert_size and shared_expert_gate else None
         )

@@ -35,7 +35,7 @@ PROBE = textwrap.dedent(
     cfg.data.vocab_size, cfg.data.seq_len = 512, 64
     cfg.model.init_from = folder
     cfg.parallel.ep_size = ep_size
-    import moetrain.model  # imports before the baseline
+    import moetrain.model.transformer  # imports before the baseline
     before = peak_kib()
     resolve_pretrained(cfg, [])  # includes the name-by-name check of the headers
     torch.manual_seed(0)
