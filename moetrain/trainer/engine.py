@@ -135,17 +135,16 @@ def lean_bf16_step_applies(opt: Any) -> bool:
     step's overflow check and gradient norm repeat what the loop already did exactly before the step
     (finite loss, exact global norm, clipping: ZeRO-0 hands DeepSpeed ``gradient_clipping`` 0), and its
     unscale multiplies by 1.0 (bf16 has no loss scale): three passes over the gradients, dropped here."""
+    # Any attribute missing (another DeepSpeed version) means DeepSpeed's own step: never a guess.
     scale = getattr(opt, "loss_scale_config", None)
     return (
         type(opt).__name__ == "FP16_UnfusedOptimizer"
-        and hasattr(opt, "fp16_groups")
-        and hasattr(opt, "fp32_groups")
-        and scale is not None
-        and not scale.use_grad_scaling
-        and scale.cur_scale == 1.0
-        and not opt.clip_grad
-        and not opt.fused_lamb_legacy
-        and not opt.custom_loss_scaler
+        and all(hasattr(opt, a) for a in ("fp16_groups", "fp32_groups", "optimizer", "_update_scale"))
+        and getattr(scale, "use_grad_scaling", True) is False
+        and getattr(scale, "cur_scale", None) == 1.0
+        and getattr(opt, "clip_grad", 1.0) == 0
+        and getattr(opt, "fused_lamb_legacy", True) is False
+        and getattr(opt, "custom_loss_scaler", True) is False
     )
 
 
