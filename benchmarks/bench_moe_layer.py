@@ -1,10 +1,12 @@
 """The whole MoE layer (router -> dispatch -> experts -> combine) vs a dense SwiGLU of equal active
 FLOPs and vs peer implementations, forward + backward, interleaved step by step in one process.
 
-Variants (each timed on the same input, in turn, every repeat: background load hits all alike):
+Variants (each timed on the same input, in turn, every repeat: background load hits all alike; a new
+input every repeat unless ``--fixed-inputs``, so routings and expert row counts change as in training):
 - ``dense``: SwiGLU with ``F_dense = top_k * F`` (same active expert FLOPs; the router's E*H per
   token is extra for every MoE variant)
-- ``moetrain``: ``MoELayer`` with grouped_mm experts; ``moetrain_loop``: the per-expert matmul loop
+- ``moetrain``: ``MoELayer`` with grouped_mm experts; ``moetrain_loop``: the per-expert matmul loop;
+  ``moetrain_unpadded``: grouped_mm without row blocks (``experts.row_block = 1``; see moe/experts.py)
 - ``experts_only``: moetrain's grouped_mm experts alone on the N*k copies pre-sorted by expert (no
   router, dispatch or combine): the GEMM floor of any dropless MoE layer at this shape
 - ``hf_mixtral``: transformers' ``MixtralSparseMoeBlock`` (its default experts implementation)
@@ -69,8 +71,9 @@ def _init(module: nn.Module) -> nn.Module:
     return module
 
 
-def moetrain_layer(H, Fh, E, K, impl):
+def moetrain_layer(H, Fh, E, K, impl, row_block=None):
     layer = _init(MoELayer(H, Fh, E, K, MoEConfig(backend="torch", expert_impl=impl)))
+    layer.experts.row_block = row_block
     return lambda x_NH: layer(x_NH.unsqueeze(0))[0].squeeze(0), layer
 
 
@@ -81,12 +84,16 @@ def experts_only(H, Fh, E, K, tokens):
     from moetrain.moe.experts import GroupedExperts
 
     experts = _init(GroupedExperts(E, H, Fh, "grouped_mm"))
-    counts = torch.bincount(torch.topk(torch.randn(tokens, E), K).indices.flatten(), minlength=E)
 
     def fwd(x_SH):
         return experts(x_SH, fwd.counts)
 
-    fwd.counts = counts
+    def resample() -> None:  # new loads, as a new routing would give
+        counts = torch.bincount(torch.topk(torch.randn(tokens, E), K).indices.flatten(), minlength=E)
+        fwd.counts = counts.to(fwd.counts.device) if hasattr(fwd, "counts") else counts
+
+    resample()
+    fwd.resample = resample
     fwd.own_io = (torch.randn(tokens * K, H), torch.randn(tokens * K, H))
     return fwd, experts
 
@@ -162,6 +169,7 @@ def build_variants(H, Fh, E, K, tokens, device, dtype, names):
     builders = {
         "moetrain": lambda: moetrain_layer(H, Fh, E, K, "grouped_mm"),
         "moetrain_loop": lambda: moetrain_layer(H, Fh, E, K, "loop"),
+        "moetrain_unpadded": lambda: moetrain_layer(H, Fh, E, K, "grouped_mm", row_block=1),
         "experts_only": lambda: experts_only(H, Fh, E, K, tokens),
         "hf_mixtral": lambda: hf_mixtral(H, Fh, E, K),
         "ds_grouped": lambda: ds_grouped(H, Fh, E, K),
@@ -196,9 +204,15 @@ def main() -> None:
         help="tokens for bf16 (default: --tokens, or 512 where bf16 torch.mm runs at < 1/4 of fp32's; then the small shape only)",
     )
     ap.add_argument(
-        "--variants", default="moetrain,experts_only,moetrain_loop,hf_mixtral,ds_grouped,ds_classic"
+        "--variants",
+        default="moetrain,experts_only,moetrain_unpadded,moetrain_loop,hf_mixtral,ds_grouped,ds_classic",
     )
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument(
+        "--fixed-inputs",
+        action="store_true",
+        help="the same input every round (same routing, same expert row counts); default: new each round, as in training",
+    )
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (CPU device only)")
     ap.add_argument("--peak-size", type=int, default=1024, help="n of the torch.mm peak measurement")
@@ -253,14 +267,21 @@ def main() -> None:
             x = torch.randn(tokens, H, device=device, dtype=dtype)
             grad = torch.randn_like(x)
 
-            def step(fwd, x=x, grad=grad):
+            def step(fwd, x, grad):
                 x_in, g_out = getattr(fwd, "own_io", (x, grad))
                 fwd(x_in.detach().requires_grad_(True)).backward(g_out)
 
             times: dict[str, list[float]] = {k: [] for k in variants}
             for i in range(args.warmup + args.repeats):
+                if not args.fixed_inputs:
+                    # In training the routing, and so every expert's row count, changes every step.
+                    # Kernels compiled per GEMM shape (oneDNN's bf16 on CPU) are then compiled again
+                    # and again; a fixed input would hide that, as it would any cost of new shapes.
+                    x, grad = torch.randn_like(x), torch.randn_like(grad)
+                    for fwd in variants.values():
+                        getattr(fwd, "resample", lambda: None)()
                 for k, fwd in variants.items():  # interleaved
-                    ms = timer(lambda fwd=fwd: step(fwd))
+                    ms = timer(lambda fwd=fwd, x=x, grad=grad: step(fwd, x, grad))
                     if i >= args.warmup:
                         times[k].append(ms)
                 # the peak too, between the steps: one taken at a single moment of a shared machine's

@@ -4,6 +4,16 @@ Canonical layout (shared with MegaBlocks' dMoE and mapped onto transformers' Mix
     w1, v1, w2: [E, F, H]      out_e(x) = (silu(x w1[e]^T) * (x v1[e]^T)) w2[e]
 MegaBlocks holds the same bytes as 2-D [E*F, H]; transformers' experts.e.w1 = w1[e],
 experts.e.w3 = v1[e], experts.e.w2 = w2[e]^T.
+
+Row blocks. On CPU, bf16/fp16 GEMMs run in oneDNN, which JIT-compiles a kernel for every new GEMM
+shape (an ``mmap`` of generated code per kernel; its primitive cache holds 1024). An expert's row
+count changes with every routing decision, so nearly every expert GEMM of a training step, forward
+and backward, compiled a kernel (216 per mixtral_small step, counted with strace) and ran ~0.5x as
+fast as the same GEMM with a cached kernel. Padding each expert's rows to a multiple of
+``row_block`` bounds the shapes to a few dozen per weight, all cached after the first steps; the
+padding rows cost at most ``row_block - 1`` rows per expert of extra GEMM work and never reach the
+result (their outputs are dropped, their gradients are zero). fp32 (MKL) and CUDA kernels are not
+compiled per shape, so they run unpadded (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -27,6 +37,66 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+def default_row_block(device: torch.device, dtype: torch.dtype) -> int:
+    """Rows per expert are padded to a multiple of this (1: no padding); see the module docstring.
+    16, 32 and 64 measured alike (benchmarks/README.md); 32 wastes at most 31 rows per expert and
+    leaves at most 128 row counts per weight for 4096 copies, well inside oneDNN's 1024-kernel cache."""
+    if (
+        device.type == "cpu"
+        and dtype in (torch.bfloat16, torch.float16)
+        and torch.backends.mkldnn.is_available()
+    ):
+        return 32
+    return 1
+
+
+class _PadRows(torch.autograd.Function):
+    """x_SH -> x_PH: every expert's rows followed by padding rows (copies of row 0: finite, never
+    used). Backward keeps the real rows' gradients; the padding rows' are zero (see _UnpadRows)."""
+
+    @staticmethod
+    def forward(ctx, x_SH: torch.Tensor, src_P: torch.Tensor, dest_S: torch.Tensor):  # type: ignore[override]
+        ctx.save_for_backward(dest_S)
+        return x_SH.index_select(0, src_P)
+
+    @staticmethod
+    def backward(ctx, grad_PH: torch.Tensor):  # type: ignore[override]
+        (dest_S,) = ctx.saved_tensors
+        return grad_PH.index_select(0, dest_S), None, None
+
+
+class _UnpadRows(torch.autograd.Function):
+    """y_PH -> y_SH, the real rows. Backward: zero gradient for the padding rows, so they add exactly
+    nothing to the weight gradients and, row by row through the SwiGLU, to the input gradient."""
+
+    @staticmethod
+    def forward(ctx, y_PH: torch.Tensor, dest_S: torch.Tensor):  # type: ignore[override]
+        ctx.save_for_backward(dest_S)
+        ctx.num_padded = y_PH.shape[0]
+        return y_PH.index_select(0, dest_S)
+
+    @staticmethod
+    def backward(ctx, grad_SH: torch.Tensor):  # type: ignore[override]
+        (dest_S,) = ctx.saved_tensors
+        grad_PH = grad_SH.new_zeros(ctx.num_padded, grad_SH.shape[1])
+        return grad_PH.index_copy_(0, dest_S, grad_SH), None
+
+
+def padded_rows(
+    tokens_per_expert_E: torch.Tensor, block: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Counts rounded up to a multiple of ``block``; ``dest_S``: the padded row of each real row;
+    ``src_P``: the real row each padded row copies (row 0 for padding)."""
+    counts = tokens_per_expert_E.to(torch.int64)
+    padded = (counts + block - 1) // block * block
+    S = int(counts.sum())
+    shift_E = (torch.cumsum(padded, 0) - padded) - (torch.cumsum(counts, 0) - counts)
+    dest_S = torch.arange(S, device=counts.device) + torch.repeat_interleave(shift_E, counts, output_size=S)
+    src_P = torch.zeros(int(padded.sum()), dtype=torch.int64, device=counts.device)
+    src_P.index_copy_(0, dest_S, torch.arange(S, device=counts.device))
+    return padded, dest_S, src_P
+
+
 def grouped_mm_supported(hidden_size: int, ffn_hidden_size: int, dtype: torch.dtype) -> bool:
     """grouped_mm needs 16-byte aligned rows on CPU."""
     item = torch.empty((), dtype=dtype).element_size()
@@ -38,6 +108,8 @@ class GroupedExperts(nn.Module):
         super().__init__()
         self.num_experts, self.hidden_size, self.ffn_hidden_size = num_experts, hidden_size, ffn_hidden_size
         self.impl = impl
+        # Rows per expert padded to a multiple of this before the GEMMs; None: default_row_block.
+        self.row_block: int | None = None
         self.w1 = nn.Parameter(torch.empty(num_experts, ffn_hidden_size, hidden_size))
         self.v1 = nn.Parameter(torch.empty(num_experts, ffn_hidden_size, hidden_size))
         self.w2 = nn.Parameter(torch.empty(num_experts, ffn_hidden_size, hidden_size))
@@ -49,6 +121,14 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_SH: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         """x_SH: token copies sorted by (local) expert; tokens_per_expert_E: their int counts."""
+        block = self.row_block or default_row_block(x_SH.device, x_SH.dtype)
+        if block > 1 and x_SH.shape[0] > 0:
+            padded_E, dest_S, src_P = padded_rows(tokens_per_expert_E, block)
+            y_PH = self._compute(_PadRows.apply(x_SH, src_P, dest_S), padded_E)
+            return _UnpadRows.apply(y_PH, dest_S)
+        return self._compute(x_SH, tokens_per_expert_E)
+
+    def _compute(self, x_SH: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         # grouped_mm rejects an empty batch (an expert-parallel rank can receive no tokens at all).
         if self.resolved_impl(x_SH.dtype) == "grouped_mm" and x_SH.shape[0] > 0:
             return self._grouped_mm(x_SH, tokens_per_expert_E)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moetrain.moe.experts import GroupedExperts
+from moetrain.moe.experts import GroupedExperts, default_row_block, padded_rows
 from moetrain.testing import assert_close_scaled, rounding_rel
 
 from ._reference import swiglu_expert
@@ -135,3 +135,67 @@ def test_no_tokens_at_all(impl, dtype):
     out.sum().backward()
     for name, p in experts.named_parameters():
         assert p.grad is not None and torch.count_nonzero(p.grad) == 0, name
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("impl", ["grouped_mm", "loop"])
+@pytest.mark.parametrize("case", ["spread", "zeros_between", "all_to_last", "single_expert_model"])
+def test_row_block_padding_changes_nothing(seed, dtype, impl, case):
+    """Rows padded to a multiple of ``row_block`` (copies of row 0 that never reach the result):
+    the same output and gradients as unpadded, and the GEMMs really saw padded row counts."""
+    counts = torch.tensor(COUNTS[case])
+    experts = make_experts(len(counts), dtype)
+    experts.impl = impl
+    x = torch.randn(int(counts.sum()), H, dtype=dtype)
+    x[0] *= 50  # padding rows copy row 0: any leak into a weight gradient would be large
+    g = torch.randn(x.shape[0], H, dtype=dtype)
+
+    experts.row_block = 1
+    out_ref, gx_ref, gp_ref = run(experts, x, counts, g)
+    experts.row_block = 4
+    seen = []
+    compute = experts._compute
+    experts._compute = lambda x_SH, c: (seen.append(c.tolist()), compute(x_SH, c))[1]
+    out, gx, gp = run(experts, x, counts, g)
+
+    assert seen == [[-(-c // 4) * 4 for c in COUNTS[case]]]
+    rel = KERNEL_REL[dtype]
+    assert_close_scaled(out, out_ref, "output", rel=rel)
+    assert_close_scaled(gx, gx_ref, "input grad", rel=rel)
+    for name in gp_ref:
+        assert_close_scaled(gp[name], gp_ref[name], f"grad of {name}", rel=rel)
+        for e, c in enumerate(COUNTS[case]):
+            if c == 0:
+                assert torch.count_nonzero(gp[name][e]) == 0, (name, e)
+
+
+def test_padded_rows_map_every_row_once():
+    counts = torch.tensor([3, 0, 8, 1, 0])
+    padded, dest_S, src_P = padded_rows(counts, 4)
+    assert padded.tolist() == [4, 0, 8, 4, 0]
+    assert dest_S.tolist() == [0, 1, 2, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+    assert src_P.shape == (16,) and torch.equal(src_P[dest_S], torch.arange(12))
+    pad_rows = [p for p in range(16) if p not in dest_S.tolist()]
+    assert pad_rows == [3, 13, 14, 15] and src_P[pad_rows].tolist() == [0, 0, 0, 0]
+
+
+def test_bf16_cpu_gemm_shapes_repeat_across_routings():
+    """The point of row blocks: on CPU, bf16 GEMM kernels are compiled per shape (oneDNN), so expert
+    row counts must come from a small set however the routing changes (moe/experts.py)."""
+    if default_row_block(torch.device("cpu"), torch.bfloat16) == 1:
+        pytest.skip("torch built without oneDNN: bf16 GEMMs are not compiled per shape here")
+    assert default_row_block(torch.device("cpu"), torch.float32) == 1  # MKL: nothing compiled per shape
+    E, N, K = 8, 512, 2
+    experts = GroupedExperts(E, H, F).to(torch.bfloat16)
+    seen = set()
+    compute = experts._compute
+    experts._compute = lambda x_SH, c: (seen.update(c.tolist()), compute(x_SH, c))[1]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        counts = torch.bincount(torch.randn(N, E, generator=gen).topk(K).indices.flatten(), minlength=E)
+        with torch.no_grad():
+            experts(torch.randn(N * K, H).bfloat16(), counts)
+    block = default_row_block(torch.device("cpu"), torch.bfloat16)
+    assert all(c % block == 0 for c in seen)
+    assert len(seen) <= N // block + 1  # unpadded, 30 routings x 8 experts give ~100 distinct counts
