@@ -5,10 +5,11 @@ Canonical layout (shared with MegaBlocks' dMoE and mapped onto transformers' Mix
 MegaBlocks holds the same bytes as 2-D [E*F, H]; transformers' experts.e.w1 = w1[e],
 experts.e.w3 = v1[e], experts.e.w2 = w2[e]^T.
 
-Row blocks. On CPU, bf16/fp16 GEMMs run in oneDNN, which JIT-compiles a kernel for every new GEMM
+Row blocks. On CPU, torch runs bf16 GEMMs (and fp16 ones, on CPUs with fp16 instructions) in
+oneDNN, which JIT-compiles a kernel for every new GEMM
 shape (an ``mmap`` of generated code per kernel; its primitive cache holds 1024). An expert's row
 count changes with every routing decision, so nearly every expert GEMM of a training step, forward
-and backward, compiled a kernel (216 per mixtral_small step, counted with strace) and ran ~0.5x as
+and backward, compiled a kernel (161-216 per mixtral_small step, counted with strace) and ran ~0.5x as
 fast as the same GEMM with a cached kernel. Padding each expert's rows to a multiple of
 ``row_block`` bounds the shapes to a few dozen per weight, all cached after the first steps; the
 padding rows cost at most ``row_block - 1`` rows per expert of extra GEMM work and never reach the
