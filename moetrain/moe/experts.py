@@ -46,6 +46,7 @@ def default_row_block(device: torch.device, dtype: torch.dtype) -> int:
         device.type == "cpu"
         and dtype in (torch.bfloat16, torch.float16)
         and torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled  # off: bf16 GEMMs take torch's own kernels, nothing compiled
     ):
         return 32
     return 1
