@@ -6,11 +6,10 @@ MegaBlocks holds the same bytes as 2-D [E*F, H]; transformers' experts.e.w1 = w1
 experts.e.w3 = v1[e], experts.e.w2 = w2[e]^T.
 
 Row blocks. On CPU, torch runs bf16 GEMMs (and fp16 ones, on CPUs with fp16 instructions) in
-oneDNN, which JIT-compiles a kernel for every new GEMM
-shape (an ``mmap`` of generated code per kernel; its primitive cache holds 1024). An expert's row
-count changes with every routing decision, so nearly every expert GEMM of a training step, forward
-and backward, compiled a kernel (161-216 per mixtral_small step, counted with strace) and ran ~0.5x as
-fast as the same GEMM with a cached kernel. Padding each expert's rows to a multiple of
+oneDNN, which JIT-compiles a kernel for every new GEMM shape (an ``mmap`` of generated code per
+kernel; its primitive cache holds 1024). An expert's row count changes with every routing decision,
+so nearly every expert GEMM of a training step, forward and backward, compiled a kernel (161-216 per
+mixtral_small step, counted with strace) and ran ~0.5x as fast as the same GEMM with a cached kernel. Padding each expert's rows to a multiple of
 ``row_block`` bounds the shapes to a few dozen per weight, all cached after the first steps; the
 padding rows cost at most ``row_block - 1`` rows per expert of extra GEMM work and never reach the
 result (their outputs are dropped, their gradients are zero). fp32 (MKL) and CUDA kernels are not
@@ -121,9 +120,12 @@ class GroupedExperts(nn.Module):
             return self.impl
         return "grouped_mm" if grouped_mm_supported(self.hidden_size, self.ffn_hidden_size, dtype) else "loop"
 
+    def resolved_row_block(self, device: torch.device, dtype: torch.dtype) -> int:
+        return self.row_block or default_row_block(device, dtype)
+
     def forward(self, x_SH: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         """x_SH: token copies sorted by (local) expert; tokens_per_expert_E: their int counts."""
-        block = self.row_block or default_row_block(x_SH.device, x_SH.dtype)
+        block = self.resolved_row_block(x_SH.device, x_SH.dtype)
         if block > 1 and x_SH.shape[0] > 0:
             padded_E, dest_S, src_P = padded_rows(tokens_per_expert_E, block)
             y_PH = self._compute(_PadRows.apply(x_SH, src_P, dest_S), padded_E)

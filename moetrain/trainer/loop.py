@@ -43,7 +43,6 @@ from moetrain.distributed.expert_parallel import (
     load_engine_state,
     parallelize,
 )
-from moetrain.moe.experts import default_row_block
 from moetrain.tracking import CollapseDetector, MetricsFile, RoutingAccumulator, WandbRun, routing_metrics
 from moetrain.trainer.engine import build_engine, resolve_dtype
 from moetrain.trainer.guards import NonFiniteGuard, StopRequest, TrainingDiverged
@@ -74,7 +73,7 @@ def _moe_kernel_summary(layer: Any, device: torch.device, dtype: torch.dtype) ->
         "loop": "per-expert matmul loop"
         + (" (this torch has no grouped_mm)" if not hasattr(torch.nn.functional, "grouped_mm") else ""),
     }.get(impl, impl)
-    block = layer.experts.row_block or default_row_block(device, dtype)
+    block = layer.experts.resolved_row_block(device, dtype)
     rows = f", rows per expert padded to a multiple of {block}" if block > 1 else ""
     return f"torch dispatch + {why}{rows} ({where}, {dt}; model.moe.expert_impl={layer.experts.impl})"
 
