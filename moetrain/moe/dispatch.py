@@ -10,6 +10,12 @@ zero-filled buffers, no scatter-add (``index_put``/``index_add`` with accumulati
 a token are summed (and weighted) by ``embedding_bag``, one pass with no [N, k, H] temporary: on CPU
 large temporaries cost page faults as well as memory passes (10-20x slower than embedding_bag at
 H512 k8). Capacity mode with drops (some slots have no position) keeps the scatter path.
+
+Row blocks (``row_block`` > 1, dropless only): each expert's copies are followed by padding rows up to
+a multiple of ``row_block`` (why: ``moe/experts.py``). A padding row copies token 0 and has the zero
+combine weight (slot ``N * k``), and no routing slot points at it: it is computed and never read, and
+its gradient is exactly zero. Padding here, in the plan, costs no pass of its own: the gather writes
+the padded layout directly and the combine reads only real rows.
 """
 
 from __future__ import annotations
@@ -24,8 +30,9 @@ import torch.nn.functional as F
 @dataclass
 class DispatchPlan:
     token_idx_S: torch.Tensor  # source token of each kept copy, sorted by expert (S = kept copies)
-    slot_idx_S: torch.Tensor  # flat index into the [N*k] routing slots, for the combine weights
-    tokens_per_expert_E: torch.Tensor  # int64 counts of kept copies per expert (global ids)
+    # flat index into the [N*k] routing slots, for the combine weights (N*k: a padding row's zero)
+    slot_idx_S: torch.Tensor
+    tokens_per_expert_E: torch.Tensor  # int64 rows per expert (global ids): kept copies + padding
     routed_per_expert_E: torch.Tensor  # int64 counts before dropping (what the router asked for)
     num_dropped: int
     # Dropless only: sorted position of each routing slot (the inverse of slot_idx_S); None with drops.
@@ -45,8 +52,23 @@ def tokens_per_expert(sorted_ids: torch.Tensor, num_experts: int) -> torch.Tenso
     return torch.diff(torch.searchsorted(sorted_ids, edges))
 
 
+def padded_rows(
+    tokens_per_expert_E: torch.Tensor, block: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Counts rounded up to a multiple of ``block``; ``dest_S``: the padded row of each real row;
+    ``src_P``: the real row each padded row copies (row 0 for padding)."""
+    counts = tokens_per_expert_E.to(torch.int64)
+    padded = (counts + block - 1) // block * block
+    S = int(counts.sum())
+    shift_E = (torch.cumsum(padded, 0) - padded) - (torch.cumsum(counts, 0) - counts)
+    dest_S = torch.arange(S, device=counts.device) + torch.repeat_interleave(shift_E, counts, output_size=S)
+    src_P = torch.zeros(int(padded.sum()), dtype=torch.int64, device=counts.device)
+    src_P.index_copy_(0, dest_S, torch.arange(S, device=counts.device))
+    return padded, dest_S, src_P
+
+
 def plan_dispatch(
-    expert_ids_NK: torch.Tensor, num_experts: int, capacity_factor: float | None
+    expert_ids_NK: torch.Tensor, num_experts: int, capacity_factor: float | None, row_block: int = 1
 ) -> DispatchPlan:
     N, K = expert_ids_NK.shape
     flat_ids = expert_ids_NK.reshape(-1)
@@ -54,6 +76,8 @@ def plan_dispatch(
     order = torch.argsort(flat_ids, stable=True)
     routed = tokens_per_expert(flat_ids[order], num_experts)
     if capacity_factor is None:
+        if row_block > 1:
+            return _padded_plan(order, routed, N, K, row_block)
         return DispatchPlan(order // K, order, routed, routed, 0, _positions(order, N, K))
     capacity = expert_capacity(N, K, num_experts, capacity_factor)
     starts = torch.cumsum(routed, 0) - routed
@@ -65,6 +89,16 @@ def plan_dispatch(
     # Nothing dropped: the same gather path as dropless (same operations, bit for bit).
     position = _positions(order, N, K) if num_dropped == 0 else None
     return DispatchPlan(kept // K, kept, kept_counts, routed, num_dropped, position)
+
+
+def _padded_plan(order: torch.Tensor, routed: torch.Tensor, N: int, K: int, block: int) -> DispatchPlan:
+    padded, dest_S, src_P = padded_rows(routed, block)
+    real_P = torch.zeros_like(src_P, dtype=torch.bool).index_fill_(0, dest_S, True)
+    slot_P = order.index_select(0, src_P)
+    token_P = torch.where(real_P, slot_P // K, 0)  # padding copies token 0 ...
+    slot_P = torch.where(real_P, slot_P, N * K)  # ... with the zero weight
+    position_NK = dest_S.index_select(0, _positions(order, N, K).view(-1)).view(N, K)
+    return DispatchPlan(token_P, slot_P, padded, routed, 0, position_NK)
 
 
 def _positions(order: torch.Tensor, N: int, K: int) -> torch.Tensor:
@@ -115,7 +149,8 @@ class _WeightedUngather(torch.autograd.Function):
             grad_w = dot_S.index_select(0, position_NK.reshape(-1)).view_as(weights_NK)
         grad_y = None
         if ctx.needs_input_grad[0]:
-            w_S = weights_NK.reshape(-1).index_select(0, slot_idx_S).unsqueeze(-1)
+            weights = F.pad(weights_NK.reshape(-1), (0, 1))  # slot N*k: padding rows' zero weight
+            w_S = weights.index_select(0, slot_idx_S).unsqueeze(-1)
             grad_y = grad_SH.mul_(w_S)
         return grad_y, grad_w, None, None, None
 

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moetrain.moe.dispatch import padded_rows
+
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 
 
@@ -83,21 +85,6 @@ class _UnpadRows(torch.autograd.Function):
         return grad_PH.index_copy_(0, dest_S, grad_SH), None
 
 
-def padded_rows(
-    tokens_per_expert_E: torch.Tensor, block: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Counts rounded up to a multiple of ``block``; ``dest_S``: the padded row of each real row;
-    ``src_P``: the real row each padded row copies (row 0 for padding)."""
-    counts = tokens_per_expert_E.to(torch.int64)
-    padded = (counts + block - 1) // block * block
-    S = int(counts.sum())
-    shift_E = (torch.cumsum(padded, 0) - padded) - (torch.cumsum(counts, 0) - counts)
-    dest_S = torch.arange(S, device=counts.device) + torch.repeat_interleave(shift_E, counts, output_size=S)
-    src_P = torch.zeros(int(padded.sum()), dtype=torch.int64, device=counts.device)
-    src_P.index_copy_(0, dest_S, torch.arange(S, device=counts.device))
-    return padded, dest_S, src_P
-
-
 def grouped_mm_supported(hidden_size: int, ffn_hidden_size: int, dtype: torch.dtype) -> bool:
     """grouped_mm needs 16-byte aligned rows on CPU."""
     item = torch.empty((), dtype=dtype).element_size()
@@ -126,7 +113,8 @@ class GroupedExperts(nn.Module):
     def forward(self, x_SH: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         """x_SH: token copies sorted by (local) expert; tokens_per_expert_E: their int counts."""
         block = self.resolved_row_block(x_SH.device, x_SH.dtype)
-        if block > 1 and x_SH.shape[0] > 0:
+        # Rows already in blocks (the local dispatch plan pads them, see dispatch.py) need nothing.
+        if block > 1 and x_SH.shape[0] > 0 and bool((tokens_per_expert_E % block).any()):
             padded_E, dest_S, src_P = padded_rows(tokens_per_expert_E, block)
             y_PH = self._compute(_PadRows.apply(x_SH, src_P, dest_S), padded_E)
             return _UnpadRows.apply(y_PH, dest_S)

@@ -124,12 +124,22 @@ class MoELayer(nn.Module):
             )
             out_NH = self._add_shared(out_NH, x_NH)
             return out_NH.view(B, T, H), self._with_seq_loss(self._stats(routing, routed_E, 0), routing, B, T)
-        plan = plan_dispatch(routing.expert_ids_NK, self.num_experts, self.capacity_factor)
+        plan = plan_dispatch(
+            routing.expert_ids_NK, self.num_experts, self.capacity_factor, self._plan_row_block(x_NH)
+        )
         x_SH = gather_copies(x_NH, plan)
         y_SH = self.exchange(x_SH, plan.tokens_per_expert_E, self.experts)
         out_NH = self._add_shared(combine(y_SH, plan, routing.weights_NK, B * T), x_NH)
         stats = self._stats(routing, plan.routed_per_expert_E, plan.num_dropped)
         return out_NH.view(B, T, H), self._with_seq_loss(stats, routing, B, T)
+
+    def _plan_row_block(self, x_NH: torch.Tensor) -> int:
+        """Pad the experts' row blocks in the dispatch plan (no pass of its own) when the experts are
+        local. Under expert parallelism the all-to-all would carry the padding and regroup it by
+        source rank, so the experts pad after the exchange instead."""
+        if isinstance(self.exchange, LocalExchange) and isinstance(self.experts, GroupedExperts):
+            return self.experts.resolved_row_block(x_NH.device, x_NH.dtype)
+        return 1
 
     def _with_seq_loss(self, stats: RouterStats, routing, B: int, T: int) -> RouterStats:
         if self.seq_aux_loss:

@@ -35,3 +35,43 @@ def test_capacity_with_drops_keeps_scatter_path():
     ids = torch.tensor([[0, 1], [0, 1], [0, 2], [0, 1]])
     plan = plan_dispatch(ids, 3, capacity_factor=0.5)
     assert plan.num_dropped > 0 and plan.position_NK is None
+
+
+@pytest.mark.parametrize("N,E,k,block", [(37, 5, 2, 4), (64, 16, 4, 8), (10, 3, 1, 32), (9, 4, 4, 4)])
+def test_row_blocks_in_the_plan_change_nothing(N, E, k, block):
+    """A plan padded to row blocks: every expert's rows a multiple of ``block``, the same combined
+    output and the same gradients for x and the weights as the unpadded plan; the padding rows are
+    computed (from token 0, scaled x50 so a leak would show) but never read: their gradient is 0."""
+    gen = torch.Generator().manual_seed(N * 100 + E * 10 + k)
+    weights, ids = torch.topk(torch.randn(N, E, generator=gen).softmax(-1), k)
+    weights = weights.double().requires_grad_(True)
+    x = torch.randn(N, 8, dtype=torch.float64, generator=gen)
+    x[0] *= 50
+    x.requires_grad_(True)
+    grad_out = torch.randn(N, 8, dtype=torch.float64, generator=gen)
+    results, grads_y = [], []
+    plans = (plan_dispatch(ids, E, None), plan_dispatch(ids, E, None, row_block=block))
+    for plan in plans:
+        x.grad = weights.grad = None
+        x_SH = gather_copies(x, plan)
+        y_SH = torch.tanh(x_SH) * 1.5 + x_SH  # any row-wise function: padding must not change it
+        y_SH.register_hook(grads_y.append)
+        out = combine(y_SH, plan, weights, N)
+        out.backward(grad_out)
+        results.append((out.detach(), x.grad.clone(), weights.grad.clone()))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+    unpadded, padded = plans
+    assert torch.equal(padded.routed_per_expert_E, unpadded.tokens_per_expert_E)
+    assert (padded.tokens_per_expert_E % block == 0).all()
+    assert torch.equal(
+        (padded.tokens_per_expert_E - unpadded.tokens_per_expert_E).clamp(0, block - 1),
+        padded.tokens_per_expert_E - unpadded.tokens_per_expert_E,
+    )
+    is_pad = padded.slot_idx_S == N * k
+    assert is_pad.any()  # every case pads some expert
+    assert int(is_pad.sum()) == int((padded.tokens_per_expert_E - unpadded.tokens_per_expert_E).sum())
+    assert (padded.token_idx_S[is_pad] == 0).all()
+    assert torch.count_nonzero(grads_y[1][is_pad]) == 0
+    assert torch.equal(grads_y[1][~is_pad], grads_y[0])  # real rows: same gradient, same order

@@ -9,6 +9,7 @@ import torch
 
 from moetrain.config import MoEConfig
 from moetrain.moe import MoELayer
+from moetrain.moe import experts as experts_module
 from moetrain.testing import assert_close_scaled, rounding_rel
 
 from ._reference import reference_moe, routed_experts
@@ -101,6 +102,35 @@ def test_dropless_matches_per_token_reference(seed, impl, normalize, E, k):
     assert stats.tokens_per_expert_E.sum().item() == x.shape[0] * x.shape[1] * top_k
     assert stats.num_dropped == 0
     assert stats.num_tokens == x.shape[0] * x.shape[1]
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("impl", ["grouped_mm", "loop"])
+def test_row_blocks_padded_in_the_plan_match_reference(seed, impl, monkeypatch):
+    """With row blocks (the CPU bf16 default; forced to 4 here, in fp32, to compare with the
+    reference), the local layer pads in the dispatch plan: the experts get row counts in blocks and
+    pad nothing themselves, and the result and the stats are those of the unpadded layer."""
+    E, top_k, H, F = 5, 2, 8, 12
+    layer = make_layer(H, F, E, top_k, expert_impl=impl)
+    layer.experts.row_block = 4
+    seen = []
+    compute = layer.experts._compute
+    layer.experts._compute = lambda x_SH, c: (seen.append((x_SH.shape[0], c.tolist())), compute(x_SH, c))[1]
+    pad_calls = []
+    monkeypatch.setattr(experts_module._PadRows, "apply", lambda *a: pad_calls.append(a))
+    x = torch.randn(2, 9, H)
+
+    out, ref, grads, stats = layer_vs_reference(layer, x)
+
+    assert_matches_reference(out, ref, grads)
+    counts = Counter(
+        e for experts in routed_experts(x.reshape(-1, H), layer.router.gate.weight, top_k) for e in experts
+    )
+    assert stats.tokens_per_expert_E.tolist() == [float(counts[e]) for e in range(E)]
+    padded = [-(-counts[e] // 4) * 4 for e in range(E)]
+    assert padded != [counts[e] for e in range(E)]  # some expert was padded
+    assert seen == [(sum(padded), padded)]
+    assert pad_calls == []  # no second pass of its own in the experts
 
 
 def test_gate_grad_is_nonzero_when_weights_depend_on_router(seed):
