@@ -2,8 +2,9 @@
 
 Both trainers are built exactly as ``python -m moetrain.train`` builds them (data, model, DeepSpeed
 engine, update guard, routing accumulator) and their ``_train_step`` calls alternate (MoE, dense,
-MoE, ...), so background load hits both alike. Reports the median step time, tokens/s and the
-MoE/dense tokens/s ratio per dtype and ``optim.grad_accum``, then, with ``--split``, one profiled
+dense, MoE, MoE, ...), so background load hits both alike. Reports the median step time, tokens/s and
+the MoE/dense tokens/s ratio per dtype and ``optim.grad_accum`` (of the medians, and the median of
+the rounds' paired ratios, which a load that drifts during the run moves less), then, with ``--split``, one profiled
 step of each split into components (``step_split``), and, with ``--memory``, the peak resident
 memory of each configuration in a child process of its own.
 
@@ -175,9 +176,10 @@ def main() -> None:
         f"load average {os.getloadavg()[0]:.2f}"
     )
     print(
-        "| dtype | grad_accum | tokens/step | MoE ms/step | dense ms/step | MoE tok/s | dense tok/s | MoE/dense tok/s |"
+        "| dtype | grad_accum | tokens/step | MoE ms/step | dense ms/step | MoE tok/s | dense tok/s "
+        "| MoE/dense tok/s | paired |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for dtype in args.dtypes.split(","):
         for ga in [int(g) for g in args.grad_accum.split(",")]:
             trainers = {
@@ -187,8 +189,10 @@ def main() -> None:
             torch.set_num_threads(args.threads)  # Trainer sets cpu_count // local world
             times: dict[str, list[float]] = {name: [] for name in EXPERIMENTS}
             for i in range(args.warmup + args.repeats):
-                for name, trainer in trainers.items():  # interleaved
-                    s = timed_step(trainer)
+                # interleaved, the order swapped every round: a slow spell on a shared host hits
+                # both models alike, and each round gives one paired ratio
+                for name in EXPERIMENTS if i % 2 == 0 else EXPERIMENTS[::-1]:
+                    s = timed_step(trainers[name])
                     if i >= args.warmup:
                         times[name].append(s)
             cfg = trainers["dense_small"].cfg
@@ -202,11 +206,16 @@ def main() -> None:
                 "ms_per_step": {k: v * 1e3 for k, v in med.items()},
                 "tokens_per_sec": tps,
                 "ratio": tps["mixtral_small"] / tps["dense_small"],
+                # median over rounds of dense/MoE step time (the same tokens): robust to drifting load
+                "paired_ratio": statistics.median(
+                    d / m for m, d in zip(times["mixtral_small"], times["dense_small"], strict=True)
+                ),
                 "load_average": os.getloadavg()[0],
             }
             print(
                 f"| {dtype} | {ga} | {tokens} | {med['mixtral_small'] * 1e3:.0f} | {med['dense_small'] * 1e3:.0f} "
-                f"| {tps['mixtral_small']:.0f} | {tps['dense_small']:.0f} | {row['ratio']:.3f} |",
+                f"| {tps['mixtral_small']:.0f} | {tps['dense_small']:.0f} | {row['ratio']:.3f} "
+                f"| {row['paired_ratio']:.3f} |",
                 flush=True,
             )
             if args.split:
