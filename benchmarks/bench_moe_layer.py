@@ -8,7 +8,10 @@ input every repeat unless ``--fixed-inputs``, so routings and expert row counts 
 - ``moetrain``: ``MoELayer`` with grouped_mm experts; ``moetrain_loop``: the per-expert matmul loop;
   ``moetrain_unpadded``: grouped_mm without row blocks (``experts.row_block = 1``; see moe/experts.py)
 - ``experts_only``: moetrain's grouped_mm experts alone on the N*k copies pre-sorted by expert (no
-  router, dispatch or combine): the GEMM floor of any dropless MoE layer at this shape
+  router, dispatch or combine; with random loads, so it pads its own row blocks)
+- ``gemms_only`` / ``gemms_dense``: the nine forward + backward GEMMs alone (``torch.mm``, no
+  autograd, no elementwise work), per expert on equal row counts / for the dense twin: their ratio
+  is the floor of any MoE layer that runs its experts as GEMMs per expert, on this machine
 - ``hf_mixtral``: transformers' ``MixtralSparseMoeBlock`` (its default experts implementation)
 - ``ds_grouped``: DeepSpeed's ``GroupedExperts`` (grouped_mm) with DeepSpeed's own AutoEP routing,
   permutation and combine at ep_size 1 (``TokenChoiceTopKRouter``, ``permute_by_local_expert``,
@@ -98,6 +101,44 @@ def experts_only(H, Fh, E, K, tokens):
     return fwd, experts
 
 
+class _GemmsOnly(nn.Module):
+    """The nine GEMMs of a SwiGLU FFN's forward + backward and nothing else, per expert, on fixed
+    equal row counts (the best case for per-expert GEMMs: balanced, every kernel cached): for the
+    MoE shape E experts x ceil(tokens * k / E) rows (rounded up to the row block), for the dense
+    twin one [tokens, k * F] FFN. The ratio of the two is the floor, on this machine, of any MoE
+    that runs its experts as per-expert GEMMs: routing, dispatch and elementwise work come on top."""
+
+    def __init__(self, H: int, F: int, E: int, M: int) -> None:
+        super().__init__()
+        self.register_buffer("x", torch.randn(E, M, H))
+        self.register_buffer("dy", torch.randn(E, M, H))
+        self.register_buffer("a", torch.randn(E, M, F))  # stands for gate/up and their gradients
+        self.register_buffer("w", torch.randn(E, F, H) * 0.02)  # stands for w1, v1 and w2
+
+    def forward(self) -> None:
+        for x, dy, a, w in zip(self.x, self.dy, self.a, self.w, strict=True):
+            x @ w.T, x @ w.T, a @ w  # gate, up, down
+            dy @ w.T, a.T @ dy  # d(h), d(w2)
+            a @ w, a @ w, a.T @ x, a.T @ x  # d(x) from gate and up, d(w1), d(v1)
+
+
+def gemms_only(H, Fh, E, K, tokens, dense: bool, device, dtype):
+    from moetrain.moe.experts import default_row_block
+
+    if dense:
+        module = _GemmsOnly(H, K * Fh, 1, tokens)
+    else:
+        block = default_row_block(device, dtype)  # as GroupedExperts pads
+        module = _GemmsOnly(H, Fh, E, -(-tokens * K // E // block) * block)
+
+    def fwd(tiny):
+        module()
+        return tiny  # nothing to differentiate: the "backward" GEMMs ran above
+
+    fwd.own_io = (torch.zeros(1), torch.zeros(1))
+    return fwd, module
+
+
 def hf_mixtral(H, Fh, E, K):
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
@@ -171,6 +212,8 @@ def build_variants(H, Fh, E, K, tokens, device, dtype, names):
         "moetrain_loop": lambda: moetrain_layer(H, Fh, E, K, "loop"),
         "moetrain_unpadded": lambda: moetrain_layer(H, Fh, E, K, "grouped_mm", row_block=1),
         "experts_only": lambda: experts_only(H, Fh, E, K, tokens),
+        "gemms_only": lambda: gemms_only(H, Fh, E, K, tokens, False, device, dtype),
+        "gemms_dense": lambda: gemms_only(H, Fh, E, K, tokens, True, device, dtype),
         "hf_mixtral": lambda: hf_mixtral(H, Fh, E, K),
         "ds_grouped": lambda: ds_grouped(H, Fh, E, K),
         "ds_classic": lambda: ds_classic(H, Fh, E, K),
@@ -182,8 +225,9 @@ def build_variants(H, Fh, E, K, tokens, device, dtype, names):
             torch.manual_seed(0)
             fwd, module = builders[name]()
             module.to(device, dtype)
-            if hasattr(fwd, "own_io"):
+            if hasattr(fwd, "counts"):
                 fwd.counts = fwd.counts.to(device)
+            if hasattr(fwd, "own_io"):
                 fwd.own_io = tuple(t.to(device, dtype) for t in fwd.own_io)
             variants[name] = fwd
         except Exception as e:  # a peer that cannot run here is reported, not fatal
@@ -205,7 +249,7 @@ def main() -> None:
     )
     ap.add_argument(
         "--variants",
-        default="moetrain,experts_only,moetrain_unpadded,moetrain_loop,hf_mixtral,ds_grouped,ds_classic",
+        default="moetrain,experts_only,gemms_only,gemms_dense,moetrain_unpadded,moetrain_loop,hf_mixtral,ds_grouped,ds_classic",
     )
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument(
