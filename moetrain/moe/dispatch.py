@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 @dataclass
 class DispatchPlan:
-    token_idx_S: torch.Tensor  # source token of each kept copy, sorted by expert (S = kept copies)
+    # source token of each kept copy, sorted by expert (S = kept copies, plus padding rows with row blocks)
+    token_idx_S: torch.Tensor
     # flat index into the [N*k] routing slots, for the combine weights (N*k: a padding row's zero)
     slot_idx_S: torch.Tensor
     tokens_per_expert_E: torch.Tensor  # int64 rows per expert (global ids): kept copies + padding
