@@ -94,10 +94,8 @@ def plan_dispatch(
 
 def _padded_plan(order: torch.Tensor, routed: torch.Tensor, N: int, K: int, block: int) -> DispatchPlan:
     padded, dest_S, src_P = padded_rows(routed, block)
-    real_P = torch.zeros_like(src_P, dtype=torch.bool).index_fill_(0, dest_S, True)
-    slot_P = order.index_select(0, src_P)
-    token_P = torch.where(real_P, slot_P // K, 0)  # padding copies token 0 ...
-    slot_P = torch.where(real_P, slot_P, N * K)  # ... with the zero weight
+    token_P = torch.zeros_like(src_P).index_copy_(0, dest_S, order // K)  # padding copies token 0 ...
+    slot_P = torch.full_like(src_P, N * K).index_copy_(0, dest_S, order)  # ... with the zero weight
     position_NK = dest_S.index_select(0, _positions(order, N, K).view(-1)).view(N, K)
     return DispatchPlan(token_P, slot_P, padded, routed, 0, position_NK)
 
