@@ -121,17 +121,12 @@ class _GatherCopies(torch.autograd.Function):
         return F.embedding_bag(position_NK, grad_SH, mode="sum"), None, None
 
 
-def _rowwise_dot(a_SH: torch.Tensor, b_SH: torch.Tensor) -> torch.Tensor:
-    # fp32/fp64: a batched [1,H]x[H,1] GEMM reads both once, no [S, H] product temporary (2x faster
-    # at S2); bf16 GEMMs are slow on CPUs without bf16 instructions, so multiply and sum there.
-    if a_SH.dtype in (torch.float32, torch.float64):
-        return torch.bmm(a_SH.unsqueeze(1), b_SH.unsqueeze(2)).view(-1)
-    return (a_SH * b_SH).sum(-1)
-
-
 class _WeightedUngather(torch.autograd.Function):
     """out[n] = sum_j w[n, j] * y[position[n, j]], one ``embedding_bag`` pass (a weighted gather-sum).
-    Backward: dy[s] = w_s * dout[token_s] and dw[n, j] = <dout[n], y[position[n, j]]>."""
+    Backward: dy[s] = w_s * dout[token_s] and dw[n, j] = <dout[n], y[position[n, j]]>, one pass each:
+    dy is again an ``embedding_bag`` (bags of one copy, weighted), dw is what ``embedding_bag``'s own
+    backward computes for its per-sample weights (each dot product read straight from dout and y, no
+    [S, H] gathered or product temporary: 1.6x faster than gather, dot and scale at S2 bf16)."""
 
     @staticmethod
     def forward(ctx, y_SH, weights_NK, position_NK, token_idx_S, slot_idx_S):  # type: ignore[override]
@@ -141,16 +136,21 @@ class _WeightedUngather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_NH: torch.Tensor):  # type: ignore[override]
         y_SH, weights_NK, position_NK, token_idx_S, slot_idx_S = ctx.saved_tensors
-        grad_SH = grad_NH.index_select(0, token_idx_S)  # dout of each copy's token, sorted order
+        grad_NH = grad_NH.contiguous()
         grad_w = None
         if ctx.needs_input_grad[1]:
-            dot_S = _rowwise_dot(grad_SH, y_SH)
-            grad_w = dot_S.index_select(0, position_NK.reshape(-1)).view_as(weights_NK)
+            N, K = position_NK.shape
+            bags = torch.arange(N, device=grad_NH.device)
+            grad_w = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                grad_NH, y_SH, position_NK.reshape(-1), bags * K, bags.repeat_interleave(K), 0
+            ).view_as(weights_NK)  # mode 0: sum
         grad_y = None
         if ctx.needs_input_grad[0]:
             weights = F.pad(weights_NK.reshape(-1), (0, 1))  # slot N*k: padding rows' zero weight
-            w_S = weights.index_select(0, slot_idx_S).unsqueeze(-1)
-            grad_y = grad_SH.mul_(w_S)
+            w_S = weights.index_select(0, slot_idx_S)
+            grad_y = F.embedding_bag(
+                token_idx_S.unsqueeze(1), grad_NH, mode="sum", per_sample_weights=w_S.unsqueeze(1)
+            )
         return grad_y, grad_w, None, None, None
 
 
