@@ -155,7 +155,7 @@ class MoELayer(nn.Module):
             tokens_per_expert_E=routed_E.detach().float(),
             prob_sum_E=probs.sum(0),
             num_tokens=probs.shape[0],
-            z_loss=torch.logsumexp(routing.logits_NE, dim=-1).pow(2).mean(),
+            z_loss=routing.logsumexp_N.pow(2).mean(),
             entropy=entropy,
             num_dropped=num_dropped,
         )

@@ -18,7 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moetrain.config import SCORE_FUNCTIONS
@@ -33,7 +32,40 @@ class Routing:
     # fp32 scores normalised over all experts (rows sum to 1): the softmax, or sigmoid / its row sum
     # (DeepSeek-V3's s'). For the balance losses and the entropy metric.
     probs_NE: torch.Tensor
-    logits_NE: torch.Tensor  # fp32 router logits (for the z-loss)
+    logits_NE: torch.Tensor  # fp32 router logits
+    logsumexp_N: torch.Tensor  # fp32 logsumexp of each token's logits (the z-loss), differentiable
+
+
+class _SoftmaxWithLogsumexp(torch.autograd.Function):
+    """``softmax(logits)`` and ``logsumexp(logits)`` over the last dim from one max / exp / sum, with one
+    hand-written backward for both. The router needs both (scores, z-loss); ``F.softmax`` +
+    ``torch.logsumexp`` took 2.4x (2048 x 8) to 3.5x (4096 x 64) as long, forward + backward on 2 CPU
+    threads: softmax's kernel is slow for a last dim of 8-64 and ``logsumexp`` is a composite of
+    several kernels, each with its own backward. d/dlogits = p * (g_p - <g_p, p> + g_lse)."""
+
+    @staticmethod
+    def forward(ctx, logits_NE: torch.Tensor):  # type: ignore[override]
+        max_N1 = logits_NE.amax(dim=-1, keepdim=True)
+        exp_NE = (logits_NE - max_N1).exp_()
+        sum_N1 = exp_NE.sum(dim=-1, keepdim=True)
+        probs_NE = exp_NE.div_(sum_N1)
+        ctx.save_for_backward(probs_NE)
+        return probs_NE, (max_N1 + sum_N1.log_()).squeeze(-1)
+
+    @staticmethod
+    def backward(ctx, grad_probs_NE: torch.Tensor | None, grad_lse_N: torch.Tensor | None):  # type: ignore[override]
+        (probs_NE,) = ctx.saved_tensors
+        if grad_probs_NE is None:
+            inner_NE = grad_lse_N.unsqueeze(-1).expand_as(probs_NE)
+        else:
+            inner_NE = grad_probs_NE - (grad_probs_NE * probs_NE).sum(dim=-1, keepdim=True)
+            if grad_lse_N is not None:
+                inner_NE = inner_NE + grad_lse_N.unsqueeze(-1)
+        return probs_NE * inner_NE
+
+
+def softmax_with_logsumexp(logits_NE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _SoftmaxWithLogsumexp.apply(logits_NE)
 
 
 class TopKRouter(nn.Module):
@@ -85,8 +117,10 @@ class TopKRouter(nn.Module):
         if self.score_function == "sigmoid":
             scores_NE = torch.sigmoid(logits_NE)
             probs_NE = scores_NE / scores_NE.sum(dim=-1, keepdim=True)
+            logsumexp_N = torch.logsumexp(logits_NE, dim=-1)
         else:
-            scores_NE = probs_NE = F.softmax(logits_NE, dim=-1)
+            scores_NE, logsumexp_N = softmax_with_logsumexp(logits_NE)
+            probs_NE = scores_NE
         if self.expert_bias is None:
             weights_NK, expert_ids_NK = torch.topk(scores_NE, self.top_k, dim=-1)
         else:  # the bias chooses; the weights stay the unbiased scores
@@ -94,7 +128,7 @@ class TopKRouter(nn.Module):
             weights_NK = scores_NE.gather(-1, expert_ids_NK)
         if self.normalize_top_k:
             weights_NK = weights_NK / weights_NK.sum(dim=-1, keepdim=True)
-        return Routing(weights_NK.to(x_NH.dtype), expert_ids_NK, probs_NE, logits_NE)
+        return Routing(weights_NK.to(x_NH.dtype), expert_ids_NK, probs_NE, logits_NE, logsumexp_N)
 
     @torch.no_grad()
     def update_bias(self, load_E: torch.Tensor) -> None:
