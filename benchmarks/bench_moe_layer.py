@@ -229,6 +229,7 @@ def build_variants(H, Fh, E, K, tokens, device, dtype, names):
                 fwd.counts = fwd.counts.to(device)
             if hasattr(fwd, "own_io"):
                 fwd.own_io = tuple(t.to(device, dtype) for t in fwd.own_io)
+            fwd.module = module  # for --grads fresh
             variants[name] = fwd
         except Exception as e:  # a peer that cannot run here is reported, not fatal
             skipped[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
@@ -263,6 +264,14 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small shape, fp32, 5 repeats")
     ap.add_argument("--json", default=None, help="write the rows here (for plot_bench.py)")
     ap.add_argument(
+        "--grads",
+        default="accumulate",
+        choices=("accumulate", "fresh"),
+        help="accumulate: every round adds into the parameters' .grad (as micro-batches 2..n of "
+        "gradient accumulation do); fresh: .grad set to None before each round, untimed (as a step "
+        "without accumulation: DeepSpeed's zero_grad sets them to None)",
+    )
+    ap.add_argument(
         "--host-allocator",
         default="retain",
         choices=HOST_ALLOCATORS,
@@ -281,7 +290,9 @@ def main() -> None:
     if "ds_classic" in names or "ds_grouped" in names:
         _ensure_process_group()
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{args.threads}"
-    print(f"device: {where}, torch {torch.__version__}, fwd+bwd, median of {args.repeats}")
+    print(
+        f"device: {where}, torch {torch.__version__}, fwd+bwd, median of {args.repeats}, grads {args.grads}"
+    )
     rows = []
     peaks = {d: mm_peak_gflops(device, DTYPES[d], args.peak_size, timer) for d in args.dtypes.split(",")}
     if args.bf16_tokens is None and peaks.get("bf16", 1e9) < peaks.get("fp32", 0.0) / 4:
@@ -325,6 +336,8 @@ def main() -> None:
                     for fwd in variants.values():
                         getattr(fwd, "resample", lambda: None)()
                 for k, fwd in variants.items():  # interleaved
+                    if args.grads == "fresh":
+                        getattr(fwd, "module", fwd).zero_grad(set_to_none=True)
                     ms = timer(lambda fwd=fwd, x=x, grad=grad: step(fwd, x, grad))
                     if i >= args.warmup:
                         times[k].append(ms)
