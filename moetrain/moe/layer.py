@@ -149,13 +149,11 @@ class MoELayer(nn.Module):
     @staticmethod
     def _stats(routing, routed_E: torch.Tensor, num_dropped: int) -> RouterStats:
         probs = routing.probs_NE
-        with torch.no_grad():
-            entropy = -(probs * torch.log(probs.clamp_min(1e-20))).sum(-1).mean()
         return RouterStats(
             tokens_per_expert_E=routed_E.detach().float(),
             prob_sum_E=probs.sum(0),
             num_tokens=probs.shape[0],
             z_loss=routing.logsumexp_N.pow(2).mean(),
-            entropy=entropy,
+            entropy=routing.entropy,
             num_dropped=num_dropped,
         )

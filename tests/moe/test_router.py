@@ -1,4 +1,4 @@
-"""The router's fused softmax + logsumexp: values and gradients equal torch's two ops."""
+"""The router's fused softmax + logsumexp and its entropy: values and gradients equal torch's ops."""
 
 from __future__ import annotations
 
@@ -51,3 +51,18 @@ def test_z_loss_and_prob_sum_gradients_reach_the_gate(score_function):
     ref.backward()
     torch.testing.assert_close(got, ref_gate.grad, rtol=1e-5, atol=1e-6)
     assert got.abs().max() > 1e-3  # the check has something to compare
+
+
+@pytest.mark.parametrize("score_function", ["softmax", "sigmoid"])
+def test_entropy_is_that_of_the_normalised_scores(score_function):
+    """The softmax router's entropy comes from lse - <p, logits> (no log over [N, E]): it equals
+    -sum p log p of the same probabilities, here for peaked and flat rows alike."""
+    torch.manual_seed(1)
+    layer = make_layer(16, 8, 6, 2, score_function=score_function, expert_impl="loop")
+    x = torch.randn(3, 5, 16) * torch.linspace(0.05, 4.0, 5)[None, :, None]  # flat ... peaked
+    with torch.no_grad():
+        routing = layer.router(x.reshape(-1, 16))
+        p = routing.probs_NE.double()
+        want = -(p * p.log()).sum(-1).mean()
+    assert routing.entropy.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-6)
+    assert 0.0 < want.item() < torch.log(torch.tensor(6.0)).item()
