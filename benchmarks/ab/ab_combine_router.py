@@ -1,8 +1,9 @@
-"""Before/after in one process: the combine's backward and the router's softmax + logsumexp as they were
-(gather, row dot, scale; ``F.softmax`` and ``torch.logsumexp`` with autograd's backward) and as they are
-(two ``embedding_bag`` passes; one fused softmax/logsumexp Function), interleaved with the order
-alternating, median of the per-round ratios new/old. Pieces alone, then the whole MoE layer (both
-changes off vs on) next to a dense SwiGLU of equal active FLOPs.
+"""Before/after in one process: the combine's backward, the router's softmax + logsumexp and its
+entropy as they were (gather, row dot, scale; ``F.softmax`` and ``torch.logsumexp`` with autograd's
+backward; -sum p log p) and as they are (two ``embedding_bag`` passes; one fused softmax/logsumexp
+Function; lse - <p, logits>), interleaved with the order alternating, median of the per-round ratios new/old. Pieces alone, then the whole MoE layer (combine
+and scores as before vs now; the entropy is new in both) next to a dense SwiGLU of equal active FLOPs,
+``.grad`` set to None before every round (a step without gradient accumulation).
 
     python benchmarks/ab/ab_combine_router.py [ROUNDS]
 """
@@ -97,8 +98,16 @@ def pieces(H, Fh, E, K, N, dt, rounds):
 
     c = paired({"old": lambda: combine(True), "new": lambda: combine(False)}, rounds)
     s = paired({"old": lambda: scores(two_op_scores), "new": lambda: scores(NEW_SCORES)}, rounds * 4)
+    probs, lse = NEW_SCORES(logits)
+    e = paired(
+        {
+            "old": lambda: -(probs * torch.log(probs.clamp_min(1e-20))).sum(-1).mean(),
+            "new": lambda: (lse - (probs * logits).sum(-1)).mean(),
+        },
+        rounds * 4,
+    )
     use(False)
-    return c, s
+    return c, s, e
 
 
 def layer(H, Fh, E, K, N, dt, rounds):
@@ -141,11 +150,12 @@ def main() -> None:
     for shape, (H, Fh, E, K, N) in SHAPES.items():
         for name, dt in DTYPES.items():
             n = max(6, rounds // (4 if shape == "S2" else 1))
-            c, s = pieces(H, Fh, E, K, N, dt, n)
+            c, s, e = pieces(H, Fh, E, K, N, dt, n)
             lay = layer(H, Fh, E, K, N, dt, n)
             print(
                 f"| {shape} | {name} | {c['old']:.2f} / {c['new']:.2f} ({c['new/old']:.2f}) "
                 f"| {s['old'] * 1e3:.0f} / {s['new'] * 1e3:.0f} ({s['new/old']:.2f}) "
+                f"| {e['old'] * 1e3:.0f} / {e['new'] * 1e3:.0f} "
                 f"| {lay['old'] / lay['dense']:.3f} / {lay['new'] / lay['dense']:.3f} | {lay['new/old']:.3f} |",
                 flush=True,
             )
