@@ -144,9 +144,10 @@ def main() -> None:
     configure_host_allocator("retain")  # as training does on CPU
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.2f}")
     print(
-        "| shape | dtype | combine fwd+bwd old / new ms (new/old) | softmax+logsumexp fwd+bwd old / new us (new/old) | layer old / new (x dense) | layer new/old |"
+        "| shape | dtype | combine fwd+bwd old / new ms (new/old) | softmax+logsumexp fwd+bwd old / "
+        "new us (new/old) | entropy old / new us | layer old / new (x dense) | layer new/old |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for shape, (H, Fh, E, K, N) in SHAPES.items():
         for name, dt in DTYPES.items():
             n = max(6, rounds // (4 if shape == "S2" else 1))
