@@ -85,38 +85,6 @@ class _UnpadRows(torch.autograd.Function):
         return grad_PH.index_copy_(0, dest_S, grad_SH), None
 
 
-class _GateUpSwiGLU(torch.autograd.Function):
-    """h = silu(x w1[e]^T) * (x v1[e]^T), gate and up from one grouped GEMM against [w1; v1] ([E, 2F, H],
-    concatenated in forward and again in backward, never kept); the SwiGLU backward writes d(gate)
-    and d(up) into the halves of one [S, 2F] buffer. EXPERIMENT: measured slower in the layer."""
-
-    @staticmethod
-    def forward(ctx, x_SH, w1, v1, offs):  # type: ignore[override]
-        F_ = w1.shape[1]
-        gu_S2F = F.grouped_mm(x_SH, torch.cat([w1, v1], dim=1).transpose(1, 2), offs=offs)
-        act_SF = F.silu(gu_S2F[:, :F_])
-        ctx.save_for_backward(x_SH, w1, v1, offs, gu_S2F, act_SF)
-        return act_SF * gu_S2F[:, F_:]
-
-    @staticmethod
-    def backward(ctx, grad_SF):  # type: ignore[override]
-        x_SH, w1, v1, offs, gu_S2F, act_SF = ctx.saved_tensors
-        F_ = w1.shape[1]
-        grad_SF = grad_SF.contiguous()
-        dgu_S2F = torch.empty_like(gu_S2F)
-        torch.mul(grad_SF, act_SF, out=dgu_S2F[:, F_:])
-        torch.ops.aten.silu_backward.grad_input(
-            grad_SF * gu_S2F[:, F_:], gu_S2F[:, :F_], grad_input=dgu_S2F[:, :F_]
-        )
-        grad_x = grad_w1 = grad_v1 = None
-        if ctx.needs_input_grad[0]:
-            grad_x = F.grouped_mm(dgu_S2F, torch.cat([w1, v1], dim=1), offs=offs)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            grad_w13 = F.grouped_mm(dgu_S2F.t(), x_SH, offs=offs)
-            grad_w1, grad_v1 = grad_w13[:, :F_], grad_w13[:, F_:]
-        return grad_x, grad_w1, grad_v1, None
-
-
 def grouped_mm_supported(hidden_size: int, ffn_hidden_size: int, dtype: torch.dtype) -> bool:
     """grouped_mm needs 16-byte aligned rows on CPU."""
     item = torch.empty((), dtype=dtype).element_size()
@@ -160,7 +128,9 @@ class GroupedExperts(nn.Module):
 
     def _grouped_mm(self, x_SH: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         offs = torch.cumsum(tokens_per_expert_E, 0).to(torch.int32)
-        h_SF = _GateUpSwiGLU.apply(x_SH, self.w1, self.v1, offs)
+        gate = F.grouped_mm(x_SH, self.w1.transpose(1, 2), offs=offs)
+        up = F.grouped_mm(x_SH, self.v1.transpose(1, 2), offs=offs)
+        h_SF = F.silu(gate) * up
         return _ContiguousGrad.apply(F.grouped_mm(h_SF, self.w2, offs=offs))
 
     def _loop(self, x_SH: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
