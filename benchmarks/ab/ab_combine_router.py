@@ -6,6 +6,10 @@ and scores as before vs now; the entropy is new in both) next to a dense SwiGLU 
 ``.grad`` set to None before every round (a step without gradient accumulation).
 
     python benchmarks/ab/ab_combine_router.py [ROUNDS]
+    python benchmarks/ab/ab_combine_router.py train GRAD_ACCUM ROUNDS [DTYPE]   # whole training steps
+
+``train``: mixtral_small's training step (as ``bench_train_step.py`` builds it) with both changes off
+and on, and dense_small's, interleaved in one process.
 """
 
 from __future__ import annotations
@@ -138,7 +142,47 @@ def layer(H, Fh, E, K, N, dt, rounds):
     return r
 
 
+def train(grad_accum: int, rounds: int, dtype: str) -> None:
+    import tempfile
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import bench_train_step as bench
+
+    for k, v in (("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        os.environ.setdefault(k, v)
+    os.environ.setdefault("MASTER_PORT", str(bench._free_port()))
+    tmp = Path(tempfile.mkdtemp())
+    trainers = {
+        e: bench.build_trainer(bench.compose(e, dtype, grad_accum, []), tmp / e)
+        for e in ("mixtral_small", "dense_small")
+    }
+
+    def step(name, old=None):
+        if old is not None:
+            use(old)
+        bench.timed_step(trainers[name])
+
+    r = paired(
+        {
+            "dense": lambda: step("dense_small"),
+            "old": lambda: step("mixtral_small", True),
+            "new": lambda: step("mixtral_small", False),
+        },
+        rounds,
+    )
+    print(
+        f"{dtype} grad_accum {grad_accum}: step ms dense {r['dense']:.0f}, MoE old {r['old']:.0f} / new "
+        f"{r['new']:.0f}; MoE/dense tokens/s old {r['dense'] / r['old']:.3f} / new {r['dense'] / r['new']:.3f}; "
+        f"paired step new/old {r['new/old']:.3f}; load {os.getloadavg()[0]:.2f}"
+    )
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "train":
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+        train(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else "bf16")
+        return
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 30
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     configure_host_allocator("retain")  # as training does on CPU
