@@ -121,12 +121,19 @@ class _GatherCopies(torch.autograd.Function):
         return F.embedding_bag(position_NK, grad_SH, mode="sum"), None, None
 
 
+def _per_sample_dot_is_fast(t: torch.Tensor) -> bool:
+    """ATen's per-sample-weight backward of ``embedding_bag`` reads each dot product straight from dout
+    and y; on CPU its half-precision dot is not vectorised (bf16, H256: ~2x the time of multiply and
+    sum, and slower inside a training step: benchmarks/README.md), so half types gather instead."""
+    return t.is_cuda or t.dtype in (torch.float32, torch.float64)
+
+
 class _WeightedUngather(torch.autograd.Function):
     """out[n] = sum_j w[n, j] * y[position[n, j]], one ``embedding_bag`` pass (a weighted gather-sum).
-    Backward: dy[s] = w_s * dout[token_s] and dw[n, j] = <dout[n], y[position[n, j]]>, one pass each:
-    dy is again an ``embedding_bag`` (bags of one copy, weighted), dw is what ``embedding_bag``'s own
-    backward computes for its per-sample weights (each dot product read straight from dout and y, no
-    [S, H] gathered or product temporary: 1.6x faster than gather, dot and scale at S2 bf16)."""
+    Backward: dy[s] = w_s * dout[token_s] and dw[n, j] = <dout[n], y[position[n, j]]>. fp32 / CUDA: one
+    pass each, dy as a weighted ``embedding_bag`` (bags of one copy), dw as ``embedding_bag``'s own
+    per-sample-weight backward (no [S, H] gathered or product temporary; 0.5-0.7x the time of gather,
+    dot and scale). CPU bf16 / fp16: dout gathered per copy once, row dot, then scaled in place."""
 
     @staticmethod
     def forward(ctx, y_SH, weights_NK, position_NK, token_idx_S, slot_idx_S):  # type: ignore[override]
@@ -137,20 +144,29 @@ class _WeightedUngather(torch.autograd.Function):
     def backward(ctx, grad_NH: torch.Tensor):  # type: ignore[override]
         y_SH, weights_NK, position_NK, token_idx_S, slot_idx_S = ctx.saved_tensors
         grad_NH = grad_NH.contiguous()
+        fused = _per_sample_dot_is_fast(y_SH)
+        grad_SH = None if fused else grad_NH.index_select(0, token_idx_S)  # dout of each copy's token
         grad_w = None
         if ctx.needs_input_grad[1]:
-            N, K = position_NK.shape
-            bags = torch.arange(N, device=grad_NH.device)
-            grad_w = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-                grad_NH, y_SH, position_NK.reshape(-1), bags * K, bags.repeat_interleave(K), 0
-            ).view_as(weights_NK)  # mode 0: sum
+            if fused:
+                N, K = position_NK.shape
+                bags = torch.arange(N, device=grad_NH.device)
+                dot_NK = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                    grad_NH, y_SH, position_NK.reshape(-1), bags * K, bags.repeat_interleave(K), 0
+                )  # mode 0: sum; already in slot order
+            else:
+                dot_NK = (grad_SH * y_SH).sum(-1).index_select(0, position_NK.reshape(-1))
+            grad_w = dot_NK.view_as(weights_NK)
         grad_y = None
         if ctx.needs_input_grad[0]:
             weights = F.pad(weights_NK.reshape(-1), (0, 1))  # slot N*k: padding rows' zero weight
-            w_S = weights.index_select(0, slot_idx_S)
-            grad_y = F.embedding_bag(
-                token_idx_S.unsqueeze(1), grad_NH, mode="sum", per_sample_weights=w_S.unsqueeze(1)
-            )
+            w_S = weights.index_select(0, slot_idx_S).unsqueeze(-1)
+            if fused:
+                grad_y = F.embedding_bag(
+                    token_idx_S.unsqueeze(1), grad_NH, mode="sum", per_sample_weights=w_S
+                )
+            else:
+                grad_y = grad_SH.mul_(w_S)
         return grad_y, grad_w, None, None, None
 
 

@@ -75,3 +75,35 @@ def test_row_blocks_in_the_plan_change_nothing(N, E, k, block):
     assert (padded.token_idx_S[is_pad] == 0).all()
     assert torch.count_nonzero(grads_y[1][is_pad]) == 0
     assert torch.equal(grads_y[1][~is_pad], grads_y[0])  # real rows: same gradient, same order
+
+
+@pytest.mark.parametrize("block", [1, 4])
+def test_combine_backward_branches_agree(block, monkeypatch):
+    """The combine's backward has two ways to the same gradients (per-sample dot kernel + weighted
+    embedding_bag; gather + row dot + scale, used for CPU half types): both against autograd through
+    the scatter path, in fp64."""
+    import moetrain.moe.dispatch as dispatch
+
+    gen = torch.Generator().manual_seed(7)
+    N, E, k = 29, 5, 2
+    weights, ids = torch.topk(torch.randn(N, E, generator=gen).softmax(-1), k)
+    weights = weights.double().requires_grad_(True)
+    y_in = torch.randn(N * k + E * block, 6, dtype=torch.float64, generator=gen)
+    grad_out = torch.randn(N, 6, dtype=torch.float64, generator=gen)
+    plan = plan_dispatch(ids, E, None, row_block=block)
+    y_SH = y_in[: plan.token_idx_S.numel()].clone().requires_grad_(True)
+    results = []
+    for fast in (True, False):
+        monkeypatch.setattr(dispatch, "_per_sample_dot_is_fast", lambda t, fast=fast: fast)
+        y_SH.grad = weights.grad = None
+        combine(y_SH, plan, weights, N).backward(grad_out)
+        results.append((y_SH.grad.clone(), weights.grad.clone()))
+    # the reference: out[n] = sum over n's copies of w * y, by index_add (autograd's own backward)
+    y_ref = y_SH.detach().clone().requires_grad_(True)
+    w_ref = weights.detach().clone().requires_grad_(True)
+    w_S = torch.nn.functional.pad(w_ref.reshape(-1), (0, 1))[plan.slot_idx_S].unsqueeze(-1)
+    ref = torch.zeros(N, 6, dtype=torch.float64).index_add(0, plan.token_idx_S, y_ref * w_S)
+    ref.backward(grad_out)
+    for got_y, got_w in results:
+        torch.testing.assert_close(got_y, y_ref.grad, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got_w, w_ref.grad, rtol=1e-12, atol=1e-12)
