@@ -40,9 +40,10 @@ class Routing:
 class _SoftmaxWithLogsumexp(torch.autograd.Function):
     """``softmax(logits)`` and ``logsumexp(logits)`` over the last dim from one max / exp / sum, with one
     hand-written backward for both. The router needs both (scores, z-loss); ``F.softmax`` +
-    ``torch.logsumexp`` took 2.4x (2048 x 8) to 3.5x (4096 x 64) as long, forward + backward on 2 CPU
-    threads: softmax's kernel is slow for a last dim of 8-64 and ``logsumexp`` is a composite of
-    several kernels, each with its own backward. d/dlogits = p * (g_p - <g_p, p> + g_lse)."""
+    ``torch.logsumexp`` took 1.4-3.5x as long, forward + backward on [2048, 8] and [4096, 64] with 2
+    CPU threads across runs (benchmarks/README.md): softmax's kernel is slow for a last dim of 8-64
+    and ``logsumexp`` is a composite of several kernels, each with its own backward.
+    d/dlogits = p * (g_p - <g_p, p> + g_lse)."""
 
     @staticmethod
     def forward(ctx, logits_NE: torch.Tensor):  # type: ignore[override]
@@ -132,7 +133,7 @@ class TopKRouter(nn.Module):
         with torch.no_grad():
             if self.score_function == "sigmoid":
                 entropy = -(probs_NE * probs_NE.clamp_min(1e-20).log()).sum(-1).mean()
-            else:  # -sum p log p with log p = logits - lse: no log over [N, E] (13x cheaper at 4096 x 64)
+            else:  # -sum p log p with log p = logits - lse: no log over [N, E] (4-13x cheaper at 4096 x 64)
                 entropy = (logsumexp_N - (probs_NE * logits_NE).sum(-1)).mean()
         return Routing(weights_NK.to(x_NH.dtype), expert_ids_NK, probs_NE, logits_NE, logsumexp_N, entropy)
 
