@@ -1,15 +1,15 @@
-"""Before/after in one process: the combine's backward, the router's softmax + logsumexp and its
-entropy as they were (gather, row dot, scale; ``F.softmax`` and ``torch.logsumexp`` with autograd's
-backward; -sum p log p) and as they are (two ``embedding_bag`` passes; one fused softmax/logsumexp
-Function; lse - <p, logits>), interleaved with the order alternating, median of the per-round ratios new/old. Pieces alone, then the whole MoE layer (combine
-and scores as before vs now; the entropy is new in both) next to a dense SwiGLU of equal active FLOPs,
-``.grad`` set to None before every round (a step without gradient accumulation).
+"""Before/after in one process: the combine's backward as it was (gather, row dot, scale) and as it is
+(fp32: a weighted ``embedding_bag`` and ``embedding_bag``'s per-sample-weight backward; CPU half
+types: as before), and the router's entropy metric (-sum p log p vs lse - <p, logits>), interleaved
+with the order alternating, median of the per-round ratios new/old. Pieces alone, then the whole MoE
+layer (combine backward before vs now; the entropy is new in both) next to a dense SwiGLU of equal
+active FLOPs, ``.grad`` set to None before every round (a step without gradient accumulation).
 
     python benchmarks/ab/ab_combine_router.py [ROUNDS]
     python benchmarks/ab/ab_combine_router.py train GRAD_ACCUM ROUNDS [DTYPE]   # whole training steps
 
-``train``: mixtral_small's training step (as ``bench_train_step.py`` builds it) with both changes off
-and on, and dense_small's, interleaved in one process.
+``train``: mixtral_small's training step (as ``bench_train_step.py`` builds it) with the combine
+backward before and now, and dense_small's, interleaved in one process.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import moetrain.moe.dispatch as dispatch
-import moetrain.moe.router as router
 from moetrain.config import MoEConfig
 from moetrain.model.layers import SwiGLU
 from moetrain.moe import MoELayer
@@ -47,16 +46,11 @@ def old_combine_backward(ctx, grad_NH):
     return grad_SH.mul_(w_S), grad_w, None, None, None
 
 
-def two_op_scores(logits_NE):
-    return F.softmax(logits_NE, dim=-1), torch.logsumexp(logits_NE, dim=-1)
-
-
-NEW_BACKWARD, NEW_SCORES = dispatch._WeightedUngather.backward, router.softmax_with_logsumexp
+NEW_BACKWARD = dispatch._WeightedUngather.backward
 
 
 def use(old: bool) -> None:
     dispatch._WeightedUngather.backward = staticmethod(old_combine_backward if old else NEW_BACKWARD)
-    router.softmax_with_logsumexp = two_op_scores if old else NEW_SCORES
 
 
 def paired(fns: dict, rounds: int, warmup: int = 3) -> dict:
@@ -94,15 +88,8 @@ def pieces(H, Fh, E, K, N, dt, rounds):
         dispatch.combine(y_, plan, w_, N).backward(g)
 
     logits = torch.randn(N, E, generator=gen)
-    gp, gl = torch.randn(N, E, generator=gen), torch.randn(N, generator=gen)
-
-    def scores(fn):
-        x = logits.detach().requires_grad_(True)
-        torch.autograd.grad(fn(x), x, (gp, gl))
-
     c = paired({"old": lambda: combine(True), "new": lambda: combine(False)}, rounds)
-    s = paired({"old": lambda: scores(two_op_scores), "new": lambda: scores(NEW_SCORES)}, rounds * 4)
-    probs, lse = NEW_SCORES(logits)
+    probs, lse = F.softmax(logits, dim=-1), torch.logsumexp(logits, dim=-1)
     e = paired(
         {
             "old": lambda: -(probs * torch.log(probs.clamp_min(1e-20))).sum(-1).mean(),
@@ -111,7 +98,7 @@ def pieces(H, Fh, E, K, N, dt, rounds):
         rounds * 4,
     )
     use(False)
-    return c, s, e
+    return c, e
 
 
 def layer(H, Fh, E, K, N, dt, rounds):
@@ -188,18 +175,17 @@ def main() -> None:
     configure_host_allocator("retain")  # as training does on CPU
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.2f}")
     print(
-        "| shape | dtype | combine fwd+bwd old / new ms (new/old) | softmax+logsumexp fwd+bwd old / "
-        "new us (new/old) | entropy old / new us | layer old / new (x dense) | layer new/old |"
+        "| shape | dtype | combine fwd+bwd old / new ms (new/old) | entropy old / new us "
+        "| layer old / new (x dense) | layer new/old |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     for shape, (H, Fh, E, K, N) in SHAPES.items():
         for name, dt in DTYPES.items():
             n = max(6, rounds // (4 if shape == "S2" else 1))
-            c, s, e = pieces(H, Fh, E, K, N, dt, n)
+            c, e = pieces(H, Fh, E, K, N, dt, n)
             lay = layer(H, Fh, E, K, N, dt, n)
             print(
                 f"| {shape} | {name} | {c['old']:.2f} / {c['new']:.2f} ({c['new/old']:.2f}) "
-                f"| {s['old'] * 1e3:.0f} / {s['new'] * 1e3:.0f} ({s['new/old']:.2f}) "
                 f"| {e['old'] * 1e3:.0f} / {e['new'] * 1e3:.0f} "
                 f"| {lay['old'] / lay['dense']:.3f} / {lay['new'] / lay['dense']:.3f} | {lay['new/old']:.3f} |",
                 flush=True,

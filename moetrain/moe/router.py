@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moetrain.config import SCORE_FUNCTIONS
@@ -35,39 +36,6 @@ class Routing:
     logits_NE: torch.Tensor  # fp32 router logits
     logsumexp_N: torch.Tensor  # fp32 logsumexp of each token's logits (the z-loss), differentiable
     entropy: torch.Tensor  # mean over tokens of the entropy of probs_NE, nats (detached)
-
-
-class _SoftmaxWithLogsumexp(torch.autograd.Function):
-    """``softmax(logits)`` and ``logsumexp(logits)`` over the last dim from one max / exp / sum, with one
-    hand-written backward for both. The router needs both (scores, z-loss); ``F.softmax`` +
-    ``torch.logsumexp`` took 1.4-3.5x as long, forward + backward on [2048, 8] and [4096, 64] with 2
-    CPU threads across runs (benchmarks/README.md): softmax's kernel is slow for a last dim of 8-64
-    and ``logsumexp`` is a composite of several kernels, each with its own backward.
-    d/dlogits = p * (g_p - <g_p, p> + g_lse)."""
-
-    @staticmethod
-    def forward(ctx, logits_NE: torch.Tensor):  # type: ignore[override]
-        max_N1 = logits_NE.amax(dim=-1, keepdim=True)
-        exp_NE = (logits_NE - max_N1).exp_()
-        sum_N1 = exp_NE.sum(dim=-1, keepdim=True)
-        probs_NE = exp_NE.div_(sum_N1)
-        ctx.save_for_backward(probs_NE)
-        return probs_NE, (max_N1 + sum_N1.log_()).squeeze(-1)
-
-    @staticmethod
-    def backward(ctx, grad_probs_NE: torch.Tensor | None, grad_lse_N: torch.Tensor | None):  # type: ignore[override]
-        (probs_NE,) = ctx.saved_tensors
-        if grad_probs_NE is None:
-            inner_NE = grad_lse_N.unsqueeze(-1).expand_as(probs_NE)
-        else:
-            inner_NE = grad_probs_NE - (grad_probs_NE * probs_NE).sum(dim=-1, keepdim=True)
-            if grad_lse_N is not None:
-                inner_NE = inner_NE + grad_lse_N.unsqueeze(-1)
-        return probs_NE * inner_NE
-
-
-def softmax_with_logsumexp(logits_NE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _SoftmaxWithLogsumexp.apply(logits_NE)
 
 
 class TopKRouter(nn.Module):
@@ -119,10 +87,13 @@ class TopKRouter(nn.Module):
         if self.score_function == "sigmoid":
             scores_NE = torch.sigmoid(logits_NE)
             probs_NE = scores_NE / scores_NE.sum(dim=-1, keepdim=True)
-            logsumexp_N = torch.logsumexp(logits_NE, dim=-1)
         else:
-            scores_NE, logsumexp_N = softmax_with_logsumexp(logits_NE)
-            probs_NE = scores_NE
+            # F.softmax, not exp(logits - logsumexp): its kernel works row by row, so a token's scores
+            # do not depend on how many tokens share the call. Flat elementwise exp/sum round a row
+            # differently depending on where it falls in the vector and thread chunks, and that broke
+            # expert parallelism == one process (routing flips; benchmarks/README.md, 2026-12-02).
+            scores_NE = probs_NE = F.softmax(logits_NE, dim=-1)
+        logsumexp_N = torch.logsumexp(logits_NE, dim=-1)
         if self.expert_bias is None:
             weights_NK, expert_ids_NK = torch.topk(scores_NE, self.top_k, dim=-1)
         else:  # the bias chooses; the weights stay the unbiased scores
