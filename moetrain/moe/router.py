@@ -33,7 +33,6 @@ class Routing:
     # fp32 scores normalised over all experts (rows sum to 1): the softmax, or sigmoid / its row sum
     # (DeepSeek-V3's s'). For the balance losses and the entropy metric.
     probs_NE: torch.Tensor
-    logits_NE: torch.Tensor  # fp32 router logits
     logsumexp_N: torch.Tensor  # fp32 logsumexp of each token's logits (the z-loss), differentiable
     entropy: torch.Tensor  # mean over tokens of the entropy of probs_NE, nats (detached)
 
@@ -106,7 +105,7 @@ class TopKRouter(nn.Module):
                 entropy = -(probs_NE * probs_NE.clamp_min(1e-20).log()).sum(-1).mean()
             else:  # -sum p log p with log p = logits - lse: no log over [N, E] (4-13x cheaper at 4096 x 64)
                 entropy = (logsumexp_N - (probs_NE * logits_NE).sum(-1)).mean()
-        return Routing(weights_NK.to(x_NH.dtype), expert_ids_NK, probs_NE, logits_NE, logsumexp_N, entropy)
+        return Routing(weights_NK.to(x_NH.dtype), expert_ids_NK, probs_NE, logsumexp_N, entropy)
 
     @torch.no_grad()
     def update_bias(self, load_E: torch.Tensor) -> None:

@@ -22,7 +22,6 @@ def test_a_tokens_routing_does_not_depend_on_its_batch():
     x = torch.randint(-3, 4, (203, 32)).float()
     with torch.no_grad():
         layer.router.gate.weight.copy_(torch.randint(-8, 9, (8, 32)).float() / 64)
-    with torch.no_grad():
         whole = layer.router(x)
         for lo, hi in ((0, 77), (77, 203), (5, 6), (100, 131)):
             part = layer.router(x[lo:hi])
