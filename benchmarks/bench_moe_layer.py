@@ -12,6 +12,11 @@ input every repeat unless ``--fixed-inputs``, so routings and expert row counts 
 - ``gemms_only`` / ``gemms_dense``: the nine forward + backward GEMMs alone (``torch.mm``, no
   autograd, no elementwise work), per expert on equal row counts / for the dense twin: their ratio
   is the floor of any MoE layer that runs its experts as GEMMs per expert, on this machine
+- ``gemms_replay`` / ``gemms_replay_dense``: every GEMM call of one forward + backward of the
+  moetrain layer / the dense twin (router, grouped expert GEMMs at that round's row counts and
+  padding, their backward), recorded untimed on a new input each round, then replayed alone, in
+  order, on the recorded tensors. Their ratio is this layer's own GEMM floor: what it would cost
+  against dense if everything but its GEMMs took no time
 - ``hf_mixtral``: transformers' ``MixtralSparseMoeBlock`` (its default experts implementation)
 - ``ds_grouped``: DeepSpeed's ``GroupedExperts`` (grouped_mm) with DeepSpeed's own AutoEP routing,
   permutation and combine at ep_size 1 (``TokenChoiceTopKRouter``, ``permute_by_local_expert``,
@@ -38,6 +43,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from moetrain.config import HOST_ALLOCATORS, MoEConfig
 from moetrain.model.layers import SwiGLU
@@ -139,6 +145,46 @@ def gemms_only(H, Fh, E, K, tokens, dense: bool, device, dtype):
     return fwd, module
 
 
+_GEMM_OPS = ("mm", "addmm", "bmm", "_grouped_mm")
+
+
+class _GemmRecorder(TorchDispatchMode):
+    """Records each GEMM call (op and arguments) that runs under it, forward and backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list = []
+        self.gemms = {getattr(torch.ops.aten, op).default for op in _GEMM_OPS}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.gemms:
+            self.calls.append((func, args, kwargs))
+        return func(*args, **kwargs)
+
+
+def gemms_replay(module: nn.Module, layer_fwd, H: int, tokens: int):
+    """The GEMM calls of one fwd + bwd of ``layer_fwd``, recorded on a new input at every
+    ``resample`` (untimed) and replayed alone by ``fwd`` (timed). Brings its own trivial io."""
+
+    def resample() -> None:
+        p = next(module.parameters())
+        x = torch.randn(tokens, H, device=p.device, dtype=p.dtype, requires_grad=True)
+        recorder = _GemmRecorder()
+        with recorder:
+            layer_fwd(x).backward(torch.randn_like(x))
+        fwd.calls = recorder.calls
+
+    def fwd(tiny):
+        for func, args, kwargs in fwd.calls:
+            func(*args, **kwargs)
+        return tiny
+
+    fwd.resample = resample
+    fwd.own_io = (torch.zeros(1), torch.zeros(1))
+    return fwd, module
+
+
 def hf_mixtral(H, Fh, E, K):
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
@@ -206,6 +252,16 @@ def _ensure_process_group() -> None:
         dist.init_process_group("gloo", rank=0, world_size=1)
 
 
+def _swap(pair):
+    fwd, module = pair
+    return module, fwd
+
+
+def _dense_fwd(H: int, F: int):
+    dense = _init(SwiGLU(H, F))
+    return dense, dense
+
+
 def build_variants(H, Fh, E, K, tokens, device, dtype, names):
     builders = {
         "moetrain": lambda: moetrain_layer(H, Fh, E, K, "grouped_mm"),
@@ -214,6 +270,8 @@ def build_variants(H, Fh, E, K, tokens, device, dtype, names):
         "experts_only": lambda: experts_only(H, Fh, E, K, tokens),
         "gemms_only": lambda: gemms_only(H, Fh, E, K, tokens, False, device, dtype),
         "gemms_dense": lambda: gemms_only(H, Fh, E, K, tokens, True, device, dtype),
+        "gemms_replay": lambda: gemms_replay(*_swap(moetrain_layer(H, Fh, E, K, "grouped_mm")), H, tokens),
+        "gemms_replay_dense": lambda: gemms_replay(*_swap(_dense_fwd(H, K * Fh)), H, tokens),
         "hf_mixtral": lambda: hf_mixtral(H, Fh, E, K),
         "ds_grouped": lambda: ds_grouped(H, Fh, E, K),
         "ds_classic": lambda: ds_classic(H, Fh, E, K),
@@ -221,6 +279,9 @@ def build_variants(H, Fh, E, K, tokens, device, dtype, names):
     dense = _init(SwiGLU(H, K * Fh)).to(device, dtype)
     variants, skipped = {"dense": dense}, {}
     for name in names:
+        if name not in builders:
+            skipped[name] = f"unknown variant: one of {', '.join(builders)}"
+            continue
         try:
             torch.manual_seed(0)
             fwd, module = builders[name]()
@@ -230,6 +291,7 @@ def build_variants(H, Fh, E, K, tokens, device, dtype, names):
             if hasattr(fwd, "own_io"):
                 fwd.own_io = tuple(t.to(device, dtype) for t in fwd.own_io)
             fwd.module = module  # for --grads fresh
+            getattr(fwd, "resample", lambda: None)()  # first loads / recording, now on device and dtype
             variants[name] = fwd
         except Exception as e:  # a peer that cannot run here is reported, not fatal
             skipped[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
@@ -250,7 +312,7 @@ def main() -> None:
     )
     ap.add_argument(
         "--variants",
-        default="moetrain,experts_only,gemms_only,gemms_dense,moetrain_unpadded,moetrain_loop,hf_mixtral,ds_grouped,ds_classic",
+        default="moetrain,experts_only,gemms_only,gemms_dense,gemms_replay,gemms_replay_dense,moetrain_unpadded,moetrain_loop,hf_mixtral,ds_grouped,ds_classic",
     )
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument(
@@ -286,7 +348,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         configure_host_allocator(args.host_allocator)
     timer = _timer(device)
-    names = [n for n in args.variants.split(",") if n]
+    names = [n for n in args.variants.split(",") if n and n != "dense"]  # dense always runs
     if "ds_classic" in names or "ds_grouped" in names:
         _ensure_process_group()
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{args.threads}"
@@ -359,6 +421,10 @@ def main() -> None:
                     f"| {gf:.1f} | {row['peak_pct']:.0f}% |",
                     flush=True,
                 )
+            if "gemms_replay" in times and "gemms_replay_dense" in times:
+                replay = [a / b for a, b in zip(times["gemms_replay"], times["gemms_replay_dense"])]
+                print(f"| {shape} | {tokens} | GEMM floor: gemms_replay / gemms_replay_dense, median of "
+                      f"per-round ratios | | {statistics.median(replay):.2f} | | |")  # fmt: skip
             for k, why in skipped.items():
                 print(f"| {shape} | {tokens} | {k} | n/a: {why} | | | |")
     if args.json:
