@@ -25,7 +25,9 @@ input every repeat unless ``--fixed-inputs``, so routings and expert row counts 
   does less work than a dropless layer), top-1/top-2 only
 
 Shapes: ``small`` = mixtral_small's layer H256 F512 E8 top-2; ``S1`` = H512 F1024 E8 top-2;
-``S2`` = H512 F256 E64 top-8 (fine-grained). Reported: median ms, ratio to dense, active GFLOP/s
+``S2`` = H512 F256 E64 top-8 (fine-grained). Reported: median ms, ratio of medians to dense, the
+median of the per-round ratios to dense ("paired": each round's variant over the same round's dense,
+steadier on a shared machine whose load drifts during the run), active GFLOP/s
 (fwd+bwd = 18 * tokens * k * H * F) and that as % of a ``torch.mm`` measured in the same run.
 
     python benchmarks/bench_moe_layer.py --device cpu --threads 2 --tokens 4096
@@ -372,8 +374,8 @@ def main() -> None:
         print(
             f"\n{dt_name}: torch.mm {args.peak_size}^3 peak {peak:.1f} GFLOP/s; load {os.getloadavg()[0]:.2f}"
         )
-        print("| shape | tokens | variant | ms | × dense | GFLOP/s | % mm peak |")
-        print("|---|---:|---|---:|---:|---:|---:|")
+        print("| shape | tokens | variant | ms | × dense | paired | GFLOP/s | % mm peak |")
+        print("|---|---:|---|---:|---:|---:|---:|---:|")
         shapes = args.bf16_shapes if dt_name == "bf16" and args.bf16_shapes else args.shapes
         for shape in shapes.split(","):
             H, Fh, E, K = SHAPES[shape]
@@ -412,21 +414,22 @@ def main() -> None:
             for k, v in times.items():
                 ms = statistics.median(v)
                 gf = flops / ms / 1e6
+                paired = statistics.median(a / b for a, b in zip(v, times["dense"]))
                 row = dict(shape=shape, dtype=dt_name, tokens=tokens, variant=k, ms=ms,
-                           ratio=ms / dense_ms, gflops=gf, peak_pct=100 * gf / peak, peak_gflops=peak,
+                           ratio=ms / dense_ms, paired=paired, gflops=gf, peak_pct=100 * gf / peak, peak_gflops=peak,
                            load=os.getloadavg()[0])  # fmt: skip
                 rows.append(row)
                 print(
-                    f"| {shape} H{H} F{Fh} E{E} k{K} | {tokens} | {k} | {ms:.1f} | {row['ratio']:.2f} "
+                    f"| {shape} H{H} F{Fh} E{E} k{K} | {tokens} | {k} | {ms:.1f} | {row['ratio']:.2f} | {paired:.2f} "
                     f"| {gf:.1f} | {row['peak_pct']:.0f}% |",
                     flush=True,
                 )
             if "gemms_replay" in times and "gemms_replay_dense" in times:
                 replay = [a / b for a, b in zip(times["gemms_replay"], times["gemms_replay_dense"])]
                 print(f"| {shape} | {tokens} | GEMM floor: gemms_replay / gemms_replay_dense, median of "
-                      f"per-round ratios | | {statistics.median(replay):.2f} | | |")  # fmt: skip
+                      f"per-round ratios | | | {statistics.median(replay):.2f} | | |")  # fmt: skip
             for k, why in skipped.items():
-                print(f"| {shape} | {tokens} | {k} | n/a: {why} | | | |")
+                print(f"| {shape} | {tokens} | {k} | n/a: {why} | | | | |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 
