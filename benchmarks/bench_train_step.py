@@ -139,8 +139,10 @@ def main() -> None:
         help="comma list; auto = fp32, plus bf16 where bf16 torch.mm is at least 1/4 as fast as fp32",
     )
     ap.add_argument("--grad-accum", default="1,8", help="comma list of optim.grad_accum values")
-    ap.add_argument("--repeats", type=int, default=3, help="timed steps per configuration")
-    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=5, help="timed steps per configuration")
+    # bf16 on CPU: oneDNN compiles a kernel per new expert row count in the first steps (row blocks
+    # bound the shapes, so they are all cached after a few dozen micro-batches: moe/experts.py)
+    ap.add_argument("--warmup", type=int, default=4, help="untimed steps per configuration first")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--split", action="store_true", help="also profile one step of each (step_split)")
     ap.add_argument("--memory", action="store_true", help="also measure peak RSS per configuration")
