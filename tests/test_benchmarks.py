@@ -1,0 +1,72 @@
+"""The layer benchmark's GEMM floor records what it claims to, and the script runs end to end.
+
+Nothing here times anything: speed lives in benchmarks/ (benchmarks/README.md)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCH_DIR))
+    try:
+        import bench_moe_layer
+
+        yield bench_moe_layer
+    finally:
+        sys.path.remove(str(BENCH_DIR))
+
+
+def _ops(calls) -> Counter:
+    return Counter(func.__name__.split(".")[0] for func, _, _ in calls)
+
+
+def test_gemms_replay_records_every_gemm_of_one_forward_and_backward(bench):
+    H, Fh, E, K, tokens = 32, 64, 4, 2, 64
+    torch.manual_seed(0)
+    variants, skipped = bench.build_variants(
+        H, Fh, E, K, tokens, torch.device("cpu"), torch.float32, ["gemms_replay", "gemms_replay_dense"]
+    )
+    assert not skipped
+    moe, dense = variants["gemms_replay"], variants["gemms_replay_dense"]
+    # router: logits forward, its weight and input gradients; experts: gate, up, down forward, and
+    # per projection an input and a weight gradient, all grouped
+    assert _ops(moe.calls) == Counter({"mm": 3, "_grouped_mm": 9})
+    assert _ops(dense.calls) == Counter({"mm": 9})  # three projections, forward and two gradients each
+    grouped = [args for func, args, _ in moe.calls if "grouped" in func.__name__]
+    assert all(a[0].shape[0] in (tokens * K, Fh, H) for a in grouped)  # the copies, or their transpose
+    first = [id(args[0]) for _, args, _ in moe.calls]
+    moe.resample()  # a new input, a new recording
+    assert [id(args[0]) for _, args, _ in moe.calls] != first
+    tiny = torch.zeros(1)
+    assert moe(tiny) is tiny and dense(tiny) is tiny  # the replay runs on the recorded tensors
+
+
+def test_layer_benchmark_runs_and_prints_the_gemm_floor():
+    cmd = [
+        sys.executable,
+        str(BENCH_DIR / "bench_moe_layer.py"),
+        "--device=cpu",
+        "--shapes=small",
+        "--dtypes=fp32",
+        "--tokens=64",
+        "--repeats=1",
+        "--warmup=0",
+        "--peak-size=64",
+        "--variants=moetrain,gemms_replay,gemms_replay_dense,dense,no_such_variant",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert any("GEMM floor: gemms_replay / gemms_replay_dense" in line for line in lines)
+    assert sum("| dense |" in line for line in lines) == 1  # "dense" in --variants is not a second row
+    assert any("no_such_variant | n/a: unknown variant" in line for line in lines)
