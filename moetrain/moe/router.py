@@ -84,7 +84,11 @@ class TopKRouter(nn.Module):
             x_NH = x_NH * noise
         logits_NE = self.gate(x_NH).float()
         if self.score_function == "sigmoid":
-            scores_NE = torch.sigmoid(logits_NE)
+            # In fp64, then rounded: torch's fp32 sigmoid rounds an element differently in the vector
+            # body and the scalar tail of the call, so a token's scores depended on how many tokens
+            # shared the call (routing flips under expert parallelism). The fp64 results of the two
+            # paths differ far below fp32's rounding step; tests/moe/test_router.py checks it.
+            scores_NE = torch.sigmoid(logits_NE.double()).float()
             probs_NE = scores_NE / scores_NE.sum(dim=-1, keepdim=True)
         else:
             # F.softmax, not exp(logits - logsumexp): its kernel works row by row, so a token's scores

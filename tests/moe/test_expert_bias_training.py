@@ -1,4 +1,4 @@
-"""Aux-loss-free balancing in real training runs (mixtral_tiny, CPU, gloo).
+"""Aux-loss-free balancing in real training runs (mixtral_tiny with sigmoid scores, CPU, gloo).
 
 - expert parallelism: ep_size=2 on 2 processes trains like one process with the bias on (same losses,
   gradient norms and weights within the rounding bounds of moetrain.testing; the bias itself equal);
@@ -25,7 +25,9 @@ from moetrain.testing import (
 )
 
 U = 0.01  # large enough to move the bias by whole steps in 20 steps on the tiny model
-BIAS = ("model.moe.bias_update_rate=0.01", "model.moe.aux_loss_weight=0")
+# DeepSeek-V3's recipe: sigmoid scores, the bias choosing; sigmoid scoring is where batch invariance of
+# the router took care (moe/router.py): ep 2 routes half batches, one process the whole.
+BIAS = ("model.moe.bias_update_rate=0.01", "model.moe.aux_loss_weight=0", "model.moe.score_function=sigmoid")
 EP2 = ("optim.micro_batch_size=2", "parallel.ep_size=2")  # x 2 processes = global batch 4 (as 1 x 4)
 KEYS = ("loss", "lm_loss", "aux_loss", "z_loss")
 
