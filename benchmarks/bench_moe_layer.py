@@ -165,7 +165,7 @@ class _GemmRecorder(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def gemms_replay(module: nn.Module, layer_fwd, H: int, tokens: int):
+def gemms_replay(layer_fwd, module: nn.Module, H: int, tokens: int):
     """The GEMM calls of one fwd + bwd of ``layer_fwd``, recorded on a new input at every
     ``resample`` (untimed) and replayed alone by ``fwd`` (timed). Brings its own trivial io."""
 
@@ -254,11 +254,6 @@ def _ensure_process_group() -> None:
         dist.init_process_group("gloo", rank=0, world_size=1)
 
 
-def _swap(pair):
-    fwd, module = pair
-    return module, fwd
-
-
 def _dense_fwd(H: int, F: int):
     dense = _init(SwiGLU(H, F))
     return dense, dense
@@ -272,13 +267,13 @@ def build_variants(H, Fh, E, K, tokens, device, dtype, names):
         "experts_only": lambda: experts_only(H, Fh, E, K, tokens),
         "gemms_only": lambda: gemms_only(H, Fh, E, K, tokens, False, device, dtype),
         "gemms_dense": lambda: gemms_only(H, Fh, E, K, tokens, True, device, dtype),
-        "gemms_replay": lambda: gemms_replay(*_swap(moetrain_layer(H, Fh, E, K, "grouped_mm")), H, tokens),
-        "gemms_replay_dense": lambda: gemms_replay(*_swap(_dense_fwd(H, K * Fh)), H, tokens),
+        "gemms_replay": lambda: gemms_replay(*moetrain_layer(H, Fh, E, K, "grouped_mm"), H, tokens),
+        "gemms_replay_dense": lambda: gemms_replay(*_dense_fwd(H, K * Fh), H, tokens),
         "hf_mixtral": lambda: hf_mixtral(H, Fh, E, K),
         "ds_grouped": lambda: ds_grouped(H, Fh, E, K),
         "ds_classic": lambda: ds_classic(H, Fh, E, K),
     }
-    dense = _init(SwiGLU(H, K * Fh)).to(device, dtype)
+    dense = _dense_fwd(H, K * Fh)[0].to(device, dtype)
     variants, skipped = {"dense": dense}, {}
     for name in names:
         if name not in builders:
