@@ -17,6 +17,13 @@ input every repeat unless ``--fixed-inputs``, so routings and expert row counts 
   padding, their backward), recorded untimed on a new input each round, then replayed alone, in
   order, on the recorded tensors. Their ratio is this layer's own GEMM floor: what it would cost
   against dense if everything but its GEMMs took no time
+- ``routing_only``: the moetrain layer with the experts taken out (the copies go straight from the
+  dispatch gather to the combine): router, dispatch plan with its row-block padding, gather, combine,
+  routing statistics and all their backward, as the layer runs them. "layer floor" per shape, per
+  round: (``gemms_replay`` + ``routing_only`` + dense's own time outside its GEMMs) / dense. The MoE
+  layer does all three at least (its activation covers as many elements as dense's, plus padding
+  rows; its gradient accumulation more parameters), so where this exceeds a target, no scheduling of
+  these kernels meets it on this machine
 - ``hf_mixtral``: transformers' ``MixtralSparseMoeBlock`` (its default experts implementation)
 - ``ds_grouped``: DeepSpeed's ``GroupedExperts`` (grouped_mm) with DeepSpeed's own AutoEP routing,
   permutation and combine at ep_size 1 (``TokenChoiceTopKRouter``, ``permute_by_local_expert``,
@@ -49,11 +56,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from moetrain.config import HOST_ALLOCATORS, MoEConfig
 from moetrain.model.layers import SwiGLU
-from moetrain.moe import MoELayer
+from moetrain.moe import LocalExchange, MoELayer
 from moetrain.trainer.host_memory import configure_host_allocator
 
 SHAPES = {"small": (256, 512, 8, 2), "S1": (512, 1024, 8, 2), "S2": (512, 256, 64, 8)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+NO_EXPERT_FLOPS = {"routing_only"}  # no GFLOP/s column: it runs none of the expert GEMMs
 
 
 def _timer(device: torch.device):
@@ -187,6 +195,41 @@ def gemms_replay(layer_fwd, module: nn.Module, H: int, tokens: int):
     return fwd, module
 
 
+class _CopiesStraightThrough(LocalExchange):
+    """The local exchange with the experts left out: the combine reads the gathered copies. A
+    LocalExchange, so the dispatch plan pads the experts' row blocks exactly as the real layer's."""
+
+    def __call__(self, x_SH, tokens_per_expert_E, experts):
+        return x_SH
+
+
+def routing_only(H, Fh, E, K):
+    fwd, layer = moetrain_layer(H, Fh, E, K, "grouped_mm")
+    layer.exchange = _CopiesStraightThrough()
+    return fwd, layer
+
+
+def floors(times: dict[str, list[float]]) -> dict[str, tuple[str, float]]:
+    """The per-shape floors, each the median over rounds of a ratio of that round's times:
+    name -> (how it is computed, value)."""
+    out = {}
+    if "gemms_replay" in times and "gemms_replay_dense" in times:
+        replay = [a / b for a, b in zip(times["gemms_replay"], times["gemms_replay_dense"])]
+        out["floor_gemm"] = ("GEMM floor: gemms_replay / gemms_replay_dense", statistics.median(replay))
+        if "routing_only" in times:
+            rounds = zip(
+                times["gemms_replay"], times["gemms_replay_dense"], times["routing_only"], times["dense"]
+            )
+            layer = [
+                (moe + routing + dense - dense_gemms) / dense for moe, dense_gemms, routing, dense in rounds
+            ]
+            out["floor_layer"] = (
+                "layer floor: (gemms_replay + routing_only + dense - gemms_replay_dense) / dense",
+                statistics.median(layer),
+            )
+    return out
+
+
 def hf_mixtral(H, Fh, E, K):
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
@@ -269,6 +312,7 @@ def build_variants(H, Fh, E, K, tokens, device, dtype, names):
         "gemms_dense": lambda: gemms_only(H, Fh, E, K, tokens, True, device, dtype),
         "gemms_replay": lambda: gemms_replay(*moetrain_layer(H, Fh, E, K, "grouped_mm"), H, tokens),
         "gemms_replay_dense": lambda: gemms_replay(*_dense_fwd(H, K * Fh), H, tokens),
+        "routing_only": lambda: routing_only(H, Fh, E, K),
         "hf_mixtral": lambda: hf_mixtral(H, Fh, E, K),
         "ds_grouped": lambda: ds_grouped(H, Fh, E, K),
         "ds_classic": lambda: ds_classic(H, Fh, E, K),
@@ -309,7 +353,7 @@ def main() -> None:
     )
     ap.add_argument(
         "--variants",
-        default="moetrain,experts_only,gemms_only,gemms_dense,gemms_replay,gemms_replay_dense,moetrain_unpadded,moetrain_loop,hf_mixtral,ds_grouped,ds_classic",
+        default="moetrain,experts_only,gemms_only,gemms_dense,gemms_replay,gemms_replay_dense,routing_only,moetrain_unpadded,moetrain_loop,hf_mixtral,ds_grouped,ds_classic",
     )
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument(
@@ -408,21 +452,23 @@ def main() -> None:
             dense_ms = statistics.median(times["dense"])
             for k, v in times.items():
                 ms = statistics.median(v)
-                gf = flops / ms / 1e6
+                gf = None if k in NO_EXPERT_FLOPS else flops / ms / 1e6
                 paired = statistics.median(a / b for a, b in zip(v, times["dense"]))
                 row = dict(shape=shape, dtype=dt_name, tokens=tokens, variant=k, ms=ms,
-                           ratio=ms / dense_ms, paired=paired, gflops=gf, peak_pct=100 * gf / peak, peak_gflops=peak,
-                           load=os.getloadavg()[0])  # fmt: skip
+                           ratio=ms / dense_ms, paired=paired, gflops=gf, peak_pct=gf and 100 * gf / peak,
+                           peak_gflops=peak, load=os.getloadavg()[0])  # fmt: skip
                 rows.append(row)
+                rate = "| |" if gf is None else f"| {gf:.1f} | {row['peak_pct']:.0f}% |"
                 print(
                     f"| {shape} H{H} F{Fh} E{E} k{K} | {tokens} | {k} | {ms:.1f} | {row['ratio']:.2f} | {paired:.2f} "
-                    f"| {gf:.1f} | {row['peak_pct']:.0f}% |",
+                    f"{rate}",
                     flush=True,
                 )
-            if "gemms_replay" in times and "gemms_replay_dense" in times:
-                replay = [a / b for a, b in zip(times["gemms_replay"], times["gemms_replay_dense"])]
-                print(f"| {shape} | {tokens} | GEMM floor: gemms_replay / gemms_replay_dense, median of "
-                      f"per-round ratios | | | {statistics.median(replay):.2f} | | |")  # fmt: skip
+            for name, (how, value) in floors(times).items():
+                rows.append(
+                    dict(shape=shape, dtype=dt_name, tokens=tokens, variant=name, ratio=value, paired=value)
+                )
+                print(f"| {shape} | {tokens} | {how}, median of per-round ratios | | | {value:.2f} | | |")
             for k, why in skipped.items():
                 print(f"| {shape} | {tokens} | {k} | n/a: {why} | | | | |")
     if args.json:

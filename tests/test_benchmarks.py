@@ -1,4 +1,4 @@
-"""The layer benchmark's GEMM floor records what it claims to, and the script runs end to end.
+"""The layer benchmark's floors measure what they claim to, and the script runs end to end.
 
 Nothing here times anything: speed lives in benchmarks/ (benchmarks/README.md)."""
 
@@ -51,6 +51,39 @@ def test_gemms_replay_records_every_gemm_of_one_forward_and_backward(bench):
     assert moe(tiny) is tiny and dense(tiny) is tiny  # the replay runs on the recorded tensors
 
 
+def test_routing_only_is_the_layer_without_its_experts(bench):
+    H, Fh, E, K, tokens = 32, 64, 4, 2, 64
+    torch.manual_seed(0)
+    variants, _ = bench.build_variants(
+        H, Fh, E, K, tokens, torch.device("cpu"), torch.float32, ["routing_only"]
+    )
+    fwd = variants["routing_only"]
+    x = torch.randn(tokens, H, requires_grad=True)
+    recorder = bench._GemmRecorder()
+    with recorder:
+        out = fwd(x)
+        out.sum().backward()
+    assert _ops(recorder.calls) == Counter({"mm": 3})  # the router's; no expert GEMM runs
+    assert all(p.grad is None for p in fwd.module.experts.parameters())
+    # Every copy reaches the combine unchanged: each token comes back as the weighted sum of its k
+    # copies of itself (the weights of a top-k Mixtral router sum to 1).
+    routing = fwd.module.router(x.detach())
+    torch.testing.assert_close(out.detach(), x.detach() * routing.weights_NK.sum(-1, keepdim=True))
+
+
+def test_floors_are_medians_of_per_round_ratios(bench):
+    times = {
+        "gemms_replay": [3.0, 6.0, 30.0],
+        "gemms_replay_dense": [2.0, 4.0, 10.0],
+        "routing_only": [1.0, 1.0, 1.0],
+        "dense": [4.0, 8.0, 12.0],
+    }
+    floors = bench.floors(times)
+    assert floors["floor_gemm"][1] == 1.5  # rounds 1.5, 1.5, 3.0
+    assert floors["floor_layer"][1] == 1.5  # rounds (3+1+4-2)/4, (6+1+8-4)/8, (30+1+12-10)/12
+    assert "floor_layer" not in bench.floors({k: v for k, v in times.items() if k != "routing_only"})
+
+
 def test_layer_benchmark_runs_and_prints_the_gemm_floor():
     cmd = [
         sys.executable,
@@ -62,11 +95,14 @@ def test_layer_benchmark_runs_and_prints_the_gemm_floor():
         "--repeats=1",
         "--warmup=0",
         "--peak-size=64",
-        "--variants=moetrain,gemms_replay,gemms_replay_dense,dense,no_such_variant",
+        "--variants=moetrain,gemms_replay,gemms_replay_dense,routing_only,dense,no_such_variant",
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.splitlines()
     assert any("GEMM floor: gemms_replay / gemms_replay_dense" in line for line in lines)
+    assert any(
+        "layer floor: (gemms_replay + routing_only + dense - gemms_replay_dense)" in line for line in lines
+    )
     assert sum("| dense |" in line for line in lines) == 1  # "dense" in --variants is not a second row
     assert any("no_such_variant | n/a: unknown variant" in line for line in lines)
