@@ -4,11 +4,13 @@ Both trainers are built exactly as ``python -m moetrain.train`` builds them (dat
 engine, update guard, routing accumulator) and their ``_train_step`` calls alternate (MoE, dense,
 dense, MoE, MoE, ...), so background load hits both alike. Reports the median step time, tokens/s and
 the MoE/dense tokens/s ratio per dtype and ``optim.grad_accum`` (of the medians, and the median of
-the rounds' paired ratios, which a load that drifts during the run moves less), then, with ``--split``, one profiled
+the rounds' paired ratios, which a load that drifts during the run moves less, with its quartiles),
+timing pairs for at least ``--repeats`` rounds and ``--seconds`` (so grad_accum 1 gets dozens of
+pairs), then, with ``--split``, one profiled
 step of each split into components (``step_split``), and, with ``--memory``, the peak resident
 memory of each configuration in a child process of its own.
 
-    python benchmarks/bench_train_step.py --dtypes fp32 --grad-accum 1,8 --repeats 5 --split
+    python benchmarks/bench_train_step.py --dtypes fp32 --grad-accum 1,8 --seconds 60 --split
 """
 
 from __future__ import annotations
@@ -139,7 +141,12 @@ def main() -> None:
         help="comma list; auto = fp32, plus bf16 where bf16 torch.mm is at least 1/4 as fast as fp32",
     )
     ap.add_argument("--grad-accum", default="1,8", help="comma list of optim.grad_accum values")
-    ap.add_argument("--repeats", type=int, default=5, help="timed steps per configuration")
+    ap.add_argument("--repeats", type=int, default=5, help="timed steps per configuration, at least")
+    # Single steps on a shared 2-core host move by 10-15%: a few pairs give ratios +-0.05 apart from
+    # run to run. Timing pairs for a while instead gives grad_accum 1 dozens of pairs.
+    ap.add_argument(
+        "--seconds", type=float, default=90.0, help="then more timed steps until this many seconds"
+    )
     # bf16 on CPU: oneDNN compiles a kernel per new expert row count in the first steps (row blocks
     # bound the shapes, so they are all cached after a few dozen micro-batches: moe/experts.py)
     ap.add_argument("--warmup", type=int, default=4, help="untimed steps per configuration first")
@@ -174,14 +181,15 @@ def main() -> None:
             )
     results = []
     print(
-        f"torch {torch.__version__}, {args.threads} threads, median of {args.repeats} steps, "
+        f"torch {torch.__version__}, {args.threads} threads, median of at least {args.repeats} steps "
+        f"and {args.seconds:.0f} s per configuration, "
         f"load average {os.getloadavg()[0]:.2f}"
     )
     print(
         "| dtype | grad_accum | tokens/step | MoE ms/step | dense ms/step | MoE tok/s | dense tok/s "
-        "| MoE/dense tok/s | paired |"
+        "| MoE/dense tok/s | paired (quartiles) | pairs |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for dtype in args.dtypes.split(","):
         for ga in [int(g) for g in args.grad_accum.split(",")]:
             trainers = {
@@ -190,17 +198,24 @@ def main() -> None:
             }
             torch.set_num_threads(args.threads)  # Trainer sets cpu_count // local world
             times: dict[str, list[float]] = {name: [] for name in EXPERIMENTS}
-            for i in range(args.warmup + args.repeats):
+            i, timed_since = 0, None
+            while i < args.warmup + args.repeats or time.perf_counter() - timed_since < args.seconds:
+                if i == args.warmup:
+                    timed_since = time.perf_counter()
                 # interleaved, the order swapped every round: a slow spell on a shared host hits
                 # both models alike, and each round gives one paired ratio
                 for name in EXPERIMENTS if i % 2 == 0 else EXPERIMENTS[::-1]:
                     s = timed_step(trainers[name])
                     if i >= args.warmup:
                         times[name].append(s)
+                i += 1
             cfg = trainers["dense_small"].cfg
             tokens = cfg.optim.micro_batch_size * ga * cfg.data.seq_len
             med = {k: statistics.median(v) for k, v in times.items()}
             tps = {k: tokens / v for k, v in med.items()}
+            # per round dense/MoE step time (the same tokens): robust to drifting load
+            paired = [d / m for m, d in zip(times["mixtral_small"], times["dense_small"], strict=True)]
+            q1, _, q3 = statistics.quantiles(paired, n=4) if len(paired) > 1 else (paired[0],) * 3
             row = {
                 "dtype": dtype,
                 "grad_accum": ga,
@@ -208,16 +223,15 @@ def main() -> None:
                 "ms_per_step": {k: v * 1e3 for k, v in med.items()},
                 "tokens_per_sec": tps,
                 "ratio": tps["mixtral_small"] / tps["dense_small"],
-                # median over rounds of dense/MoE step time (the same tokens): robust to drifting load
-                "paired_ratio": statistics.median(
-                    d / m for m, d in zip(times["mixtral_small"], times["dense_small"], strict=True)
-                ),
+                "paired_ratio": statistics.median(paired),
+                "paired_quartiles": [q1, q3],
+                "pairs": len(paired),
                 "load_average": os.getloadavg()[0],
             }
             print(
                 f"| {dtype} | {ga} | {tokens} | {med['mixtral_small'] * 1e3:.0f} | {med['dense_small'] * 1e3:.0f} "
                 f"| {tps['mixtral_small']:.0f} | {tps['dense_small']:.0f} | {row['ratio']:.3f} "
-                f"| {row['paired_ratio']:.3f} |",
+                f"| {row['paired_ratio']:.3f} ({q1:.2f}-{q3:.2f}) | {len(paired)} |",
                 flush=True,
             )
             if args.split:
