@@ -19,11 +19,12 @@ input every repeat unless ``--fixed-inputs``, so routings and expert row counts 
   against dense if everything but its GEMMs took no time
 - ``routing_only``: the moetrain layer with the experts taken out (the copies go straight from the
   dispatch gather to the combine): router, dispatch plan with its row-block padding, gather, combine,
-  routing statistics and all their backward, as the layer runs them. "layer floor" per shape, per
-  round: (``gemms_replay`` + ``routing_only`` + dense's own time outside its GEMMs) / dense. The MoE
-  layer does all three at least (its activation covers as many elements as dense's, plus padding
-  rows; its gradient accumulation more parameters), so where this exceeds a target, no scheduling of
-  these kernels meets it on this machine
+  routing statistics and all their backward, as the layer runs them. "sum of parts" per shape, per
+  round: (``gemms_replay`` + ``routing_only`` + dense's own time outside its GEMMs) / dense: the
+  layer's GEMMs, its routing and dispatch, and elementwise work as large as dense's (the layer's
+  activation covers as many elements plus padding rows, its gradient accumulation more parameters).
+  An estimate, not a bound: parts timed apart miss the caches they share inside the layer, and the
+  router's GEMMs count in both of the first two; it says how much of the layer is routing
 - ``hf_mixtral``: transformers' ``MixtralSparseMoeBlock`` (its default experts implementation)
 - ``ds_grouped``: DeepSpeed's ``GroupedExperts`` (grouped_mm) with DeepSpeed's own AutoEP routing,
   permutation and combine at ep_size 1 (``TokenChoiceTopKRouter``, ``permute_by_local_expert``,
@@ -223,8 +224,8 @@ def floors(times: dict[str, list[float]]) -> dict[str, tuple[str, float]]:
             layer = [
                 (moe + routing + dense - dense_gemms) / dense for moe, dense_gemms, routing, dense in rounds
             ]
-            out["floor_layer"] = (
-                "layer floor: (gemms_replay + routing_only + dense - gemms_replay_dense) / dense",
+            out["sum_of_parts"] = (
+                "sum of parts: (gemms_replay + routing_only + dense - gemms_replay_dense) / dense",
                 statistics.median(layer),
             )
     return out

@@ -80,8 +80,8 @@ def test_floors_are_medians_of_per_round_ratios(bench):
     }
     floors = bench.floors(times)
     assert floors["floor_gemm"][1] == 1.5  # rounds 1.5, 1.5, 3.0
-    assert floors["floor_layer"][1] == 1.5  # rounds (3+1+4-2)/4, (6+1+8-4)/8, (30+1+12-10)/12
-    assert "floor_layer" not in bench.floors({k: v for k, v in times.items() if k != "routing_only"})
+    assert floors["sum_of_parts"][1] == 1.5  # rounds (3+1+4-2)/4, (6+1+8-4)/8, (30+1+12-10)/12
+    assert "sum_of_parts" not in bench.floors({k: v for k, v in times.items() if k != "routing_only"})
 
 
 def test_layer_benchmark_runs_and_prints_the_gemm_floor():
@@ -102,7 +102,7 @@ def test_layer_benchmark_runs_and_prints_the_gemm_floor():
     lines = out.stdout.splitlines()
     assert any("GEMM floor: gemms_replay / gemms_replay_dense" in line for line in lines)
     assert any(
-        "layer floor: (gemms_replay + routing_only + dense - gemms_replay_dense)" in line for line in lines
+        "sum of parts: (gemms_replay + routing_only + dense - gemms_replay_dense)" in line for line in lines
     )
     assert sum("| dense |" in line for line in lines) == 1  # "dense" in --variants is not a second row
     assert any("no_such_variant | n/a: unknown variant" in line for line in lines)
