@@ -210,9 +210,9 @@ def routing_only(H, Fh, E, K):
     return fwd, layer
 
 
-def floors(times: dict[str, list[float]]) -> dict[str, tuple[str, float]]:
-    """The per-shape floors, each the median over rounds of a ratio of that round's times:
-    name -> (how it is computed, value)."""
+def derived_ratios(times: dict[str, list[float]]) -> dict[str, tuple[str, float]]:
+    """The GEMM floor and the sum of parts of one shape, each the median over rounds of a ratio of
+    that round's times: name -> (how it is computed, value)."""
     out = {}
     if "gemms_replay" in times and "gemms_replay_dense" in times:
         replay = [a / b for a, b in zip(times["gemms_replay"], times["gemms_replay_dense"])]
@@ -465,7 +465,7 @@ def main() -> None:
                     f"{rate}",
                     flush=True,
                 )
-            for name, (how, value) in floors(times).items():
+            for name, (how, value) in derived_ratios(times).items():
                 rows.append(
                     dict(shape=shape, dtype=dt_name, tokens=tokens, variant=name, ratio=value, paired=value)
                 )

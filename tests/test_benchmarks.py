@@ -51,14 +51,13 @@ def test_gemms_replay_records_every_gemm_of_one_forward_and_backward(bench):
     assert moe(tiny) is tiny and dense(tiny) is tiny  # the replay runs on the recorded tensors
 
 
-def test_routing_only_is_the_layer_without_its_experts(bench):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: row blocks padded in the plan
+def test_routing_only_is_the_layer_without_its_experts(bench, dtype):
     H, Fh, E, K, tokens = 32, 64, 4, 2, 64
     torch.manual_seed(0)
-    variants, _ = bench.build_variants(
-        H, Fh, E, K, tokens, torch.device("cpu"), torch.float32, ["routing_only"]
-    )
+    variants, _ = bench.build_variants(H, Fh, E, K, tokens, torch.device("cpu"), dtype, ["routing_only"])
     fwd = variants["routing_only"]
-    x = torch.randn(tokens, H, requires_grad=True)
+    x = torch.randn(tokens, H, dtype=dtype, requires_grad=True)
     recorder = bench._GemmRecorder()
     with recorder:
         out = fwd(x)
@@ -71,17 +70,17 @@ def test_routing_only_is_the_layer_without_its_experts(bench):
     torch.testing.assert_close(out.detach(), x.detach() * routing.weights_NK.sum(-1, keepdim=True))
 
 
-def test_floors_are_medians_of_per_round_ratios(bench):
+def test_derived_ratios_are_medians_of_per_round_ratios(bench):
     times = {
         "gemms_replay": [3.0, 6.0, 30.0],
         "gemms_replay_dense": [2.0, 4.0, 10.0],
         "routing_only": [1.0, 1.0, 1.0],
         "dense": [4.0, 8.0, 12.0],
     }
-    floors = bench.floors(times)
+    floors = bench.derived_ratios(times)
     assert floors["floor_gemm"][1] == 1.5  # rounds 1.5, 1.5, 3.0
     assert floors["sum_of_parts"][1] == 1.5  # rounds (3+1+4-2)/4, (6+1+8-4)/8, (30+1+12-10)/12
-    assert "sum_of_parts" not in bench.floors({k: v for k, v in times.items() if k != "routing_only"})
+    assert "sum_of_parts" not in bench.derived_ratios({k: v for k, v in times.items() if k != "routing_only"})
 
 
 def test_layer_benchmark_runs_and_prints_the_gemm_floor():
