@@ -456,7 +456,7 @@ def main() -> None:
                 gf = None if k in NO_EXPERT_FLOPS else flops / ms / 1e6
                 paired = statistics.median(a / b for a, b in zip(v, times["dense"]))
                 row = dict(shape=shape, dtype=dt_name, tokens=tokens, variant=k, ms=ms,
-                           ratio=ms / dense_ms, paired=paired, gflops=gf, peak_pct=gf and 100 * gf / peak,
+                           ratio=ms / dense_ms, paired=paired, gflops=gf, peak_pct=None if gf is None else 100 * gf / peak,
                            peak_gflops=peak, load=os.getloadavg()[0])  # fmt: skip
                 rows.append(row)
                 rate = "| |" if gf is None else f"| {gf:.1f} | {row['peak_pct']:.0f}% |"

@@ -199,7 +199,8 @@ def main() -> None:
             torch.set_num_threads(args.threads)  # Trainer sets cpu_count // local world
             times: dict[str, list[float]] = {name: [] for name in EXPERIMENTS}
             i, timed_since = 0, None
-            while i < args.warmup + args.repeats or time.perf_counter() - timed_since < args.seconds:
+            # at least one timed round, so the clock has started before it is read
+            while i < args.warmup + max(args.repeats, 1) or time.perf_counter() - timed_since < args.seconds:
                 if i == args.warmup:
                     timed_since = time.perf_counter()
                 # interleaved, the order swapped every round: a slow spell on a shared host hits

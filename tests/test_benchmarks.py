@@ -1,4 +1,5 @@
-"""The layer benchmark's floors measure what they claim to, and the script runs end to end.
+"""The layer benchmark's GEMM floor and routing-only variant measure what they claim to, and the
+script runs end to end.
 
 Nothing here times anything: speed lives in benchmarks/ (benchmarks/README.md)."""
 
