@@ -5,15 +5,16 @@ Canonical layout (shared with MegaBlocks' dMoE and mapped onto transformers' Mix
 MegaBlocks holds the same bytes as 2-D [E*F, H]; transformers' experts.e.w1 = w1[e],
 experts.e.w3 = v1[e], experts.e.w2 = w2[e]^T.
 
-Row blocks. On CPU, torch runs bf16 GEMMs (and fp16 ones, on CPUs with fp16 instructions) in
-oneDNN, which JIT-compiles a kernel for every new GEMM shape (an ``mmap`` of generated code per
-kernel; its primitive cache holds 1024). An expert's row count changes with every routing decision,
-so nearly every expert GEMM of a training step, forward and backward, compiled a kernel (161-216 per
-mixtral_small step, counted with strace) and ran ~0.5x as fast as the same GEMM with a cached kernel. Padding each expert's rows to a multiple of
-``row_block`` bounds the shapes to a few dozen per weight, all cached after the first steps; the
-padding rows cost at most ``row_block - 1`` rows per expert of extra GEMM work and never reach the
-result (their outputs are dropped, their gradients are zero). fp32 (MKL) and CUDA kernels are not
-compiled per shape, so they run unpadded (benchmarks/README.md).
+Row blocks. On CPUs with bf16 instructions (AVX-512 or AMX) torch runs bf16 GEMMs (and fp16 ones,
+on CPUs with fp16 instructions) in oneDNN, which JIT-compiles a kernel for every new GEMM shape (an
+``mmap`` of generated code per kernel; its primitive cache holds 1024). An expert's row count changes
+with every routing decision, so nearly every expert GEMM of a training step, forward and backward,
+compiled a kernel (161-216 per mixtral_small step, counted with strace) and ran ~0.5x as fast as the
+same GEMM with a cached kernel. Padding each expert's rows to a multiple of ``row_block`` bounds the
+shapes to a few dozen per weight, all cached after the first steps; the padding rows cost at most
+``row_block - 1`` rows per expert of extra GEMM work and never reach the result (their outputs are
+dropped, their gradients are zero). fp32 (MKL), CUDA and torch's own half-precision kernels (a CPU
+without those instructions) are not compiled per shape, so they run unpadded (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -39,16 +40,28 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+def onednn_runs_cpu_gemm(dtype: torch.dtype) -> bool:
+    """Whether torch hands CPU GEMMs of this half dtype to oneDNN. Only where the CPU has the
+    instructions (bf16: AVX-512 BW/VL/DQ or AMX; fp16: AVX-512 FP16 or AMX-FP16) and oneDNN is on;
+    elsewhere, e.g. an AVX2-only x86 CPU, torch runs them in its own kernel, nothing compiled per
+    shape and about 100x slower than fp32 (benchmarks/README.md, "A CPU without bf16 instructions")."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return False
+    name = "_is_mkldnn_bf16_supported" if dtype == torch.bfloat16 else "_is_mkldnn_fp16_supported"
+    try:
+        return bool(getattr(torch.ops.mkldnn, name)())
+    except (AttributeError, RuntimeError):  # a torch without the query: assume oneDNN runs them
+        return True
+
+
 def default_row_block(device: torch.device, dtype: torch.dtype) -> int:
     """Rows per expert are padded to a multiple of this (1: no padding); see the module docstring.
     16, 32 and 64 measured alike (benchmarks/README.md); 32 wastes at most 31 rows per expert and
-    leaves at most 128 row counts per weight for 4096 copies, well inside oneDNN's 1024-kernel cache."""
-    if (
-        device.type == "cpu"
-        and dtype in (torch.bfloat16, torch.float16)
-        and torch.backends.mkldnn.is_available()
-        and torch.backends.mkldnn.enabled  # off: bf16 GEMMs take torch's own kernels, nothing compiled
-    ):
+    leaves at most 128 row counts per weight for 4096 copies, well inside oneDNN's 1024-kernel cache.
+    Where torch's own kernel runs the GEMM instead (``onednn_runs_cpu_gemm``) padding buys nothing."""
+    if device.type == "cpu" and onednn_runs_cpu_gemm(dtype):
         return 32
     return 1
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from moetrain.config import TrainConfig
+from moetrain.moe.experts import onednn_runs_cpu_gemm
 from moetrain.trainer.schedule import lr_multiplier
 
 
@@ -23,6 +24,21 @@ def resolve_dtype(name: str) -> torch.dtype:
             torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
         )
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
+
+def slow_dtype_warning(device: torch.device, dtype: torch.dtype) -> str | None:
+    """One line for the run's banner when this device runs ``dtype``'s GEMMs in a slow fallback: bf16
+    on a CPU without bf16 instructions (an AVX2-only x86 CPU) goes through torch's own kernel, about
+    100x slower than fp32 there (benchmarks/README.md). A warning, not an error: bf16 numerics on
+    such a CPU are still right, only slow."""
+    if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16) or onednn_runs_cpu_gemm(dtype):
+        return None
+    name = "bf16" if dtype == torch.bfloat16 else "fp16"
+    return (
+        f"warning: parallel.dtype={name} on a CPU without {name} GEMM instructions "
+        f"(torch CPU capability {torch.backends.cpu.get_cpu_capability()}): its matmuls run in torch's "
+        "fallback kernel, about 100x slower than fp32; use parallel.dtype=fp32 here"
+    )
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -44,7 +44,7 @@ from moetrain.distributed.expert_parallel import (
     parallelize,
 )
 from moetrain.tracking import CollapseDetector, MetricsFile, RoutingAccumulator, WandbRun, routing_metrics
-from moetrain.trainer.engine import build_engine, resolve_dtype
+from moetrain.trainer.engine import build_engine, resolve_dtype, slow_dtype_warning
 from moetrain.trainer.guards import NonFiniteGuard, StopRequest, TrainingDiverged
 from moetrain.trainer.host_memory import configure_host_allocator
 
@@ -243,6 +243,9 @@ class Trainer:
             f"(ep {c.parallel.ep_size}, ZeRO-{c.parallel.zero_stage}, {self.env.backend}, {self.dtype}) | run dir {self.run_dir}",
             flush=True,
         )
+        warning = slow_dtype_warning(self.env.device, self.dtype)
+        if warning:  # printed and kept in train.log
+            self._log("  " + warning)
         from moetrain.pretrained import pretrained_summary
 
         if pretrained_summary(c.model):

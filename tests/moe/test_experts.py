@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from moetrain.moe.experts import GroupedExperts, default_row_block, padded_rows
+from moetrain.moe import experts as experts_module
+from moetrain.moe.experts import GroupedExperts, default_row_block, onednn_runs_cpu_gemm, padded_rows
 from moetrain.testing import assert_close_scaled, rounding_rel
 
 from ._reference import swiglu_expert
@@ -184,7 +187,9 @@ def test_bf16_cpu_gemm_shapes_repeat_across_routings():
     row counts must come from a small set however the routing changes (moe/experts.py)."""
     block = default_row_block(torch.device("cpu"), torch.bfloat16)
     if block == 1:
-        pytest.skip("torch built without oneDNN: bf16 GEMMs are not compiled per shape here")
+        pytest.skip(
+            "oneDNN does not run bf16 GEMMs here (no bf16 instructions or no oneDNN): nothing compiled per shape"
+        )
     assert default_row_block(torch.device("cpu"), torch.float32) == 1  # MKL: nothing compiled per shape
     E, N, K = 8, 512, 2
     experts = GroupedExperts(E, H, F).to(torch.bfloat16)
@@ -201,3 +206,38 @@ def test_bf16_cpu_gemm_shapes_repeat_across_routings():
     assert all(c % block == 0 for c in seen[None])
     # the same 30 routings unpadded: several times as many distinct row counts (kernels to compile)
     assert len(seen[1]) >= 3 * len(seen[None]), (len(seen[1]), len(seen[None]))
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((x for x in text.splitlines() if x.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+def test_onednn_query_matches_the_cpu():
+    """The row-block default follows what this CPU can do: oneDNN takes bf16 GEMMs with AVX-512
+    (BW, VL, DQ) and not on an x86 CPU without AVX-512 or AVX-NE-CONVERT (torch's own kernel)."""
+    flags = _cpu_flags()
+    if not flags or not torch.backends.mkldnn.is_available():
+        pytest.skip("no /proc/cpuinfo flags (not Linux x86) or torch without oneDNN")
+    assert not onednn_runs_cpu_gemm(torch.float32)
+    if {"avx512bw", "avx512vl", "avx512dq"} <= flags:
+        assert onednn_runs_cpu_gemm(torch.bfloat16)
+        assert default_row_block(torch.device("cpu"), torch.bfloat16) == 32
+    elif "avx2" in flags and not flags & {"avx512bw", "avx_ne_convert", "amx_bf16"}:
+        assert not onednn_runs_cpu_gemm(torch.bfloat16)
+        assert default_row_block(torch.device("cpu"), torch.bfloat16) == 1
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert not onednn_runs_cpu_gemm(torch.bfloat16)
+
+
+def test_row_blocks_only_where_onednn_compiles_kernels(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(experts_module, "onednn_runs_cpu_gemm", lambda dtype: True)
+    assert default_row_block(cpu, torch.bfloat16) == 32
+    assert default_row_block(torch.device("cuda", 0), torch.bfloat16) == 1
+    monkeypatch.setattr(experts_module, "onednn_runs_cpu_gemm", lambda dtype: False)
+    assert default_row_block(cpu, torch.bfloat16) == 1

@@ -5,8 +5,10 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+import torch
 
-from moetrain.trainer.engine import lean_bf16_step_applies
+from moetrain.trainer import engine
+from moetrain.trainer.engine import lean_bf16_step_applies, slow_dtype_warning
 
 _MISSING = object()  # an attribute this DeepSpeed version does not have
 
@@ -67,3 +69,15 @@ def test_lean_step_only_for_the_unfused_optimizer():
     other = type("BF16_Optimizer", (), {})()
     other.__dict__.update(vars(_unfused()))
     assert not lean_bf16_step_applies(other)
+
+
+def test_slow_dtype_warning_only_where_half_gemms_fall_back(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(engine, "onednn_runs_cpu_gemm", lambda dtype: False)  # an AVX2-only CPU
+    msg = slow_dtype_warning(cpu, torch.bfloat16)
+    assert msg is not None and "parallel.dtype=bf16" in msg and "use parallel.dtype=fp32" in msg
+    assert "fp16" in slow_dtype_warning(cpu, torch.float16)
+    assert slow_dtype_warning(cpu, torch.float32) is None
+    assert slow_dtype_warning(torch.device("cuda", 0), torch.bfloat16) is None  # GPUs: not this check
+    monkeypatch.setattr(engine, "onednn_runs_cpu_gemm", lambda dtype: True)  # AVX-512 / AMX
+    assert slow_dtype_warning(cpu, torch.bfloat16) is None

@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from moetrain.moe.experts import onednn_runs_cpu_gemm
 from moetrain.testing import (
     TrainRun,
     assert_close_scaled,
@@ -123,6 +124,9 @@ def _zero_run(stage: str, dtype: str, *extra: str, ep: int = 1) -> TrainRun:
 @pytest.mark.parametrize(("stage", "dtype"), ZERO_DTYPES)
 def test_resume_is_exact_for_every_zero_stage_and_dtype(tmp_path: Path, stage: str, dtype: str):
     full = _zero_run(stage, dtype).check()
+    # bf16 on a CPU without bf16 instructions: the banner says it is slow and names the fix
+    slow = dtype == "bf16" and not onednn_runs_cpu_gemm(torch.bfloat16)
+    assert ("use parallel.dtype=fp32 here" in full.proc.stdout) == slow, describe(full.proc)
     ckpt = full.step_dir(10)
     assert not (ckpt / "engine").exists(), "no second copy of the state in DeepSpeed's engine files"
     opt = load_file(str(ckpt / "optimizer.safetensors"))
