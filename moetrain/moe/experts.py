@@ -44,7 +44,7 @@ def onednn_runs_cpu_gemm(dtype: torch.dtype) -> bool:
     """Whether torch hands CPU GEMMs of this half dtype to oneDNN. Only where the CPU has the
     instructions (bf16: AVX-512 BW/VL/DQ or AMX; fp16: AVX-512 FP16 or AMX-FP16) and oneDNN is on;
     elsewhere, e.g. an AVX2-only x86 CPU, torch runs them in its own kernel, nothing compiled per
-    shape and about 100x slower than fp32 (benchmarks/README.md, "A CPU without bf16 instructions")."""
+    shape and 96-168x slower than fp32 (benchmarks/README.md, "A CPU without bf16 instructions")."""
     if dtype not in (torch.bfloat16, torch.float16):
         return False
     if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):

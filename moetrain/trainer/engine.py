@@ -29,7 +29,7 @@ def resolve_dtype(name: str) -> torch.dtype:
 def slow_dtype_warning(device: torch.device, dtype: torch.dtype) -> str | None:
     """One line for the run's banner when this device runs ``dtype``'s GEMMs in a slow fallback: bf16
     on a CPU without bf16 instructions (an AVX2-only x86 CPU) goes through torch's own kernel, about
-    100x slower than fp32 there (benchmarks/README.md). A warning, not an error: bf16 numerics on
+    96-168x slower than fp32 there (benchmarks/README.md). A warning, not an error: bf16 numerics on
     such a CPU are still right, only slow."""
     if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16) or onednn_runs_cpu_gemm(dtype):
         return None
@@ -37,7 +37,7 @@ def slow_dtype_warning(device: torch.device, dtype: torch.dtype) -> str | None:
     return (
         f"warning: parallel.dtype={name} on a CPU without {name} GEMM instructions "
         f"(torch CPU capability {torch.backends.cpu.get_cpu_capability()}): its matmuls run in torch's "
-        "fallback kernel, about 100x slower than fp32; use parallel.dtype=fp32 here"
+        "fallback kernel, two orders of magnitude slower than fp32; use parallel.dtype=fp32 here"
     )
 
 
