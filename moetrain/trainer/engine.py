@@ -31,11 +31,10 @@ def slow_dtype_warning(device: torch.device, dtype: torch.dtype) -> str | None:
     on a CPU without bf16 instructions (an AVX2-only x86 CPU) goes through torch's own kernel, about
     96-168x slower than fp32 there (benchmarks/README.md). A warning, not an error: bf16 numerics on
     such a CPU are still right, only slow."""
-    if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16) or onednn_runs_cpu_gemm(dtype):
-        return None
-    name = "bf16" if dtype == torch.bfloat16 else "fp16"
+    if device.type != "cpu" or dtype != torch.bfloat16 or onednn_runs_cpu_gemm(dtype):
+        return None  # parallel.dtype offers fp32 and bf16 only
     return (
-        f"warning: parallel.dtype={name} on a CPU without {name} GEMM instructions "
+        "warning: parallel.dtype=bf16 on a CPU without bf16 GEMM instructions "
         f"(torch CPU capability {torch.backends.cpu.get_cpu_capability()}): its matmuls run in torch's "
         "fallback kernel, two orders of magnitude slower than fp32; use parallel.dtype=fp32 here"
     )
