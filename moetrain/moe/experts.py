@@ -19,6 +19,8 @@ without those instructions) are not compiled per shape, so they run unpadded (be
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,7 +51,13 @@ def onednn_runs_cpu_gemm(dtype: torch.dtype) -> bool:
         return False
     if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
         return False
-    name = "_is_mkldnn_bf16_supported" if dtype == torch.bfloat16 else "_is_mkldnn_fp16_supported"
+    return _cpu_has_onednn_half_gemm(dtype == torch.bfloat16)
+
+
+@functools.cache
+def _cpu_has_onednn_half_gemm(bf16: bool) -> bool:
+    """The CPU's answer, asked once per process: ``default_row_block`` runs on every MoE forward."""
+    name = "_is_mkldnn_bf16_supported" if bf16 else "_is_mkldnn_fp16_supported"
     try:
         return bool(getattr(torch.ops.mkldnn, name)())
     except (AttributeError, RuntimeError):  # a torch without the query: assume oneDNN runs them
