@@ -340,4 +340,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from moetrain.cli import skip_exit_collection
+
+    skip_exit_collection()
     sys.exit(main())

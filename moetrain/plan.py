@@ -732,4 +732,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from moetrain.cli import skip_exit_collection
+
+    skip_exit_collection()
     main()

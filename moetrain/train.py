@@ -96,5 +96,8 @@ def main(raw: DictConfig) -> int:
 
 
 if __name__ == "__main__":
+    from moetrain.cli import skip_exit_collection
+
+    skip_exit_collection()
     sys.argv = strip_launcher_args(sys.argv)
     main()
