@@ -21,7 +21,10 @@ from moetrain.cli import skip_exit_collection
 def _exit_state(tmp_path, call: str) -> tuple[str, str]:
     out = tmp_path / "at_exit.txt"
     proc = subprocess.run(
-        [sys.executable, "-c", _SCRIPT.format(call=call), str(out)], capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", _SCRIPT.format(call=call), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip(), out.read_text()
