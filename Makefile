@@ -32,8 +32,12 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 train: install
 	$(PY) -m moetrain.train +experiment=$(EXP) $(ARGS)
 
+# Two pytest workers (TEST_WORKERS=1 for one): most of a test's time is a training subprocess starting
+# (imports on one core), so two workers overlap them; --dist loadfile keeps a file's tests, and the
+# training runs they share (moetrain.testing.cached_run), in one worker.
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 test-fast: install
 	$(PY) -m pytest -q -m "not gpu and not slow and not multiprocess" $(ARGS)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# Two threads per test process on CI's 2 cores; under pytest-xdist the workers share them (several
+# workers x 2 threads would oversubscribe the cores: OpenMP threads spin while they wait).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, 2 // _WORKERS))
 
 
 @pytest.fixture
