@@ -1,5 +1,6 @@
 """Where one training step's time goes: attention, router, dispatch/combine, experts (or the dense
-FFN), embedding + LM head, loss, optimizer, grad norm + clip, logging/metrics, other.
+FFN), embedding, LM head + loss (one fused function, ``model/lm_loss.py``), router losses, optimizer,
+grad norm + clip, logging/metrics, other.
 
 One ``Trainer._train_step`` runs under ``torch.profiler`` with a ``record_function`` scope around each
 component's forward. Backward time is attributed through autograd's sequence numbers: a backward
@@ -12,7 +13,6 @@ from __future__ import annotations
 import time
 from contextlib import ExitStack, contextmanager
 
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile, record_function
 
 COMPONENTS = (
@@ -20,8 +20,9 @@ COMPONENTS = (
     "router",
     "dispatch/combine",
     "experts/ffn",
-    "embed+lm_head",
-    "loss",
+    "embed",
+    "lm_head+loss",
+    "router_losses",
     "optimizer",
     "grad_norm+clip",
     "logging/metrics",
@@ -57,11 +58,11 @@ def _label_scopes(trainer) -> list[tuple[object, str, str]]:
 
     model = trainer.model
     targets: list[tuple[object, str, str]] = [
-        (model.embed, "forward", "embed+lm_head"),
-        (model.lm_head, "forward", "embed+lm_head"),
-        (transformer_module, "load_balancing_loss", "loss"),
-        (transformer_module, "router_z_loss", "loss"),
-        (F, "cross_entropy", "loss"),
+        (model.embed, "forward", "embed"),
+        (model.lm_head, "forward", "lm_head+loss"),  # only runs when logits are asked for
+        (transformer_module, "linear_cross_entropy", "lm_head+loss"),
+        (transformer_module, "load_balancing_loss", "router_losses"),
+        (transformer_module, "router_z_loss", "router_losses"),
         (trainer.engine, "step", "optimizer"),
         (trainer, "_grad_norm", "grad_norm+clip"),
         (trainer, "_clip", "grad_norm+clip"),

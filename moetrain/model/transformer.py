@@ -12,13 +12,13 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from moetrain.config import ModelConfig
 from moetrain.model.attention import Attention, KVCache
 from moetrain.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
+from moetrain.model.lm_loss import linear_cross_entropy
 from moetrain.moe import (
     MoELayer,
     RouterStats,
@@ -30,7 +30,9 @@ from moetrain.moe import (
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor
+    # [B, T, V]; None when labels were given (the loss is fused with the head, no logits exist) unless
+    # the forward was asked for them with return_logits=True.
+    logits: torch.Tensor | None
     loss: torch.Tensor | None = None  # lm_loss + aux_w * aux_loss + z_w * z_loss (+ seq_w * seq_aux_loss)
     lm_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None  # unweighted
@@ -155,6 +157,7 @@ class MoETransformer(nn.Module):
         input_ids_BT: torch.Tensor,
         labels_BT: torch.Tensor | None = None,
         caches: list[KVCache] | None = None,
+        return_logits: bool = False,
     ) -> ModelOutput:
         T = input_ids_BT.shape[1]
         start = caches[0].length if caches else 0
@@ -171,11 +174,13 @@ class MoETransformer(nn.Module):
                 stats.append(s)
         if self.training and stats and self.cfg.moe.bias_update_rate > 0:
             self._count_for_bias(stats)
-        logits = self.lm_head(self.norm(x))
+        h = self.norm(x)
+        logits = self.lm_head(h) if labels_BT is None or return_logits else None
         out = ModelOutput(logits=logits, router_stats=stats)
         if labels_BT is not None:
-            out.lm_loss = F.cross_entropy(
-                logits.float().reshape(-1, logits.shape[-1]), labels_BT.reshape(-1), ignore_index=-100
+            # The head and the loss in one pass over token chunks: no [B*T, V] logits (model/lm_loss.py).
+            out.lm_loss = linear_cross_entropy(
+                h.reshape(-1, h.shape[-1]), self.lm_head.weight, labels_BT.reshape(-1), ignore_index=-100
             )
             moe = self.cfg.moe
             out.aux_loss = load_balancing_loss(

@@ -40,6 +40,7 @@ def test_shapes_and_outputs(seed):
     assert out.logits.shape == (3, 10, V)
     assert out.loss is None and len(out.router_stats) == 2
     out = model(x, labels_BT=x)
+    assert out.logits is None  # the loss is fused with the head: no logits unless asked for
     assert out.loss.dim() == 0 and torch.isfinite(out.loss)
     # at init the LM loss is close to ln V (near-uniform predictions)
     assert abs(out.lm_loss.item() - torch.log(torch.tensor(float(V))).item()) < 0.5
@@ -53,7 +54,7 @@ def test_ignore_index_labels(seed):
     x = ids(1, 8)
     labels = x.clone()
     labels[0, :4] = -100
-    out = model(x, labels_BT=labels)
+    out = model(x, labels_BT=labels, return_logits=True)
     want = torch.nn.functional.cross_entropy(out.logits[0, 4:], x[0, 4:])
     # the same per-row log-softmax of the same logits; only the mean over 4 rows (vs 4 of 8 with the
     # rest ignored) may sum in another order: a few ulps of a loss ~ln 64
