@@ -53,7 +53,7 @@ for rows in os.environ.get("AB_ROWS", "").split(","):
         losses[f"fused{rows}"] = fused_rows(int(rows))
 variants = {(m, name): (m, fn) for m in trainers for name, fn in losses.items()}
 ts: dict = {k: [] for k in variants}
-for k, (m, fn) in variants.items():  # warm-up
+for m, fn in variants.values():  # warm-up
     step(m, fn)
 end = time.perf_counter() + seconds
 rounds = 0
