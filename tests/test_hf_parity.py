@@ -91,7 +91,7 @@ def test_to_hf_model_and_lm_loss_match() -> None:
     hf = to_hf_model(ours)
     labels = torch.cat([ids[:, 1:], torch.full((B, 1), -100)], dim=1)  # we shift; transformers shifts itself
     with torch.no_grad():
-        a, b = ours(ids, labels), hf(ids, labels=ids)
+        a, b = ours(ids, labels, return_logits=True), hf(ids, labels=ids)
     assert_close_scaled(a.logits, b.logits, "logits", rel=LOGITS_REL)
     assert_close_scaled(a.lm_loss, b.loss, "lm_loss", rel=LOSS_REL)
 
