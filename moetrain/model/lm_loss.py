@@ -8,11 +8,11 @@ models, a large part of the step's time (the LM head is a third of mixtral_small
 
 Here the tokens go through in chunks of ``chunk_rows``: per chunk the logits, their log-softmax (the
 very kernel ``F.cross_entropy`` uses, so each token's loss is computed the same way), the chunk's
-loss, and, when gradients are wanted, at once the logits' gradient ``softmax - onehot`` and from it the
-chunk's input gradient and its share of the weight gradient (scaled by ``1 / n`` in backward). Only [chunk_rows, V] is ever
-live, small enough to stay in cache between the passes over it; the backward just scales the saved
-input and weight gradients by the incoming gradient (Liger-Kernel's FusedLinearCrossEntropy and
-torchtune's chunked loss do the same: https://github.com/linkedin/Liger-Kernel).
+loss, and, when gradients are wanted, at once the logits' gradient ``softmax - onehot`` (in place) and
+from it the chunk's input gradient and its share of the weight gradient. Only one [chunk_rows, V]
+buffer is ever live; the backward just scales the saved input and weight gradients by the incoming
+gradient / n (Liger-Kernel's FusedLinearCrossEntropy computes the gradients in the forward the same
+way: https://github.com/linkedin/Liger-Kernel).
 
 Half-precision models: the logits are computed in the model dtype and upcast per chunk, as the plain
 path does; the weight gradient is summed over chunks in fp32 and rounded once at the end.
@@ -26,7 +26,8 @@ import torch.nn.functional as F
 # Tokens per chunk: about 16M logits (64 MiB in fp32), at least 512 rows. Large on purpose: a chunk's
 # GEMMs lose efficiency as it shrinks (the weight gradient's reduction runs over its rows). Inside
 # mixtral_small's training step (2048 tokens per micro-batch, V 8192, fp32, 2 threads) 256-row chunks
-# made the step 4% slower than the plain path, one 2048-row chunk 1-2% faster (benchmarks/README.md).
+# made the step 4% slower than the plain path, one 2048-row chunk within 2.5% of it either way
+# (benchmarks/README.md, "The LM loss fused with the head").
 # The memory saved is the same either way: one [chunk, V] buffer instead of several [N, V] tensors.
 CHUNK_LOGITS = 1 << 24
 MIN_CHUNK_ROWS = 512
