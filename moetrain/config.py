@@ -149,6 +149,11 @@ class ModelConfig:
     upcycle_noise: float = (
         0.0  # relative std of Gaussian noise added to each upcycled expert; 0 = exact copies
     )
+    # Tokens per chunk of the fused LM head + cross-entropy (model/lm_loss.py): one [chunk, vocab]
+    # logits buffer is live instead of several [tokens, vocab] tensors. None = ~16M logits per chunk,
+    # at least 512 rows. Smaller saves memory and costs speed (the head's GEMMs shrink); the loss is
+    # the same up to floating-point summation order. Not a shape: a resume may change it.
+    loss_chunk_tokens: int | None = None
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     @property
@@ -186,6 +191,13 @@ class ModelConfig:
         )
         _require(self.num_experts >= 0, f"{prefix}.num_experts", self.num_experts, "must be >= 0 (0 = dense)")
         _require(self.moe_every >= 1, f"{prefix}.moe_every", self.moe_every, "must be >= 1")
+        _require(
+            self.loss_chunk_tokens is None
+            or (type(self.loss_chunk_tokens) is int and self.loss_chunk_tokens > 0),
+            f"{prefix}.loss_chunk_tokens",
+            self.loss_chunk_tokens,
+            "must be a positive integer (tokens per chunk of the fused LM head + loss) or null (automatic)",
+        )
         if self.head_dim is None:
             _require(
                 self.hidden_size % self.num_heads == 0,

@@ -92,6 +92,7 @@ SHAPED = [
     ),
     (model_config_from_dict, {"sliding_window": 0}, ["model.sliding_window", "=0", "positive"]),
     (model_config_from_dict, {"moe_every": 0}, ["model.moe_every", "=0", ">= 1"]),
+    (model_config_from_dict, {"loss_chunk_tokens": 0}, ["model.loss_chunk_tokens", "=0", "positive", "null"]),
     (model_config_from_dict, {"head_dim": 15}, ["model.head_dim", "=15", "even"]),
     (
         model_config_from_dict,
@@ -214,6 +215,11 @@ def active_params(model_name: str) -> int:
     cfg = validated(compose_train(f"model={model_name}"))
     with torch.device("meta"):  # counts only: no memory, no init cost
         return MoETransformer(cfg.model).num_params(active=True)
+
+
+def test_loss_chunk_tokens_is_automatic_by_default_and_overridable():
+    assert validated(compose_train()).model.loss_chunk_tokens is None
+    assert validated(compose_train("model.loss_chunk_tokens=1024")).model.loss_chunk_tokens == 1024
 
 
 def test_dense_small_matches_mixtral_small_active_params():

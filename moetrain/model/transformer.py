@@ -180,7 +180,11 @@ class MoETransformer(nn.Module):
         if labels_BT is not None:
             # The head and the loss in one pass over token chunks: no [B*T, V] logits (model/lm_loss.py).
             out.lm_loss = linear_cross_entropy(
-                h.reshape(-1, h.shape[-1]), self.lm_head.weight, labels_BT.reshape(-1), ignore_index=-100
+                h.reshape(-1, h.shape[-1]),
+                self.lm_head.weight,
+                labels_BT.reshape(-1),
+                ignore_index=-100,
+                chunk_rows=self.cfg.loss_chunk_tokens,
             )
             moe = self.cfg.moe
             out.aux_loss = load_balancing_loss(

@@ -159,3 +159,30 @@ def test_the_model_trains_on_the_fused_loss_as_on_the_plain_one(tie_embeddings):
     for name, p in model.named_parameters():
         assert rel_err(got[name], p.grad) < 3e-5, name
     assert model.lm_head.weight.grad.abs().max() > 0  # tied: the embedding's gradient, both uses summed
+
+
+def test_model_loss_chunk_tokens_sets_the_chunks(monkeypatch):
+    """``model.loss_chunk_tokens`` reaches the fused loss (null: the automatic size) and, being only a
+    chunking, leaves the loss as it was to rounding. Also settable from the command line."""
+    from moetrain.config import ModelConfig, MoEConfig
+    from moetrain.model import MoETransformer, transformer
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["chunk_rows"])
+        return linear_cross_entropy(*args, **kwargs)
+
+    monkeypatch.setattr(transformer, "linear_cross_entropy", spy)
+    ids = torch.randint(0, 96, (3, 20), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for chunk in (None, 7):
+        cfg = ModelConfig(
+            vocab_size=96, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, ffn_hidden_size=32,
+            num_experts=4, top_k=2, max_seq_len=32, loss_chunk_tokens=chunk,
+            moe=MoEConfig(expert_impl="loop"),
+        )  # fmt: skip
+        torch.manual_seed(0)
+        losses.append(MoETransformer(cfg)(ids, labels_BT=ids).lm_loss.item())
+    assert seen == [None, 7]
+    assert losses[1] == pytest.approx(losses[0], rel=rounding_rel(16))
