@@ -13,6 +13,7 @@ MEGABLOCKS_REASON = megablocks_unavailable_reason()
 requires_megablocks = pytest.mark.skipif(
     MEGABLOCKS_REASON is not None, reason=f"needs CUDA and megablocks: {MEGABLOCKS_REASON}"
 )
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 requires_two_gpus = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.device_count() < 2,
     reason=f"needs 2 CUDA devices, found {torch.cuda.device_count() if torch.cuda.is_available() else 0}",
