@@ -399,6 +399,9 @@ class ParallelConfig:
     zero_stage: int = 0
     dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     activation_checkpointing: bool = False
+    # torch.compile each transformer block (inductor; experts and token exchange stay eager). Needs a
+    # C++ compiler and Python headers on CPU, triton on CUDA. See model/compile.py.
+    compile: bool = False
     deepspeed_config: str | None = None  # a user JSON merged over the generated one
     shm_comm: bool = False  # DeepSpeed's CPU shared-memory collectives (JIT-compiles an op once)
     check_memory: bool = True  # stop at start when the training state cannot fit this machine

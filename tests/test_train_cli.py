@@ -14,9 +14,12 @@ from moetrain import train
 from moetrain.config import ConfigError, train_config_from_dict
 
 
-def run_train(tmp_path: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, float]:
+def run_train(
+    tmp_path: Path, *overrides: str, env_extra: dict[str, str] | None = None
+) -> tuple[subprocess.CompletedProcess, float]:
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     env["WANDB_MODE"] = "disabled"
+    env.update(env_extra or {})
     start = time.perf_counter()
     proc = subprocess.run(
         [
@@ -68,6 +71,19 @@ def test_launch_errors_are_one_line_before_any_work(tmp_path, overrides, parts):
         assert part in line, (part, line)
     assert not (tmp_path / "data").exists()  # no corpus, tokenizer or dataset work started
     assert not (tmp_path / "run" / "checkpoints").exists()
+    assert seconds < 60
+
+
+def test_compile_without_a_compiler_is_one_line_before_any_work(tmp_path):
+    """parallel.compile=true where inductor cannot build (here: CXX names no compiler) stops at launch,
+    not at the first step after the data and model are built."""
+    proc, seconds = run_train(
+        tmp_path, "+experiment=mixtral_tiny", "parallel.compile=true", env_extra={"CXX": "/nonexistent/g++"}
+    )
+    line = one_error_line(proc)
+    for part in ("parallel.compile=true", "needs a C++ compiler", "parallel.compile=false"):
+        assert part in line, (part, line)
+    assert not (tmp_path / "data").exists()
     assert seconds < 60
 
 

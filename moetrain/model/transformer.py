@@ -102,6 +102,9 @@ class MoETransformer(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.rope = RotaryEmbedding(cfg.head_size, cfg.max_seq_len, cfg.rope_theta)
         self.activation_checkpointing = False
+        # parallel.compile: torch.compile'd callables over self.layers (model/compile.py); a plain
+        # list, not modules, so names and state dicts do not change. Used without a KV cache only.
+        self.compiled_blocks: list[nn.Module] | None = None
         # Set by moetrain.distributed when aux_loss_scope=global_batch: balance stats span all ranks.
         self.balance_group = None
         self._init_seed = torch.initial_seed()  # set by the caller's torch.manual_seed
@@ -165,7 +168,8 @@ class MoETransformer(nn.Module):
         positions = torch.arange(start, start + T, device=input_ids_BT.device)
         rope = self.rope(positions, x.dtype)
         stats: list[RouterStats] = []
-        for i, block in enumerate(self.layers):
+        blocks = self.compiled_blocks if self.compiled_blocks is not None and caches is None else self.layers
+        for i, block in enumerate(blocks):
             if self.activation_checkpointing and self.training and caches is None:
                 x, s = checkpoint(block, x, rope, use_reentrant=False)
             else:

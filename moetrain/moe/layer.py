@@ -117,21 +117,34 @@ class MoELayer(nn.Module):
         x_NH = x_BTH.reshape(B * T, H)
         routing = self.router(x_NH)
         if self.moe_backend == "megablocks" and self.capacity_factor is None and x_NH.is_cuda:
-            from moetrain.moe.megablocks_backend import dropless_forward
-
-            out_NH, routed_E = dropless_forward(
-                x_NH, routing.expert_ids_NK, routing.weights_NK, self.num_experts, self.exchange, self.experts
-            )
+            out_NH, routed_E = self.megablocks_dropless(x_NH, routing.expert_ids_NK, routing.weights_NK)
             out_NH = self._add_shared(out_NH, x_NH)
             return out_NH.view(B, T, H), self._with_seq_loss(self._stats(routing, routed_E, 0), routing, B, T)
         plan = plan_dispatch(
             routing.expert_ids_NK, self.num_experts, self.capacity_factor, self._plan_row_block(x_NH)
         )
         x_SH = gather_copies(x_NH, plan)
-        y_SH = self.exchange(x_SH, plan.tokens_per_expert_E, self.experts)
+        y_SH = self.run_experts(x_SH, plan.tokens_per_expert_E)
         out_NH = self._add_shared(combine(y_SH, plan, routing.weights_NK, B * T), x_NH)
         stats = self._stats(routing, plan.routed_per_expert_E, plan.num_dropped)
         return out_NH.view(B, T, H), self._with_seq_loss(stats, routing, B, T)
+
+    # Methods that stay eager when the block is compiled (parallel.compile, model/compile.py wraps
+    # them in torch.compiler.disable): inductor adds nothing to the experts' GEMMs, torch 2.13 has no
+    # fake kernel for fp32 grouped_mm on CPU, the all-to-all reads its split sizes on the host, and
+    # MegaBlocks' kernels are CUDA extension ops.
+    EAGER_UNDER_COMPILE = ("run_experts", "megablocks_dropless")
+
+    def run_experts(self, x_SH: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+        """The token exchange (a direct call, or the all-to-all under expert parallelism) and the experts."""
+        return self.exchange(x_SH, tokens_per_expert_E, self.experts)
+
+    def megablocks_dropless(self, x_NH, expert_ids_NK, weights_NK):
+        from moetrain.moe.megablocks_backend import dropless_forward
+
+        return dropless_forward(
+            x_NH, expert_ids_NK, weights_NK, self.num_experts, self.exchange, self.experts
+        )
 
     def _plan_row_block(self, x_NH: torch.Tensor) -> int:
         """Pad the experts' row blocks in the dispatch plan (no pass of its own) when the experts are

@@ -43,6 +43,7 @@ from moetrain.distributed.expert_parallel import (
     load_engine_state,
     parallelize,
 )
+from moetrain.model.compile import compile_blocks, compile_unavailable_reason
 from moetrain.tracking import CollapseDetector, MetricsFile, RoutingAccumulator, WandbRun, routing_metrics
 from moetrain.trainer.engine import build_engine, resolve_dtype, slow_dtype_warning
 from moetrain.trainer.guards import NonFiniteGuard, StopRequest, TrainingDiverged
@@ -132,6 +133,13 @@ class Trainer:
             # memory: on a GPU node, ranks keeping their host high-water marks (tokenising,
             # checkpoint gathers) would only cost host RAM.
             configure_host_allocator(cfg.parallel.host_allocator)
+        if cfg.parallel.compile:  # a missing toolchain would otherwise fail at the first step
+            reason = compile_unavailable_reason(self.env.device)
+            if reason:
+                raise ConfigError(
+                    f"parallel.compile=true is invalid on this machine: {reason}; fix: install it, or "
+                    "set parallel.compile=false (the eager blocks compute the same)"
+                )
         if cfg.trainer.deterministic:
             # Same losses for the same seed, run after run, and bitwise resume, on CPU and CUDA alike.
             # warn_only=False: an op without a deterministic kernel raises instead of silently breaking
@@ -223,6 +231,8 @@ class Trainer:
             )
         model.activation_checkpointing = self.cfg.parallel.activation_checkpointing
         self.ep = parallelize(model, self.cfg, self.env)
+        if self.cfg.parallel.compile:  # after parallelize: the all-to-all exchanges stay eager too
+            compile_blocks(model)
         self.model = model
         self.dtype = resolve_dtype(self.cfg.parallel.dtype)
         self.engine, _, self.scheduler, ds_config = build_engine(model, self.cfg, self.env.world_size)
@@ -267,6 +277,12 @@ class Trainer:
             + (f" | {stats['tokens']} tokens" if "tokens" in stats else ""),
             flush=True,
         )
+        if c.parallel.compile:
+            print(
+                "  compile: each block through torch.compile (inductor), experts and token exchange "
+                "eager; the first training and evaluation steps compile",
+                flush=True,
+            )
         if self.model.moe_layers:  # which kernels this run's MoE layers use, and why (logged once)
             print(
                 "  moe kernels: "
