@@ -19,8 +19,6 @@ without those instructions) are not compiled per shape, so they run unpadded (be
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,14 +52,20 @@ def onednn_runs_cpu_gemm(dtype: torch.dtype) -> bool:
     return _cpu_has_onednn_half_gemm(dtype == torch.bfloat16)
 
 
-@functools.cache
+_ONEDNN_HALF_GEMM: dict[bool, bool] = {}
+
+
 def _cpu_has_onednn_half_gemm(bf16: bool) -> bool:
-    """The CPU's answer, asked once per process: ``default_row_block`` runs on every MoE forward."""
-    name = "_is_mkldnn_bf16_supported" if bf16 else "_is_mkldnn_fp16_supported"
-    try:
-        return bool(getattr(torch.ops.mkldnn, name)())
-    except (AttributeError, RuntimeError):  # a torch without the query: assume oneDNN runs them
-        return True
+    """The CPU's answer, asked once per process: ``default_row_block`` runs on every MoE forward. A
+    plain dict, not ``functools.cache``: torch.compile (parallel.compile) traces through a dict
+    lookup but warns about, and ignores, an lru_cache wrapper."""
+    if bf16 not in _ONEDNN_HALF_GEMM:
+        name = "_is_mkldnn_bf16_supported" if bf16 else "_is_mkldnn_fp16_supported"
+        try:
+            _ONEDNN_HALF_GEMM[bf16] = bool(getattr(torch.ops.mkldnn, name)())
+        except (AttributeError, RuntimeError):  # a torch without the query: assume oneDNN runs them
+            _ONEDNN_HALF_GEMM[bf16] = True
+    return _ONEDNN_HALF_GEMM[bf16]
 
 
 def default_row_block(device: torch.device, dtype: torch.dtype) -> int:
