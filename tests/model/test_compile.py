@@ -19,8 +19,7 @@ def _model():
     from moetrain.testing import tiny_model_config
 
     torch.manual_seed(0)
-    # layer 0 dense, layer 1 MoE: both kinds of block
-    return MoETransformer(tiny_model_config(moe_every=2, max_seq_len=32))
+    return MoETransformer(tiny_model_config(max_seq_len=32))
 
 
 def test_compiled_blocks_match_eager_and_keep_names():
