@@ -22,14 +22,6 @@ N, H, V = 8192, 512, 32000
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = old
-
-
 def _inputs(dtype: torch.dtype):
     g = torch.Generator(device="cuda").manual_seed(0)
     h = torch.randn(N, H, device="cuda", generator=g).to(dtype).requires_grad_(True)

@@ -22,14 +22,6 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 H, F, E, K = 256, 512, 8, 2
 
 
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = old
-
-
 def _pair(dtype: torch.dtype, **moe) -> tuple[MoELayer, MoELayer]:
     torch.manual_seed(0)
     ref = MoELayer(H, F, E, K, MoEConfig(backend="torch", **moe))
