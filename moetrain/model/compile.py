@@ -13,9 +13,9 @@ Decoding with a KV cache (generation, samples) runs the eager blocks: every new 
 be a new shape to compile. The compiled callables wrap the very same modules: parameter names, state
 dicts and checkpoints do not change.
 
-Measured on a 2-core AVX2 CPU (benchmarks/README.md, "torch.compile per block"): no faster than
-eager there (the step is GEMM-bound) and tens of seconds of compilation at the first step, so it is
-off by default; it is meant for GPUs, where the same elementwise work is many small kernel launches.
+Measured on a 2-core AVX2 CPU (benchmarks/README.md, "torch.compile per block"): steps at most a few
+per cent faster than eager there, inside the noise (the step is GEMM-bound), for 20-45 s of compilation
+at the first step, so it is off by default; it is meant for GPUs, where the same elementwise work is many small kernel launches.
 """
 
 from __future__ import annotations
