@@ -14,8 +14,9 @@ be a new shape to compile. The compiled callables wrap the very same modules: pa
 dicts and checkpoints do not change.
 
 Measured on a 2-core AVX2 CPU (benchmarks/README.md, "torch.compile per block"): steps at most a few
-per cent faster than eager there, inside the noise (the step is GEMM-bound), for 20-45 s of compilation
-at the first step, so it is off by default; it is meant for GPUs, where the same elementwise work is many small kernel launches.
+per cent faster than eager there, inside the noise (the step is GEMM-bound), for 20-45 s of
+compilation at the first step, so it is off by default; it is meant for GPUs, where the same
+elementwise work is many small kernel launches.
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ def compile_unavailable_reason(device: torch.device) -> str | None:
 
 
 def compile_blocks(model: torch.nn.Module) -> None:
-    """Sets ``model.compiled_blocks``: one compiled callable per block of ``model.layers`` (``torch.compile``
-    wraps, it copies nothing), with each MoE layer's ``EAGER_UNDER_COMPILE`` methods kept eager.
+    """Sets ``model.compiled_blocks``: one compiled callable per block of ``model.layers``
+    (``torch.compile`` wraps, it copies nothing), each MoE layer's ``EAGER_UNDER_COMPILE`` kept eager.
     Call it after expert parallelism has swapped the exchanges in."""
     for layer in model.moe_layers:
         for name in layer.EAGER_UNDER_COMPILE:

@@ -139,7 +139,10 @@ class MoELayer(nn.Module):
         """The token exchange (a direct call, or the all-to-all under expert parallelism) and the experts."""
         return self.exchange(x_SH, tokens_per_expert_E, self.experts)
 
-    def megablocks_dropless(self, x_NH, expert_ids_NK, weights_NK):
+    def megablocks_dropless(
+        self, x_NH: torch.Tensor, expert_ids_NK: torch.Tensor, weights_NK: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """MegaBlocks' permutation and grouped GEMM (CUDA); returns the output and routed counts."""
         from moetrain.moe.megablocks_backend import dropless_forward
 
         return dropless_forward(
