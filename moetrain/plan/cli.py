@@ -1,0 +1,77 @@
+"""``python -m moetrain.plan``: the Hydra entry point."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from moetrain.config import ConfigError
+from moetrain.plan.params import BYTES_PER_PARAM
+from moetrain.plan.report import build_plan, render
+
+
+def _plan_from_cfg(cfg: Any) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    from moetrain.config import model_config_from_dict, parallel_config_from_dict
+
+    model_cfg = model_config_from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+    par = parallel_config_from_dict(OmegaConf.to_container(cfg.parallel, resolve=True))
+    plan_cfg = OmegaConf.to_container(cfg.get("plan", {}), resolve=True) or {}
+    fmt = plan_cfg.get("format", "table")
+    if fmt not in ("table", "json"):
+        raise ConfigError(f"plan.format={fmt!r} is invalid: one of table, json")
+    seq_len = plan_cfg.get("seq_len")
+    if seq_len is not None and (not isinstance(seq_len, int) or seq_len <= 0):
+        raise ConfigError(
+            f"plan.seq_len={seq_len!r} is invalid: a positive integer or null (= model.max_seq_len)"
+        )
+    dtype = plan_cfg.get("dtype") or (par.dtype if par.dtype != "auto" else "bf16")
+    if dtype not in BYTES_PER_PARAM:
+        raise ConfigError(f"plan.dtype={dtype!r} is invalid: one of fp32, bf16 (or null)")
+    plan = build_plan(
+        model_cfg,
+        ep_size=par.ep_size,
+        dp_size=plan_cfg.get("dp_size"),
+        zero_stage=par.zero_stage,
+        dtype=dtype,
+        seq_len=seq_len,
+    )
+    plan["vocab_source"] = _vocab_source(cfg)
+    return {"format": fmt, "plan": plan}
+
+
+def _vocab_source(cfg: Any) -> str:
+    """Where model.vocab_size came from: the data preset's tokenizer size, or the model itself."""
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.to_container(cfg.model, resolve=False).get("vocab_size")
+    if isinstance(raw, str) and "data.vocab_size" in raw:
+        return f"data.vocab_size (data={cfg.data.name})"
+    return "model.vocab_size"
+
+
+def _hydra_entry() -> None:
+    import hydra
+
+    from moetrain import CONFIG_DIR
+
+    @hydra.main(config_path=str(CONFIG_DIR), config_name="plan", version_base="1.3")
+    def _main(cfg: Any) -> None:
+        try:
+            out = _plan_from_cfg(cfg)
+        except Exception as e:  # ConfigError, and OmegaConf's interpolation errors
+            lines = str(e).strip().splitlines()
+            print(f"error: {lines[0] if lines else type(e).__name__}", file=sys.stderr)
+            sys.exit(2)
+        if out["format"] == "json":
+            print(json.dumps(out["plan"], indent=2))
+        else:
+            render(out["plan"])
+
+    _main()
+
+
+def main() -> None:
+    _hydra_entry()

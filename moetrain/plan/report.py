@@ -1,0 +1,253 @@
+"""The whole plan as one JSON-able dict, its rich tables, and the lines a training run logs at start."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from moetrain.config import ModelConfig
+from moetrain.plan.fmt import fmt_bytes, fmt_count, fmt_flops
+from moetrain.plan.memory import all_to_all_volume, check_parallel, memory_plan
+from moetrain.plan.params import BYTES_PER_PARAM, COMPONENTS, count_params, dense_equivalent, flops_per_token
+
+
+def build_plan(
+    model_cfg: ModelConfig,
+    *,
+    ep_size: int = 1,
+    dp_size: int | None = None,
+    zero_stage: int = 0,
+    dtype: str = "bf16",
+    seq_len: int | None = None,
+) -> dict[str, Any]:
+    """Everything ``python -m moetrain.plan`` prints, as one JSON-able dict.
+
+    ``dp_size`` defaults to ``ep_size``. ``memory`` holds both fp32 and bf16 training; ``dtype``
+    sets the all-to-all element size.
+    """
+    dp_size = ep_size if dp_size is None else dp_size
+    check_parallel(model_cfg, ep_size=ep_size, dp_size=dp_size, zero_stage=zero_stage)
+    counts = count_params(model_cfg)
+    seq_len = seq_len or model_cfg.max_seq_len
+    flops = flops_per_token(model_cfg, seq_len)
+    dense = dense_equivalent(model_cfg, seq_len)
+    memory: dict[str, Any] = {
+        "layout": {
+            "world_size": dp_size,
+            "dp_size": dp_size,
+            "ep_size": ep_size,
+            "expert_dp_size": dp_size // ep_size,
+            "experts_per_rank": model_cfg.num_experts // ep_size,
+            "zero_stage": zero_stage,
+        }
+    }
+    for d in BYTES_PER_PARAM:
+        memory[d] = memory_plan(model_cfg, ep_size=ep_size, dp_size=dp_size, zero_stage=zero_stage, dtype=d)
+    memory["inference_weights_bytes"] = {
+        d: counts["total"] * b["weights"] for d, b in BYTES_PER_PARAM.items()
+    }
+    cfg = model_cfg
+    return {
+        "model": cfg.name,
+        "shape": {
+            "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.hidden_size,
+            "num_layers": cfg.num_layers,
+            "num_heads": cfg.num_heads,
+            "num_kv_heads": cfg.num_kv_heads,
+            "head_dim": cfg.head_size,
+            "ffn_hidden_size": cfg.ffn_hidden_size,
+            "dense_ffn_hidden_size": cfg.dense_ffn_size,
+            "num_experts": cfg.num_experts,
+            "top_k": cfg.top_k if cfg.num_experts else 0,
+            "moe_layers": counts["moe_layers"],
+            "moe_layer_ids": cfg.moe_layer_ids,
+            "shared_expert_intermediate_size": cfg.shared_expert_intermediate_size,
+            "shared_expert_gate": cfg.shared_expert_gate,
+            "normalize_top_k": cfg.moe.normalize_top_k,
+            "qk_norm": cfg.qk_norm,
+            "attention_bias": cfg.attention_bias,
+            "tie_embeddings": cfg.tie_embeddings,
+            "max_seq_len": cfg.max_seq_len,
+        },
+        "total_params": counts["total"],
+        "active_params": counts["active"],
+        "active_fraction": counts["active"] / counts["total"],
+        "total_over_active": counts["total"] / counts["active"],
+        "total_breakdown": counts["total_breakdown"],
+        "active_breakdown": counts["active_breakdown"],
+        "flops_per_token": flops,
+        "memory": memory,
+        "dense_equivalent": dense,
+        "all_to_all": all_to_all_volume(cfg, ep_size=ep_size, dtype=dtype),
+    }
+
+
+def plan_summary(
+    model_cfg: ModelConfig,
+    *,
+    ep_size: int = 1,
+    dp_size: int = 1,
+    zero_stage: int = 0,
+    dtype: str = "fp32",
+    seq_len: int | None = None,
+) -> list[str]:
+    """Three short lines for the start of a training run (params, compute, memory per rank)."""
+    counts = count_params(model_cfg)
+    seq_len = seq_len or model_cfg.max_seq_len
+    flops = flops_per_token(model_cfg, seq_len)
+    mem = memory_plan(model_cfg, ep_size=ep_size, dp_size=dp_size, zero_stage=zero_stage, dtype=dtype)
+    r = mem["per_rank"]
+    return [
+        f"params: {fmt_count(counts['total'])} total, {fmt_count(counts['active'])} active per token "
+        f"({counts['active'] / counts['total']:.1%} active, total/active {counts['total'] / counts['active']:.2f}x)",
+        f"compute: {fmt_flops(flops['training'])}/token training, {fmt_flops(flops['forward'])}/token forward "
+        f"(seq_len {seq_len})",
+        f"memory/rank ({mem['dtype']}, ep={ep_size}, dp={dp_size}, ZeRO-{zero_stage}): {fmt_bytes(r['total'])} = "
+        f"weights {fmt_bytes(r['weights'])} + grads {fmt_bytes(r['grads'])} + optimizer {fmt_bytes(r['optimizer'])}",
+    ]
+
+
+def _table(console: Any, heading: str) -> Any:
+    from rich.table import Table
+
+    console.print()
+    console.print(f"[bold]{heading}[/bold]")
+    return Table()
+
+
+def render(plan: dict[str, Any], console: Any = None) -> None:
+    """Print ``plan`` as rich tables."""
+    from rich.console import Console
+
+    if console is None:
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=110)
+    s = plan["shape"]
+    moe = f"{s['num_experts']} experts, top-{s['top_k']}, {s['moe_layers']}/{s['num_layers']} MoE layers"
+    if not s["num_experts"]:
+        moe = "dense (no experts)"
+    console.print(
+        f"[bold]{plan['model']}[/bold]: H={s['hidden_size']}, L={s['num_layers']}, heads={s['num_heads']}/"
+        f"{s['num_kv_heads']}kv x {s['head_dim']}, F={s['ffn_hidden_size']}, V={s['vocab_size']}, {moe}"
+    )
+    options = [f"qk_norm={s['qk_norm']}"] if s.get("qk_norm", "none") != "none" else []
+    if s.get("attention_bias"):
+        options.append("q/k/v bias")
+    if s["num_experts"]:
+        if s.get("shared_expert_intermediate_size"):
+            gate = " (sigmoid gate)" if s.get("shared_expert_gate") else ""
+            options.append(f"shared expert F={s['shared_expert_intermediate_size']}{gate}")
+        if not s.get("normalize_top_k", True):
+            options.append("top-k weights not renormalised")
+        if s["moe_layers"] != s["num_layers"]:
+            options.append(f"MoE layers {s['moe_layer_ids']}")
+    if options:
+        console.print("options: " + ", ".join(options))
+    source = plan.get("vocab_source", "")
+    if source.startswith("data."):
+        console.print(
+            f"V={s['vocab_size']} comes from {source}: a run on other data has another vocab; "
+            "`plan +experiment=NAME` counts exactly what that recipe trains."
+        )
+
+    t = _table(console, "Parameters")
+    t.add_column("component")
+    t.add_column("total", justify="right")
+    t.add_column("active / token", justify="right")
+    for k in COMPONENTS:
+        tot, act = plan["total_breakdown"][k], plan["active_breakdown"][k]
+        if tot or act:
+            t.add_row(k, f"{tot:,}", f"{act:,}")
+    t.add_row(
+        "[bold]sum[/bold]",
+        f"[bold]{plan['total_params']:,} ({fmt_count(plan['total_params'])})[/bold]",
+        f"[bold]{plan['active_params']:,} ({fmt_count(plan['active_params'])})[/bold]",
+    )
+    console.print(t)
+    console.print(
+        f"active fraction {plan['active_fraction']:.1%}; total/active = {plan['total_over_active']:.2f}x "
+        "(the memory tax: every expert is stored, top_k compute)"
+    )
+
+    f = plan["flops_per_token"]
+    t = _table(console, f"FLOPs per token (seq_len {f['seq_len']}, causal mask)")
+    t.add_column("")
+    t.add_column("FLOPs", justify="right")
+    t.add_row("forward: matmuls (2 x matmul params)", fmt_flops(f["forward_matmul"]))
+    t.add_row("forward: attention scores (QK^T, AV)", fmt_flops(f["forward_attention"]))
+    t.add_row("forward = inference", fmt_flops(f["forward"]))
+    t.add_row("training (3 x forward)", fmt_flops(f["training"]))
+    t.add_row("6N (active) rule of thumb", fmt_flops(f["six_n_active"]))
+    console.print(t)
+
+    m = plan["memory"]
+    lay = m["layout"]
+    t = _table(
+        console,
+        f"Training memory, AdamW: {lay['world_size']} rank(s), ep={lay['ep_size']} "
+        f"({lay['experts_per_rank']} expert(s)/layer/rank), expert-dp={lay['expert_dp_size']}, "
+        f"ZeRO-{lay['zero_stage']}",
+    )
+    t.add_column("")
+    for d in BYTES_PER_PARAM:
+        t.add_column(f"{d} total", justify="right")
+        t.add_column(f"{d} per rank", justify="right")
+    for k in ("weights", "grads", "optimizer", "total"):
+        row = [k]
+        for d in BYTES_PER_PARAM:
+            row += [fmt_bytes(m[d]["total"][k]), fmt_bytes(m[d]["per_rank"][k])]
+        t.add_row(*row)
+    console.print(t)
+    pr = m["bf16"]["per_rank_params"]
+    console.print(
+        f"params per rank: {fmt_count(pr['total'])} = {fmt_count(pr['non_expert'])} replicated + "
+        f"{fmt_count(pr['expert'])} expert"
+    )
+    console.print("bytes/param: fp32 4+4+8, bf16 2+2+12 (fp32 master + 2 fp32 moments)")
+    console.print("Activations, buffers and allocator slack are not included.")
+
+    d = plan["dense_equivalent"]
+    t = _table(
+        console, f"MoE vs dense equivalent (same active params: one SwiGLU of width {d['ffn_hidden_size']})"
+    )
+    t.add_column("")
+    t.add_column("MoE", justify="right")
+    t.add_column("dense equivalent", justify="right")
+    t.add_column("MoE / dense", justify="right")
+
+    def ratio(a: float, b: float) -> str:
+        return f"{a / b:.2f}x" if b else "-"
+
+    rows = [
+        ("total params", plan["total_params"], d["total_params"], fmt_count),
+        ("active params / token", plan["active_params"], d["active_params"], fmt_count),
+        ("training FLOPs / token", f["training"], d["flops_per_token"]["training"], fmt_flops),
+        ("weights, bf16", m["inference_weights_bytes"]["bf16"], d["weights_bytes"]["bf16"], fmt_bytes),
+        (
+            "training state, bf16+AdamW",
+            m["bf16"]["total"]["total"],
+            d["training_state_bytes"]["bf16"],
+            fmt_bytes,
+        ),
+    ]
+    for name, a, b, fmt in rows:
+        t.add_row(name, fmt(a), fmt(b), ratio(a, b))
+    console.print(t)
+
+    a2a = plan["all_to_all"]
+    t = _table(
+        console,
+        f"Expert all-to-all, bytes sent per token (ep={a2a['ep_size']}, {a2a['dtype']}, uniform routing)",
+    )
+    t.add_column("")
+    t.add_column("forward", justify="right")
+    t.add_column("training (fwd+bwd)", justify="right")
+    for label, key in (
+        ("per MoE layer", "per_token_per_layer"),
+        (f"all {a2a['moe_layers']} MoE layers", "per_token"),
+    ):
+        t.add_row(label, fmt_bytes(a2a[key]["forward"]), fmt_bytes(a2a[key]["training"]))
+    console.print(t)
+    if a2a["ep_size"] == 1:
+        console.print("ep_size=1: every expert is local, no all-to-all traffic.")
