@@ -396,8 +396,11 @@ class OptimConfig:
 @dataclass
 class ParallelConfig:
     ep_size: int = 1
+    # 0-3. ZeRO-3 and offload_optimizer are plan options for now (python -m moetrain.plan counts them);
+    # training stops with a one-line error on them (TrainConfig.validate) until the engine has them.
     zero_stage: int = 0
-    dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    offload_optimizer: bool = False  # fp32 masters + AdamW moments in host memory (ZeRO 1-3)
+    dtype: str = "auto"  # auto: bf16 on CUDA (with bf16 support), fp32 otherwise
     activation_checkpointing: bool = False
     # torch.compile each transformer block (inductor; experts and token exchange stay eager). Needs a
     # C++ compiler and Python headers on CPU, triton on CUDA. See model/compile.py.
@@ -411,7 +414,15 @@ class ParallelConfig:
 
     def validate(self, prefix: str = "parallel") -> None:
         _require(self.ep_size >= 1, f"{prefix}.ep_size", self.ep_size, "must be >= 1")
-        _require(self.zero_stage in (0, 1, 2), f"{prefix}.zero_stage", self.zero_stage, "one of 0, 1, 2")
+        _require(
+            self.zero_stage in (0, 1, 2, 3), f"{prefix}.zero_stage", self.zero_stage, "one of 0, 1, 2, 3"
+        )
+        _require(
+            not self.offload_optimizer or self.zero_stage >= 1,
+            f"{prefix}.offload_optimizer",
+            self.offload_optimizer,
+            f"needs {prefix}.zero_stage >= 1",
+        )
         _require(
             self.dtype in ("auto", "fp32", "bf16"), f"{prefix}.dtype", self.dtype, "one of auto, fp32, bf16"
         )
@@ -532,6 +543,20 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         self.validate_sections()
+        # Plan options the engine does not run yet (python -m moetrain.plan counts them).
+        _require(
+            self.parallel.zero_stage <= 2,
+            "parallel.zero_stage",
+            self.parallel.zero_stage,
+            "training runs ZeRO 0, 1 or 2 (ZeRO-3 with experts is not implemented yet; "
+            "python -m moetrain.plan plans it)",
+        )
+        _require(
+            not self.parallel.offload_optimizer,
+            "parallel.offload_optimizer",
+            self.parallel.offload_optimizer,
+            "training does not offload yet (python -m moetrain.plan plans it); set it to false",
+        )
         if self.parallel.ep_size > 1:
             _require(
                 self.model.num_experts > 0 and self.model.num_experts % self.parallel.ep_size == 0,
@@ -599,6 +624,18 @@ def _check_type(value: Any, annotation: Any, where: str) -> Any:
     return (
         float(value) if "float" in options and "int" not in options and not isinstance(value, bool) else value
     )
+
+
+def training_dtype(name: str) -> str:
+    """``fp32`` or ``bf16`` for ``parallel.dtype``: ``auto`` is bf16 on a CUDA device that supports it,
+    fp32 otherwise. The one rule, used by the trainer (trainer/engine.py) and by plan."""
+    if name in ("fp32", "bf16"):
+        return name
+    if name != "auto":
+        raise ConfigError(f"parallel.dtype={name!r} is invalid: one of auto, fp32, bf16")
+    import torch
+
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
 
 
 def check_world_size(parallel: ParallelConfig, world_size: int, *, module: str = "moetrain.train") -> None:

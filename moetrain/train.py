@@ -38,6 +38,8 @@ def check_launch(cfg: TrainConfig) -> None:
     check_world_size(cfg.parallel, world_size)
     if not cfg.parallel.check_memory:
         return
+    import torch
+
     from moetrain.plan import check_memory_fits, machine_memory, resolve_dtype
 
     machine = machine_memory(int(launch["LOCAL_RANK"]), int(launch.get("LOCAL_WORLD_SIZE", "1")))
@@ -51,6 +53,11 @@ def check_launch(cfg: TrainConfig) -> None:
         dtype=resolve_dtype(cfg.parallel.dtype),
         available=machine[0],
         machine=machine[1],
+        offload_optimizer=cfg.parallel.offload_optimizer,
+        micro_batch_size=cfg.optim.micro_batch_size,
+        seq_len=cfg.data.seq_len,
+        activation_checkpointing=cfg.parallel.activation_checkpointing,
+        host_is_device=not torch.cuda.is_available(),
     )
 
 

@@ -7,22 +7,23 @@ imports torch. Formulas and assumptions are in ``docs/PLAN.md``. The pure functi
 (:func:`count_params`, :func:`flops_per_token`, :func:`memory_plan`, :func:`all_to_all_volume`,
 :func:`build_plan`, :func:`plan_summary`) are the API; :func:`main` is the Hydra CLI.
 
-Modules: ``params`` (counts, FLOPs, dense equivalent), ``memory`` (per-rank bytes, the fit check),
+Modules: ``params`` (counts, FLOPs, dense equivalent), ``activations``, ``memory`` (per-rank bytes, the fit
+verdict and check), ``machine`` (what this machine has),
 ``report`` (the JSON dict, tables, start-of-run summary), ``cli`` (Hydra entry point).
 """
 
+from moetrain.plan.activations import ACTIVATION_BYTES, activation_memory
 from moetrain.plan.fmt import fmt_bytes, fmt_count, fmt_flops
+from moetrain.plan.machine import host_available_memory, machine_memory
 from moetrain.plan.memory import (
     all_to_all_volume,
     check_memory_fits,
     check_parallel,
-    host_available_memory,
-    machine_memory,
+    fitting_settings,
     memory_plan,
     resolve_dtype,
 )
 from moetrain.plan.params import (
-    ACTIVATION_BYTES,
     BYTES_PER_PARAM,
     COMPONENTS,
     count_params,
@@ -35,6 +36,7 @@ __all__ = [
     "ACTIVATION_BYTES",
     "BYTES_PER_PARAM",
     "COMPONENTS",
+    "activation_memory",
     "all_to_all_volume",
     "build_plan",
     "check_memory_fits",
@@ -44,6 +46,7 @@ __all__ = [
     "flops_per_token",
     "fmt_bytes",
     "fmt_count",
+    "fitting_settings",
     "fmt_flops",
     "host_available_memory",
     "machine_memory",

@@ -30,6 +30,12 @@ def _plan_from_cfg(cfg: Any) -> dict[str, Any]:
     dtype = plan_cfg.get("dtype") or (par.dtype if par.dtype != "auto" else "bf16")
     if dtype not in BYTES_PER_PARAM:
         raise ConfigError(f"plan.dtype={dtype!r} is invalid: one of fp32, bf16 (or null)")
+    gib = plan_cfg.get("device_memory_gib", 80)
+    if not isinstance(gib, int | float) or isinstance(gib, bool) or gib <= 0:
+        raise ConfigError(f"plan.device_memory_gib={gib!r} is invalid: a positive number of GiB per device")
+    micro_batch = plan_cfg.get("micro_batch_size") or cfg.optim.micro_batch_size
+    if not isinstance(micro_batch, int) or micro_batch <= 0:
+        raise ConfigError(f"plan.micro_batch_size={micro_batch!r} is invalid: a positive integer or null")
     plan = build_plan(
         model_cfg,
         ep_size=par.ep_size,
@@ -37,6 +43,10 @@ def _plan_from_cfg(cfg: Any) -> dict[str, Any]:
         zero_stage=par.zero_stage,
         dtype=dtype,
         seq_len=seq_len,
+        micro_batch_size=micro_batch,
+        activation_checkpointing=par.activation_checkpointing,
+        offload_optimizer=par.offload_optimizer,
+        device_memory_gib=float(gib),
     )
     plan["vocab_source"] = _vocab_source(cfg)
     return {"format": fmt, "plan": plan}

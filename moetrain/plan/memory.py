@@ -3,26 +3,39 @@
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 from typing import Any
 
 from moetrain.config import ConfigError, ModelConfig
+from moetrain.plan.activations import ACTIVATION_BYTES, activation_memory
 from moetrain.plan.fmt import fmt_bytes
-from moetrain.plan.params import ACTIVATION_BYTES, BYTES_PER_PARAM, count_params
+from moetrain.plan.params import BYTES_PER_PARAM, count_params
+
+REDUCE_BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's zero_optimization.reduce_bucket_size default
+GIB = 2**30
 
 
 def check_parallel(
-    model_cfg: ModelConfig, *, ep_size: int = 1, dp_size: int = 1, zero_stage: int = 0
+    model_cfg: ModelConfig,
+    *,
+    ep_size: int = 1,
+    dp_size: int = 1,
+    zero_stage: int = 0,
+    offload_optimizer: bool = False,
 ) -> None:
-    """Raise a one-line :class:`ConfigError` unless the layout is one moetrain can run."""
+    """Raise a one-line :class:`ConfigError` unless the layout is one plan can count (ZeRO 0-3)."""
 
     def require(ok: bool, name: str, value: Any, allowed: str) -> None:
         if not ok:
             raise ConfigError(f"{name}={value!r} is invalid: {allowed}")
 
     require(isinstance(ep_size, int) and ep_size >= 1, "parallel.ep_size", ep_size, "must be >= 1")
-    require(zero_stage in (0, 1, 2), "parallel.zero_stage", zero_stage, "one of 0, 1, 2")
+    require(zero_stage in (0, 1, 2, 3), "parallel.zero_stage", zero_stage, "one of 0, 1, 2, 3")
+    require(
+        not offload_optimizer or zero_stage >= 1,
+        "parallel.offload_optimizer",
+        offload_optimizer,
+        "needs parallel.zero_stage >= 1 (DeepSpeed offloads the partitioned optimizer)",
+    )
     if ep_size > 1:
         require(
             model_cfg.num_experts > 0 and model_cfg.num_experts % ep_size == 0,
@@ -45,32 +58,57 @@ def check_parallel(
 
 
 def resolve_dtype(dtype: str) -> str:
-    if dtype in ("fp32", "bf16"):
-        return dtype
-    if dtype == "fp16":
-        return "bf16"  # same byte counts
-    if dtype == "auto":  # the trainer's rule: bf16 on CUDA, fp32 on CPU
-        try:
-            import torch
+    """``fp32`` or ``bf16``: the trainer's own rule for ``auto`` (config.training_dtype); fp16 counts as bf16."""
+    from moetrain.config import training_dtype
 
-            return "bf16" if torch.cuda.is_available() else "fp32"
-        except ImportError:  # pragma: no cover
-            return "fp32"
-    raise ConfigError(f"dtype={dtype!r} is invalid: one of auto, fp32, bf16")
+    return training_dtype("bf16" if dtype == "fp16" else dtype)
+
+
+def _block_params(model_cfg: ModelConfig, counts: dict[str, Any], ep_size: int) -> int:
+    """Parameters of the largest block on one rank (what ZeRO-3 gathers at a time)."""
+    t = counts["total_breakdown"]
+    layers = max(1, model_cfg.num_layers)
+    per_layer = (t["attention"] + t["norms"] + t["router"] + t["shared_expert"]) / layers
+    moe = counts["moe_layers"]
+    ffn = t["experts"] / ep_size / moe if moe else 0
+    if counts["dense_layers"]:
+        ffn = max(ffn, t["dense_ffn"] / counts["dense_layers"])
+    return math.ceil(per_layer + ffn)
 
 
 def memory_plan(
-    model_cfg: ModelConfig, *, ep_size: int = 1, dp_size: int = 1, zero_stage: int = 0, dtype: str = "bf16"
+    model_cfg: ModelConfig,
+    *,
+    ep_size: int = 1,
+    dp_size: int = 1,
+    zero_stage: int = 0,
+    dtype: str = "bf16",
+    offload_optimizer: bool = False,
+    micro_batch_size: int = 1,
+    seq_len: int | None = None,
+    activation_checkpointing: bool = False,
+    device_memory_gib: float = 80.0,
 ) -> dict[str, Any]:
-    """Bytes for weights, gradients and AdamW state: whole model, and on one rank.
+    """Bytes for weights, gradients, AdamW state and activations: whole model, and on one rank.
 
     The world is ``dp_size`` ranks. Non-expert params are replicated on every rank; each rank
     holds ``num_experts / ep_size`` experts of every MoE layer. ZeRO-1 partitions optimizer state,
-    ZeRO-2 also gradients: non-expert state over ``dp_size`` ranks, expert state over the
-    expert-data-parallel group of ``dp_size / ep_size`` ranks. Weights are never partitioned.
-    Activations, buffers and fragmentation are not counted.
+    ZeRO-2 also gradients, ZeRO-3 also weights: non-expert state over ``dp_size`` ranks, expert
+    state over the expert-data-parallel group of ``dp_size / ep_size`` ranks. docs/PLAN.md, "Memory".
+
+    ``per_rank``: ``weights``, ``grads``, ``optimizer`` (the training state; ``total`` is their sum),
+    ``fp32_grad_step`` (fp32 gradient copies made at the optimizer step), ``buffers`` (DeepSpeed's
+    gradient reduce bucket, ZeRO-3's gathered parameters), ``activations``; ``device_total`` and
+    ``host_total`` (``offload_optimizer``: fp32 masters, moments and fp32 gradients live in host
+    memory). ``fits``: ``device_total`` <= ``device_memory_gib`` GiB.
     """
-    check_parallel(model_cfg, ep_size=ep_size, dp_size=dp_size, zero_stage=zero_stage)
+    check_parallel(
+        model_cfg,
+        ep_size=ep_size,
+        dp_size=dp_size,
+        zero_stage=zero_stage,
+        offload_optimizer=offload_optimizer,
+    )
     dtype = resolve_dtype(dtype)
     counts = count_params(model_cfg)
     dense_p, expert_p = counts["non_expert_params"], counts["expert_params"]
@@ -78,19 +116,52 @@ def memory_plan(
     edp = dp_size // ep_size
     b = BYTES_PER_PARAM[dtype]
 
-    def shard(n_params: int, nbytes: int, group: int, partitioned: bool) -> int:
-        return math.ceil(n_params * nbytes / group) if partitioned else n_params * nbytes
+    def shard(nbytes: int, partitioned: bool) -> int:
+        """Bytes of ``nbytes``-per-parameter state on one rank, partitioned or not."""
+        if not partitioned:
+            return (dense_p + local_expert_p) * nbytes
+        return math.ceil(dense_p * nbytes / dp_size) + math.ceil(local_expert_p * nbytes / edp)
 
     total = {k: counts["total"] * v for k, v in b.items()}
     total["total"] = sum(total.values())
     per_rank = {
-        "weights": (dense_p + local_expert_p) * b["weights"],
-        "grads": shard(dense_p, b["grads"], dp_size, zero_stage >= 2)
-        + shard(local_expert_p, b["grads"], edp, zero_stage >= 2),
-        "optimizer": shard(dense_p, b["optimizer"], dp_size, zero_stage >= 1)
-        + shard(local_expert_p, b["optimizer"], edp, zero_stage >= 1),
+        "weights": shard(b["weights"], zero_stage >= 3),
+        "grads": shard(b["grads"], zero_stage >= 2),
+        "optimizer": shard(b["optimizer"], zero_stage >= 1),
     }
     per_rank["total"] = sum(per_rank.values())
+    # The optimizer step's fp32 gradients: moetrain's ZeRO-0 bf16 step casts every gradient at once
+    # (trainer/engine.py lean_bf16_step); DeepSpeed's ZeRO 1-3 cast one parameter group's partition at
+    # a time (stage_1_and_2.py step: flat partition .to(fp32)), dense or expert, whichever is larger.
+    if zero_stage == 0:
+        fp32_step = (dense_p + local_expert_p) * 4 if dtype == "bf16" else 0
+    else:
+        fp32_step = 4 * max(math.ceil(dense_p / dp_size), math.ceil(local_expert_p / edp))
+    buffers = 0
+    if zero_stage >= 1 and dp_size > 1:  # contiguous_gradients' reduce bucket, model dtype
+        buffers += min(REDUCE_BUCKET_ELEMENTS, dense_p + local_expert_p) * b["grads"]
+    if zero_stage >= 3:  # a block gathered for compute and the next one prefetched
+        buffers += 2 * _block_params(model_cfg, counts, ep_size) * b["weights"]
+    seq_len = seq_len or model_cfg.max_seq_len
+    acts = activation_memory(
+        model_cfg,
+        micro_batch_size=micro_batch_size,
+        seq_len=seq_len,
+        dtype=dtype,
+        checkpointing=activation_checkpointing,
+    )
+    per_rank["fp32_grad_step"] = fp32_step
+    per_rank["buffers"] = buffers
+    per_rank["activations"] = acts["total"]
+    device_state = per_rank["weights"] + per_rank["grads"] + buffers
+    if offload_optimizer:
+        per_rank["host_total"] = per_rank["optimizer"] + fp32_step
+    else:
+        per_rank["host_total"] = 0
+        device_state += per_rank["optimizer"]
+    # Activations are gone by the optimizer step, where the fp32 gradients appear: the peak is the larger.
+    step_extra = 0 if offload_optimizer else fp32_step
+    per_rank["device_total"] = device_state + max(acts["total"], step_extra)
     return {
         "dtype": dtype,
         "bytes_per_param": dict(b),
@@ -101,61 +172,95 @@ def memory_plan(
             "expert": local_expert_p,
             "total": dense_p + local_expert_p,
         },
+        "activations": acts,
+        "settings": {
+            "ep_size": ep_size,
+            "dp_size": dp_size,
+            "zero_stage": zero_stage,
+            "offload_optimizer": offload_optimizer,
+            "micro_batch_size": micro_batch_size,
+            "seq_len": seq_len,
+            "activation_checkpointing": activation_checkpointing,
+        },
+        "device_memory_gib": device_memory_gib,
+        "fits": per_rank["device_total"] <= device_memory_gib * GIB,
     }
 
 
-def _cgroup_available() -> int | None:
-    """Bytes left under a cgroup v2 memory limit (containers), or None without one."""
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit == "max":
-            return None
-        return max(0, int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text().strip()))
-    except (OSError, ValueError):
-        return None
+# Settings a user can change, as the override that sets them.
+_OVERRIDE = {
+    "zero_stage": "parallel.zero_stage",
+    "offload_optimizer": "parallel.offload_optimizer",
+    "activation_checkpointing": "parallel.activation_checkpointing",
+    "micro_batch_size": "optim.micro_batch_size",
+    "dp_size": "plan.dp_size",
+    "ep_size": "parallel.ep_size",
+}
 
 
-def host_available_memory() -> int | None:
-    """Bytes of memory this machine can still give (MemAvailable, capped by a cgroup limit)."""
-    available = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                available = int(line.split()[1]) * 1024
-                break
-    except (OSError, ValueError, IndexError):
-        pass
-    if available is None:
+def _describe(change: dict[str, Any]) -> str:
+    return " ".join(
+        f"{_OVERRIDE[k]}={str(v).lower() if isinstance(v, bool) else v}" for k, v in change.items()
+    )
+
+
+def fitting_settings(
+    model_cfg: ModelConfig, settings: dict[str, Any], dtype: str, budget: int
+) -> list[dict[str, Any]]:
+    """Changes to ``settings`` (memory_plan's keywords) under which one rank needs <= ``budget`` bytes,
+    each computed: the lowest ZeRO stage that fits, optimizer offload, activation checkpointing, the
+    largest smaller micro-batch, the fewest more ranks (ep as large as the experts allow); pairs of
+    the first three when no single change fits. ``[{"change", "override", "device_total"}]``."""
+    s = dict(settings)
+
+    def need(change: dict[str, Any]) -> int | None:
+        trial = {**s, **change}
+        if trial.get("offload_optimizer") and trial["zero_stage"] < 1:
+            trial["zero_stage"] = change.setdefault("zero_stage", 1)
         try:
-            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError, AttributeError):
+            return memory_plan(model_cfg, dtype=dtype, **trial)["per_rank"]["device_total"]
+        except ConfigError:
             return None
-    cgroup = _cgroup_available()
-    return available if cgroup is None else min(available, cgroup)
 
-
-def machine_memory(local_rank: int = 0, local_world_size: int = 1) -> tuple[int, str] | None:
-    """(bytes one training process can use, a phrase describing them), or None when unknown.
-
-    On CUDA: the free memory of this process's GPU. On CPU: the host's available memory shared by
-    the ``local_world_size`` processes on this machine.
-    """
-    import torch
-
-    if torch.cuda.is_available():
-        free, _ = torch.cuda.mem_get_info(local_rank)
-        name = torch.cuda.get_device_name(local_rank)
-        return free, f"GPU {local_rank} ({name}) has {fmt_bytes(free)} free"
-    available = host_available_memory()
-    if available is None:
-        return None
-    share = available // max(1, local_world_size)
-    if local_world_size > 1:
-        return share, (
-            f"this machine has {fmt_bytes(available)} of memory available, "
-            f"{fmt_bytes(share)} for each of its {local_world_size} processes"
-        )
-    return share, f"this machine has {fmt_bytes(available)} of memory available"
+    singles: list[dict[str, Any]] = []
+    for stage in range(s["zero_stage"] + 1, 4):
+        singles.append({"zero_stage": stage})
+    if not s["offload_optimizer"]:
+        singles.append({"offload_optimizer": True})
+    if not s["activation_checkpointing"]:
+        singles.append({"activation_checkpointing": True})
+    found = [c for c in singles if (n := need(dict(c))) is not None and n <= budget]
+    stages = [c for c in found if "zero_stage" in c and len(c) == 1]
+    found = [c for c in found if not ("zero_stage" in c and len(c) == 1)] + stages[:1]
+    mb = s["micro_batch_size"] // 2
+    while mb >= 1:
+        n = need({"micro_batch_size": mb})
+        if n is not None and n <= budget:
+            found.append({"micro_batch_size": mb})
+            break
+        mb //= 2
+    for factor in (2, 4, 8, 16, 32, 64, 128):
+        dp = s["dp_size"] * factor
+        ep = max(e for e in range(1, dp + 1) if dp % e == 0 and (model_cfg.num_experts % e == 0))
+        ep = max(ep, s["ep_size"])
+        change = {"dp_size": dp} if ep == s["ep_size"] else {"dp_size": dp, "ep_size": ep}
+        n = need(dict(change))
+        if n is not None and n <= budget:
+            found.append(change)
+            break
+    if not found:  # pairs of the switches
+        switches = [c for c in singles if list(c) != ["zero_stage"] or c["zero_stage"] == 3]
+        for i, first in enumerate(switches):
+            for second in switches[i + 1 :]:
+                change = {**first, **second}
+                n = need(dict(change))
+                if n is not None and n <= budget:
+                    found.append(change)
+    out = []
+    for change in found:
+        n = need(dict(change))
+        out.append({"change": change, "override": _describe(change), "device_total": n})
+    return out
 
 
 def check_memory_fits(
@@ -167,22 +272,45 @@ def check_memory_fits(
     dtype: str,
     available: int,
     machine: str,
+    offload_optimizer: bool = False,
+    micro_batch_size: int = 1,
+    seq_len: int | None = None,
+    activation_checkpointing: bool = False,
+    host_is_device: bool = True,
 ) -> None:
-    """Raise a one-line :class:`ConfigError` when one rank's training state cannot fit in ``available``.
+    """Raise a one-line :class:`ConfigError` when one rank cannot fit in ``available`` bytes.
 
-    The estimate is :func:`memory_plan`'s per-rank weights + gradients + AdamW state (activations
-    are extra), so a model this rejects cannot train here; ``machine`` describes ``available``.
+    The estimate is :func:`memory_plan`'s, the same numbers ``python -m moetrain.plan`` prints:
+    ``device_total`` (+ ``host_total`` when the device is the host, i.e. CPU training). The message
+    names the settings that would fit (:func:`fitting_settings`); ``machine`` describes ``available``.
     """
-    mem = memory_plan(model_cfg, ep_size=ep_size, dp_size=world_size, zero_stage=zero_stage, dtype=dtype)
-    need = mem["per_rank"]["total"]
+    settings = {
+        "ep_size": ep_size,
+        "dp_size": world_size,
+        "zero_stage": zero_stage,
+        "offload_optimizer": offload_optimizer,
+        "micro_batch_size": micro_batch_size,
+        "seq_len": seq_len,
+        "activation_checkpointing": activation_checkpointing,
+    }
+    mem = memory_plan(model_cfg, dtype=dtype, **settings)
+    r = mem["per_rank"]
+    need = r["device_total"] + (r["host_total"] if host_is_device else 0)
     if need <= available:
         return
-    layout = f"ep_size={ep_size}, {world_size} process{'es' if world_size > 1 else ''}, ZeRO-{zero_stage}"
+    layout = (
+        f"ep_size={ep_size}, {world_size} process{'es' if world_size > 1 else ''}, ZeRO-{zero_stage}, "
+        f"micro-batch {micro_batch_size} x {mem['settings']['seq_len']} tokens"
+    )
+    options = fitting_settings(model_cfg, settings, dtype, available)
+    fixes = (
+        "settings that fit: " + "; ".join(o["override"] for o in options)
+        if options
+        else "use a smaller model (e.g. model=mixtral_small) or a machine with more memory"
+    )
     raise ConfigError(
         f"model {model_cfg.name} needs about {fmt_bytes(need)} per process to train ({mem['dtype']} weights + "
-        f"gradients + AdamW state, activations not counted; {layout}) but {machine}: use a smaller model "
-        "(e.g. model=mixtral_small), more processes with parallel.ep_size=N to split the experts "
-        "(parallel.zero_stage=1|2 also splits optimizer state), or a machine with more memory "
+        f"gradients + AdamW state + activations; {layout}) but {machine}: {fixes} "
         "(parallel.check_memory=false skips this check)"
     )
 

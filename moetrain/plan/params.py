@@ -12,7 +12,6 @@ BYTES_PER_PARAM: dict[str, dict[str, int]] = {
     "fp32": {"weights": 4, "grads": 4, "optimizer": 8},
     "bf16": {"weights": 2, "grads": 2, "optimizer": 12},
 }
-ACTIVATION_BYTES = {"fp32": 4, "bf16": 2}
 COMPONENTS = (
     "embedding",
     "lm_head",

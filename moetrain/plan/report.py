@@ -6,7 +6,7 @@ from typing import Any
 
 from moetrain.config import ModelConfig
 from moetrain.plan.fmt import fmt_bytes, fmt_count, fmt_flops
-from moetrain.plan.memory import all_to_all_volume, check_parallel, memory_plan
+from moetrain.plan.memory import GIB, all_to_all_volume, check_parallel, fitting_settings, memory_plan
 from moetrain.plan.params import BYTES_PER_PARAM, COMPONENTS, count_params, dense_equivalent, flops_per_token
 
 
@@ -18,14 +18,25 @@ def build_plan(
     zero_stage: int = 0,
     dtype: str = "bf16",
     seq_len: int | None = None,
+    micro_batch_size: int = 1,
+    activation_checkpointing: bool = False,
+    offload_optimizer: bool = False,
+    device_memory_gib: float = 80.0,
 ) -> dict[str, Any]:
     """Everything ``python -m moetrain.plan`` prints, as one JSON-able dict.
 
-    ``dp_size`` defaults to ``ep_size``. ``memory`` holds both fp32 and bf16 training; ``dtype``
-    sets the all-to-all element size.
+    ``dp_size`` defaults to ``ep_size``. ``memory`` holds both fp32 and bf16 training, each with its
+    fit verdict against ``device_memory_gib`` (and, when it does not fit, ``fitting_settings``);
+    ``dtype`` sets the all-to-all element size.
     """
     dp_size = ep_size if dp_size is None else dp_size
-    check_parallel(model_cfg, ep_size=ep_size, dp_size=dp_size, zero_stage=zero_stage)
+    check_parallel(
+        model_cfg,
+        ep_size=ep_size,
+        dp_size=dp_size,
+        zero_stage=zero_stage,
+        offload_optimizer=offload_optimizer,
+    )
     counts = count_params(model_cfg)
     seq_len = seq_len or model_cfg.max_seq_len
     flops = flops_per_token(model_cfg, seq_len)
@@ -38,10 +49,24 @@ def build_plan(
             "expert_dp_size": dp_size // ep_size,
             "experts_per_rank": model_cfg.num_experts // ep_size,
             "zero_stage": zero_stage,
-        }
+            "offload_optimizer": offload_optimizer,
+            "micro_batch_size": micro_batch_size,
+            "seq_len": seq_len,
+            "activation_checkpointing": activation_checkpointing,
+        },
+        "device_memory_gib": device_memory_gib,
+    }
+    settings = {
+        k: v
+        for k, v in memory["layout"].items()
+        if k not in ("world_size", "expert_dp_size", "experts_per_rank")
     }
     for d in BYTES_PER_PARAM:
-        memory[d] = memory_plan(model_cfg, ep_size=ep_size, dp_size=dp_size, zero_stage=zero_stage, dtype=d)
+        memory[d] = memory_plan(model_cfg, dtype=d, device_memory_gib=device_memory_gib, **settings)
+        if not memory[d]["fits"]:
+            memory[d]["fitting_settings"] = fitting_settings(
+                model_cfg, settings, d, int(device_memory_gib * GIB)
+            )
     memory["inference_weights_bytes"] = {
         d: counts["total"] * b["weights"] for d, b in BYTES_PER_PARAM.items()
     }
@@ -105,6 +130,20 @@ def plan_summary(
         f"memory/rank ({mem['dtype']}, ep={ep_size}, dp={dp_size}, ZeRO-{zero_stage}): {fmt_bytes(r['total'])} = "
         f"weights {fmt_bytes(r['weights'])} + grads {fmt_bytes(r['grads'])} + optimizer {fmt_bytes(r['optimizer'])}",
     ]
+
+
+def fit_line(mem: dict[str, Any]) -> str:
+    """One line: does one rank fit ``device_memory_gib``, and if not, which settings would."""
+    r = mem["per_rank"]
+    budget = f"{mem['device_memory_gib']:g} GiB"
+    head = f"{mem['dtype']}: {fmt_bytes(r['device_total'])} per device"
+    if r["host_total"]:
+        head += f" + {fmt_bytes(r['host_total'])} host"
+    if mem["fits"]:
+        return f"{head}: fits {budget}"
+    options = mem.get("fitting_settings") or []
+    fixes = "; ".join(f"{o['override']} ({fmt_bytes(o['device_total'])})" for o in options)
+    return f"{head}: does NOT fit {budget}; " + (f"fits with {fixes}" if fixes else "no single change fits")
 
 
 def _table(console: Any, heading: str) -> Any:
@@ -187,25 +226,43 @@ def render(plan: dict[str, Any], console: Any = None) -> None:
         console,
         f"Training memory, AdamW: {lay['world_size']} rank(s), ep={lay['ep_size']} "
         f"({lay['experts_per_rank']} expert(s)/layer/rank), expert-dp={lay['expert_dp_size']}, "
-        f"ZeRO-{lay['zero_stage']}",
+        f"ZeRO-{lay['zero_stage']}{', optimizer offloaded' if lay['offload_optimizer'] else ''}, "
+        f"micro-batch {lay['micro_batch_size']} x {lay['seq_len']} tokens"
+        f"{', activation checkpointing' if lay['activation_checkpointing'] else ''}",
     )
     t.add_column("")
     for d in BYTES_PER_PARAM:
         t.add_column(f"{d} total", justify="right")
         t.add_column(f"{d} per rank", justify="right")
     for k in ("weights", "grads", "optimizer", "total"):
-        row = [k]
+        row = [k + (" (state)" if k == "total" else "")]
         for d in BYTES_PER_PARAM:
             row += [fmt_bytes(m[d]["total"][k]), fmt_bytes(m[d]["per_rank"][k])]
         t.add_row(*row)
+    for k, label in (
+        ("fp32_grad_step", "fp32 grads at the step"),
+        ("buffers", "reduce bucket / ZeRO-3 gather"),
+        ("activations", "activations (peak)"),
+        ("device_total", "device total"),
+        ("host_total", "host total (offload)"),
+    ):
+        row = [label]
+        for d in BYTES_PER_PARAM:
+            row += ["", fmt_bytes(m[d]["per_rank"][k])]
+        t.add_row(*row)
     console.print(t)
+    for d in BYTES_PER_PARAM:
+        console.print(fit_line(m[d]))
     pr = m["bf16"]["per_rank_params"]
     console.print(
         f"params per rank: {fmt_count(pr['total'])} = {fmt_count(pr['non_expert'])} replicated + "
         f"{fmt_count(pr['expert'])} expert"
     )
     console.print("bytes/param: fp32 4+4+8, bf16 2+2+12 (fp32 master + 2 fp32 moments)")
-    console.print("Activations, buffers and allocator slack are not included.")
+    console.print(
+        "device total = state on the device + buffers + max(activations, fp32 grads at the step); "
+        "allocator slack and the CUDA context are not included (docs/PLAN.md)."
+    )
 
     d = plan["dense_equivalent"]
     t = _table(

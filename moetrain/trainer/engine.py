@@ -13,17 +13,14 @@ from typing import Any
 
 import torch
 
-from moetrain.config import TrainConfig
+from moetrain.config import TrainConfig, training_dtype
 from moetrain.moe.experts import onednn_runs_cpu_gemm
 from moetrain.trainer.schedule import lr_multiplier
 
 
 def resolve_dtype(name: str) -> torch.dtype:
-    if name == "auto":
-        return (
-            torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-        )
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+    """``parallel.dtype`` as a torch dtype, by the rule plan uses too (config.training_dtype)."""
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[training_dtype(name)]
 
 
 def slow_dtype_warning(device: torch.device, dtype: torch.dtype) -> str | None:
