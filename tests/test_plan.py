@@ -50,6 +50,7 @@ PUBLISHED = {
     "mixtral_8x7b": (46.7e9, 12.9e9),
     "mixtral_8x22b": (141e9, 39.1e9),
     "olmoe_1b_7b": (6.92e9, 1.28e9),
+    "qwen3_30b_a3b": (30.5e9, 3.3e9),  # Qwen3 technical report / model card
 }
 
 
