@@ -604,3 +604,64 @@ def test_launch_check_counts_activations():
     check_memory_fits(tiny, micro_batch_size=1, seq_len=8, **kwargs)
     with pytest.raises(ConfigError, match="activations"):
         check_memory_fits(tiny, micro_batch_size=512, seq_len=tiny.max_seq_len, **kwargs)
+
+
+# ---- issue 38: the step-time model ---------------------------------------------------------------
+
+
+def test_step_time_parts_and_placement():
+    from moetrain.plan.clusters import load_cluster
+    from moetrain.plan.step_time import step_time
+
+    cfg = preset("mixtral_8x7b")
+    h100 = load_cluster("h100_nvlink_ib400")
+    kw = dict(dtype="bf16", micro_batch_size=1, seq_len=4096, zero_stage=1, activation_checkpointing=True)
+    one = step_time(cfg, h100, ep_size=1, dp_size=16, **kw)
+    assert one["all_to_all_s"] == 0
+    intra = step_time(cfg, h100, ep_size=8, dp_size=16, **kw)
+    assert intra["all_to_all_s"] > 0 and intra["total_s"] == pytest.approx(
+        intra["compute_s"] + intra["all_to_all_s"] + intra["grad_reduce_s"] + intra["optimizer_s"]
+    )
+    assert intra["tokens_per_s"] == pytest.approx(16 * 4096 / intra["total_s"])
+    assert 0 < intra["mfu"] < 0.7
+    # an ep group across two nodes goes over the network: slower all-to-all than inside a node
+    cross = step_time(preset("qwen3_30b_a3b"), h100, ep_size=16, dp_size=16, **kw)
+    inside = step_time(preset("qwen3_30b_a3b"), h100, ep_size=8, dp_size=16, **kw)
+    assert cross["all_to_all_s"] > 5 * inside["all_to_all_s"]
+    # small expert GEMMs run below peak: more experts per token-count lowers the efficiency
+    few_rows = step_time(cfg, h100, ep_size=1, dp_size=8, **{**kw, "seq_len": 256})
+    assert few_rows["expert_gemm_efficiency"] < one["expert_gemm_efficiency"]
+
+
+def test_cluster_file_and_bad_names(tmp_path):
+    from moetrain.plan.clusters import PRESETS, load_cluster
+
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(PRESETS["a100_nvlink_ib200"]))
+    assert load_cluster(str(path))["matmul_flops"]["bf16"] == 312e12
+    with pytest.raises(ConfigError, match="plan.cluster='nope' is invalid"):
+        load_cluster("nope")
+    path.write_text(json.dumps({"matmul_flops": {"bf16": 1.0}}))
+    with pytest.raises(ConfigError, match="missing"):
+        load_cluster(str(path))
+    out = run_plan("model=mixtral_small", "plan.cluster=h100_nvlink_ib400", "plan.format=json")
+    assert out.returncode == 0, out.stderr
+    st = json.loads(out.stdout)["step_time"]
+    for key in (
+        "compute_s",
+        "all_to_all_s",
+        "grad_reduce_s",
+        "optimizer_s",
+        "total_s",
+        "tokens_per_s",
+        "mfu",
+    ):
+        assert st[key] >= 0, key
+
+
+def test_calibration_fit_recovers_a_known_curve():
+    from moetrain.plan.calibrate import fit_efficiency
+
+    points = {m: 1e12 * m / (m + 100) for m in (32, 128, 512, 100000)}
+    peak, half = fit_efficiency(points)
+    assert peak == pytest.approx(1e12, rel=0.01) and half == pytest.approx(100, rel=0.02)

@@ -48,6 +48,25 @@ def _plan_from_cfg(cfg: Any) -> dict[str, Any]:
         offload_optimizer=par.offload_optimizer,
         device_memory_gib=float(gib),
     )
+    cluster_name = plan_cfg.get("cluster")
+    if cluster_name:
+        from moetrain.plan.clusters import load_cluster
+        from moetrain.plan.step_time import step_time
+
+        grad_accum = plan_cfg.get("grad_accum") or cfg.optim.grad_accum
+        plan["step_time"] = step_time(
+            model_cfg,
+            load_cluster(str(cluster_name)),
+            ep_size=par.ep_size,
+            dp_size=plan["memory"]["layout"]["dp_size"],
+            zero_stage=par.zero_stage,
+            dtype=dtype,
+            micro_batch_size=micro_batch,
+            seq_len=seq_len,
+            grad_accum=grad_accum,
+            activation_checkpointing=par.activation_checkpointing,
+            offload_optimizer=par.offload_optimizer,
+        )
     plan["vocab_source"] = _vocab_source(cfg)
     return {"format": fmt, "plan": plan}
 
@@ -69,6 +88,15 @@ def _hydra_entry() -> None:
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name="plan", version_base="1.3")
     def _main(cfg: Any) -> None:
+        target = (cfg.get("plan") or {}).get("calibrate")
+        if target:
+            from moetrain.plan.calibrate import write_calibration
+
+            data = write_calibration(str(target))
+            print(
+                f"wrote {target}: {json.dumps({k: data[k] for k in ('matmul_flops', 'memory_bandwidth', 'intra_node_bandwidth')})}"
+            )
+            return
         try:
             out = _plan_from_cfg(cfg)
         except Exception as e:  # ConfigError, and OmegaConf's interpolation errors

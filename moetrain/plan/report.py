@@ -308,3 +308,13 @@ def render(plan: dict[str, Any], console: Any = None) -> None:
     console.print(t)
     if a2a["ep_size"] == 1:
         console.print("ep_size=1: every expert is local, no all-to-all traffic.")
+    st = plan.get("step_time")
+    if st:
+        console.print()
+        console.print(
+            f"[bold]Step time on {st['cluster']}[/bold] (predicted, {st['tokens_per_step']:,} tokens per step): "
+            f"compute {st['compute_s']:.3g} s + all-to-all {st['all_to_all_s']:.3g} s + gradient reduction "
+            f"{st['grad_reduce_s']:.3g} s + optimizer {st['optimizer_s']:.3g} s = {st['total_s']:.3g} s "
+            f"(nothing overlaps); {st['tokens_per_s']:,.0f} tokens/s, "
+            f"{st['tokens_per_s_per_device']:,.0f} per device, MFU {st['mfu']:.1%}"
+        )
