@@ -11,7 +11,8 @@ def skip_exit_collection() -> None:
 
     A process that imported torch (with dynamo and sympy), transformers, datasets and DeepSpeed holds
     about half a million objects, and the collections CPython runs while shutting down walk them all:
-    about 1.3 s of a 9 s ``mixtral_tiny`` run on a 2-core CPU (benchmarks/README.md). By
+    about 1.3 s of a 9 s ``mixtral_tiny`` run on a 2-core CPU
+    (benchmarks/results/process_start_exit_epyc-avx2_2026-12-03.md). By
     the time atexit hooks run, our files are closed (checkpoints, metrics.jsonl, W&B are finished
     explicitly); logging and W&B flush in their own atexit hooks, which still run; the memory goes back
     to the OS either way. CPython never promised ``__del__`` for objects alive at exit.
