@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import os
 
 
 def skip_exit_collection() -> None:
@@ -20,3 +21,15 @@ def skip_exit_collection() -> None:
     Call from ``if __name__ == "__main__"`` only: a library import must not change the interpreter's
     exit for its host (pytest, a notebook)."""
     atexit.register(gc.freeze)  # objects in the permanent generation are never collected
+
+
+def quiet_cpu_accelerator() -> None:
+    """On a machine without CUDA, tell DeepSpeed it runs on the CPU (``DS_ACCELERATOR=cpu``).
+
+    transformers (5.25) imports DeepSpeed when it builds a model, and DeepSpeed's accelerator probe then
+    logs "Setting accelerator to CPU ..." to stdout: noise in commands whose stdout is their result
+    (export, generate, analyze). Training sets the same in ``moetrain.distributed.env``."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
