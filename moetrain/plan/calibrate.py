@@ -20,13 +20,15 @@ WIDTH = 512  # the K and N of the calibration GEMMs: an expert / projection of a
 
 
 def _best(fn, repeats: int = 5) -> float:
+    """Median seconds of ``repeats`` calls after a warm-up: on a shared host the sustained speed a
+    training run sees, not the best moment."""
     fn()
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    return min(times)
+    return sorted(times)[len(times) // 2]
 
 
 def measure_gemm(dtype_name: str) -> dict[int, float]:
