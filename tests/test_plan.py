@@ -665,3 +665,22 @@ def test_calibration_fit_recovers_a_known_curve():
     points = {m: 1e12 * m / (m + 100) for m in (32, 128, 512, 100000)}
     peak, half = fit_efficiency(points)
     assert peak == pytest.approx(1e12, rel=0.01) and half == pytest.approx(100, rel=0.02)
+
+
+def test_sweep_over_ep_size():
+    out = run_plan(
+        "model=mixtral_8x7b",
+        "plan.dp_size=16",
+        "optim.micro_batch_size=1",
+        "plan.seq_len=4096",
+        "plan.cluster=h100_nvlink_ib400",
+        "plan.sweep=ep_size",
+        "plan.format=json",
+    )
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)["sweep"]
+    assert [r["ep_size"] for r in rows] == [1, 2, 4, 8]
+    assert rows[0]["all_to_all_s"] == 0 < rows[-1]["all_to_all_s"]
+    assert rows[-1]["device_total"] < rows[0]["device_total"]
+    bad = run_plan("model=mixtral_tiny", "plan.sweep=ep_size")
+    assert bad.returncode == 2 and "plan.cluster" in bad.stderr

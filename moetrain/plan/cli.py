@@ -67,8 +67,56 @@ def _plan_from_cfg(cfg: Any) -> dict[str, Any]:
             activation_checkpointing=par.activation_checkpointing,
             offload_optimizer=par.offload_optimizer,
         )
+    sweep = plan_cfg.get("sweep")
+    if sweep:
+        if sweep != "ep_size" or not cluster_name:
+            raise ConfigError(
+                f"plan.sweep={sweep!r} is invalid: ep_size (with plan.cluster=NAME_OR_FILE for the step time)"
+            )
+        plan["sweep"] = _sweep_ep(
+            model_cfg, par, plan, dtype, micro_batch, seq_len, grad_accum, str(cluster_name)
+        )
     plan["vocab_source"] = _vocab_source(cfg)
     return {"format": fmt, "plan": plan}
+
+
+def _sweep_ep(
+    model_cfg, par, plan, dtype, micro_batch, seq_len, grad_accum, cluster_name
+) -> list[dict[str, Any]]:
+    """Predicted tokens/s and device memory for every ep_size that divides the experts and the ranks."""
+    from moetrain.plan.clusters import load_cluster
+    from moetrain.plan.memory import memory_plan
+    from moetrain.plan.step_time import step_time
+
+    cluster = load_cluster(cluster_name)
+    dp = plan["memory"]["layout"]["dp_size"]
+    rows = []
+    for ep in range(1, dp + 1):
+        if dp % ep or (ep > 1 and model_cfg.num_experts % ep):
+            continue
+        kw = dict(
+            ep_size=ep,
+            dp_size=dp,
+            zero_stage=par.zero_stage,
+            dtype=dtype,
+            micro_batch_size=micro_batch,
+            seq_len=seq_len,
+            activation_checkpointing=par.activation_checkpointing,
+            offload_optimizer=par.offload_optimizer,
+        )
+        st = step_time(model_cfg, cluster, grad_accum=grad_accum, **kw)
+        mem = memory_plan(model_cfg, device_memory_gib=plan["memory"]["device_memory_gib"], **kw)
+        rows.append(
+            {
+                "ep_size": ep,
+                "tokens_per_s": st["tokens_per_s"],
+                "total_s": st["total_s"],
+                "all_to_all_s": st["all_to_all_s"],
+                "device_total": mem["per_rank"]["device_total"],
+                "fits": mem["fits"],
+            }
+        )
+    return rows
 
 
 def _vocab_source(cfg: Any) -> str:
@@ -107,6 +155,12 @@ def _hydra_entry() -> None:
             print(json.dumps(out["plan"], indent=2))
         else:
             render(out["plan"])
+        for row in out["plan"].get("sweep", []) if out["format"] != "json" else []:
+            print(
+                f"ep_size={row['ep_size']}: {row['tokens_per_s']:,.0f} tokens/s predicted "
+                f"(all-to-all {row['all_to_all_s']:.3g} s of {row['total_s']:.3g} s), "
+                f"{row['device_total'] / 2**30:.1f} GiB per device, {'fits' if row['fits'] else 'does NOT fit'}"
+            )
 
     _main()
 
