@@ -130,6 +130,9 @@ class ModelConfig:
     moe_every: int = 1  # layer i is MoE iff num_experts > 0 and (i + 1) % moe_every == 0
     max_seq_len: int = 512
     rope_theta: float = 10000.0
+    # null = plain RoPE, or {rope_type: linear | dynamic | llama3 | yarn, <its fields>} named as in
+    # transformers' rope_parameters (moetrain/model/rope.py lists them).
+    rope_scaling: dict[str, Any] | None = None
     sliding_window: int | None = None
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
@@ -233,6 +236,10 @@ class ModelConfig:
                 self.sliding_window > 0, f"{prefix}.sliding_window", self.sliding_window, "positive or null"
             )
         _require(self.rope_theta > 0, f"{prefix}.rope_theta", self.rope_theta, "must be > 0")
+        if self.rope_scaling is not None:
+            from moetrain.model.rope import validate_rope_scaling
+
+            validate_rope_scaling(self.rope_scaling, f"{prefix}.rope_scaling")
         _require(self.init_std > 0, f"{prefix}.init_std", self.init_std, "must be > 0")
         _require(self.qk_norm in QK_NORMS, f"{prefix}.qk_norm", self.qk_norm, f"one of {', '.join(QK_NORMS)}")
         layers = self.mlp_only_layers
