@@ -246,7 +246,13 @@ def full_state_dict(
     expert_names = set(_expert_param_names(model))
     seen: set[int] = set()
     items = []
-    for name, t in model.state_dict(keep_vars=True).items():
+    state = model.state_dict(keep_vars=True)
+    for name, t in state.items():
+        if name in tied and t is not state[tied[name]]:  # never save a silently untied head
+            raise RuntimeError(
+                f"{name} is no longer {tied[name]}: the tie was lost (call model.tie_weights() after "
+                "replacing parameters)"
+            )
         if id(t) in seen or name in tied:
             continue
         seen.add(id(t))

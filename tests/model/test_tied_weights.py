@@ -124,6 +124,7 @@ def _engine_worker(rank: int, world: int) -> None:
         ).validate()
         torch.manual_seed(0)
         model = build_model(cfg, torch.device("cpu"), rank, world)
+        model.activation_checkpointing = zero == 2  # the head and embedding stay outside the blocks
         ep = parallelize(model, cfg, env)
         engine, *_ = build_engine(model, cfg, world)
         module = engine.module
@@ -152,3 +153,41 @@ def test_tie_survives_deepspeed_at_every_zero_stage_and_expert_parallel() -> Non
     """ZeRO-0 fp32, ZeRO-1 bf16, ZeRO-2 fp32 at ep_size=2: after three steps the head is the embedding
     (one Parameter), it trained, and the optimizer state and the gathered weights hold it once."""
     run_distributed(_engine_worker, 2, timeout=300)
+
+
+@pytest.mark.multiprocess
+def test_from_scratch_tied_model_stays_tied_through_resume_at_another_ep_size_and_export(
+    tmp_path: Path,
+) -> None:
+    """model.tie_embeddings=true from scratch: 3 steps on 1 process, resumed at ep_size=2 for 1 more,
+    exported. The checkpoints hold one matrix (saving a lost tie raises, see full_state_dict), the
+    loaded model and the export tie it, and the export computes our logits."""
+    import json
+
+    import transformers
+    from safetensors import safe_open
+
+    from moetrain.export import export
+    from moetrain.testing import check_ok, run_train, tiny
+
+    tied = ("model.tie_embeddings=true", "trainer.eval_every=0", "trainer.checkpoint_every=3")
+    first = tmp_path / "ep1"
+    check_ok(run_train(first, *tiny(*tied, "trainer.max_steps=3")))
+    second = tmp_path / "ep2"
+    resume = f"trainer.resume={first / 'checkpoints' / 'step_00000003'}"
+    ep2 = ("optim.micro_batch_size=2", "parallel.ep_size=2")
+    proc = check_ok(run_train(second, *tiny(*tied, *ep2, resume, "trainer.max_steps=4"), nproc=2))
+    assert "resharded" in proc.stdout
+    for ckpt in (first / "checkpoints" / "step_00000003", second / "checkpoints" / "step_00000004"):
+        with safe_open(str(ckpt / MODEL_FILE), "pt") as f:
+            assert "embed.weight" in f.keys() and "lm_head.weight" not in f.keys()  # noqa: SIM118
+        loaded = load_model(ckpt, load_tokenizer=False).model
+        assert_tied(loaded, loaded.cfg)
+    export(second, tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["tie_word_embeddings"] is True
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    assert back.lm_head.weight is back.model.embed_tokens.weight
+    ids = torch.randint(0, loaded.cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = loaded(ids).logits
+        assert (back(ids).logits - ours).abs().max() <= 1e-5 * max(1.0, ours.abs().max().item())
