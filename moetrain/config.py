@@ -64,6 +64,11 @@ class MoEConfig:
     # after every optimizer step, from the step's global loads. 0 = off (no bias in the model).
     bias_update_rate: float = 0.0
     seq_aux_loss_weight: float = 0.0  # DeepSeek-V3 sequence-wise balance loss weight (alpha); 0 = off
+    # Group-limited routing (DeepSeek-V3): experts in n_group groups, each token chooses within its
+    # topk_group best groups (by the sum of each group's two best scores). 1 / 1 = off.
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0  # multiplies the combine weights (DeepSeek-V3: 2.5)
 
     def validate(self, prefix: str = "model.moe") -> None:
         _require(self.backend in MOE_BACKENDS, f"{prefix}.backend", self.backend, f"one of {MOE_BACKENDS}")
@@ -111,6 +116,19 @@ class MoEConfig:
             f"{prefix}.seq_aux_loss_weight",
             self.seq_aux_loss_weight,
             "must be >= 0",
+        )
+        _require(self.n_group >= 1, f"{prefix}.n_group", self.n_group, "must be >= 1 (1 = no groups)")
+        _require(
+            1 <= self.topk_group <= self.n_group,
+            f"{prefix}.topk_group",
+            self.topk_group,
+            f"must be between 1 and n_group={self.n_group}",
+        )
+        _require(
+            self.routed_scaling_factor > 0,
+            f"{prefix}.routed_scaling_factor",
+            self.routed_scaling_factor,
+            "must be > 0 (1 = unscaled)",
         )
 
 
@@ -224,6 +242,20 @@ class ModelConfig:
                 self.top_k,
                 f"must be between 1 and num_experts={self.num_experts}",
             )
+            g = self.moe.n_group
+            if g > 1:
+                _require(
+                    self.num_experts % g == 0 and self.num_experts // g >= 2,
+                    f"{prefix}.moe.n_group",
+                    g,
+                    f"must divide num_experts={self.num_experts} into groups of >= 2 experts",
+                )
+                _require(
+                    self.top_k <= self.moe.topk_group * (self.num_experts // g),
+                    f"{prefix}.top_k",
+                    self.top_k,
+                    f"must be <= topk_group x experts per group = {self.moe.topk_group * (self.num_experts // g)}",
+                )
         if self.dense_ffn_hidden_size is not None:
             _require(
                 self.dense_ffn_hidden_size > 0,

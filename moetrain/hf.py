@@ -97,6 +97,12 @@ def _check_router(cfg: ModelConfig, arch: str) -> None:
             f"model.moe.score_function={cfg.moe.score_function} (DeepSeek-V3 routing), which it cannot hold, "
             "so its exported routing and logits would differ"
         )
+    if cfg.moe.n_group > 1 or cfg.moe.routed_scaling_factor != 1.0:
+        _refuse(
+            f"transformers' {arch} has no group-limited routing nor routed_scaling_factor; this model uses "
+            f"model.moe.n_group={cfg.moe.n_group}, routed_scaling_factor={cfg.moe.routed_scaling_factor}, so its "
+            "exported routing and logits would differ"
+        )
     if cfg.moe.bias_update_rate > 0:
         _refuse(
             f"transformers' {arch} has no expert-selection bias; this model was trained with aux-loss-free "
