@@ -64,6 +64,11 @@ class MoEConfig:
     # after every optimizer step, from the step's global loads. 0 = off (no bias in the model).
     bias_update_rate: float = 0.0
     seq_aux_loss_weight: float = 0.0  # DeepSeek-V3 sequence-wise balance loss weight (alpha); 0 = off
+    # Group-limited routing (DeepSeek-V3): experts in n_group groups, each token chooses within its
+    # topk_group best groups (by the sum of each group's two best scores). 1 / 1 = off.
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0  # multiplies the combine weights (DeepSeek-V3: 2.5)
 
     def validate(self, prefix: str = "model.moe") -> None:
         _require(self.backend in MOE_BACKENDS, f"{prefix}.backend", self.backend, f"one of {MOE_BACKENDS}")
@@ -112,6 +117,19 @@ class MoEConfig:
             self.seq_aux_loss_weight,
             "must be >= 0",
         )
+        _require(self.n_group >= 1, f"{prefix}.n_group", self.n_group, "must be >= 1 (1 = no groups)")
+        _require(
+            1 <= self.topk_group <= self.n_group,
+            f"{prefix}.topk_group",
+            self.topk_group,
+            f"must be between 1 and n_group={self.n_group}",
+        )
+        _require(
+            self.routed_scaling_factor > 0,
+            f"{prefix}.routed_scaling_factor",
+            self.routed_scaling_factor,
+            "must be > 0 (1 = unscaled)",
+        )
 
 
 @dataclass
@@ -130,6 +148,9 @@ class ModelConfig:
     moe_every: int = 1  # layer i is MoE iff num_experts > 0 and (i + 1) % moe_every == 0
     max_seq_len: int = 512
     rope_theta: float = 10000.0
+    # null = plain RoPE, or {rope_type: linear | dynamic | llama3 | yarn, <its fields>} named as in
+    # transformers' rope_parameters (moetrain/model/rope.py lists them).
+    rope_scaling: dict[str, Any] | None = None
     sliding_window: int | None = None
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
@@ -221,6 +242,20 @@ class ModelConfig:
                 self.top_k,
                 f"must be between 1 and num_experts={self.num_experts}",
             )
+            g = self.moe.n_group
+            if g > 1:
+                _require(
+                    self.num_experts % g == 0 and self.num_experts // g >= 2,
+                    f"{prefix}.moe.n_group",
+                    g,
+                    f"must divide num_experts={self.num_experts} into groups of >= 2 experts",
+                )
+                _require(
+                    self.top_k <= self.moe.topk_group * (self.num_experts // g),
+                    f"{prefix}.top_k",
+                    self.top_k,
+                    f"must be <= topk_group x experts per group = {self.moe.topk_group * (self.num_experts // g)}",
+                )
         if self.dense_ffn_hidden_size is not None:
             _require(
                 self.dense_ffn_hidden_size > 0,
@@ -233,6 +268,10 @@ class ModelConfig:
                 self.sliding_window > 0, f"{prefix}.sliding_window", self.sliding_window, "positive or null"
             )
         _require(self.rope_theta > 0, f"{prefix}.rope_theta", self.rope_theta, "must be > 0")
+        if self.rope_scaling is not None:
+            from moetrain.model.rope import validate_rope_scaling
+
+            validate_rope_scaling(self.rope_scaling, f"{prefix}.rope_scaling")
         _require(self.init_std > 0, f"{prefix}.init_std", self.init_std, "must be > 0")
         _require(self.qk_norm in QK_NORMS, f"{prefix}.qk_norm", self.qk_norm, f"one of {', '.join(QK_NORMS)}")
         layers = self.mlp_only_layers

@@ -125,6 +125,24 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
 BIAS_SUFFIX = ".ffn.router.expert_bias"
 
 
+def _honour_ties(model_cfg: Any, state: dict[str, torch.Tensor], folder: Path) -> Any:
+    """A tied model's file holds the embedding once and the export ties it (``tie_word_embeddings``).
+    A file that holds its own, different head though the config ties it (written while the tie was
+    lost, before 2026-12-05) was trained untied: exported untied, with a warning, so its logits stay."""
+    from moetrain.model.transformer import declared_ties, untied_in_state
+
+    broken = untied_in_state(state, declared_ties(model_cfg))
+    if not broken:
+        return model_cfg
+    warnings.warn(
+        f"{folder / MODEL_FILE}: {broken[0]} differs from the tensor it is tied to (written while the tie was "
+        "lost): exported untied (tie_word_embeddings=false), as it was trained",
+        UserWarning,
+        stacklevel=3,
+    )
+    return dataclasses.replace(model_cfg, tie_embeddings=False)
+
+
 def export(
     checkpoint: str | Path,
     out_dir: str | Path,
@@ -170,6 +188,7 @@ def export(
             "logits differ from the trained model's",
             stacklevel=2,
         )
+    model_cfg = _honour_ties(model_cfg, state, folder)
     if dtype is not None:
         state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
     tokenizer = _load_tokenizer(folder)

@@ -49,6 +49,7 @@ ARCH_KEYS = (
     "mlp_only_layers",
     "max_seq_len",
     "rope_theta",
+    "rope_scaling",
     "sliding_window",
     "norm_eps",
     "tie_embeddings",
@@ -352,6 +353,7 @@ def load_pretrained(
                     params[ours.replace(".w1", ".v1")].copy_(t[:, F:])
                 else:  # down: [El, H, F]
                     params[ours].copy_(f.get_slice(name)[lo:hi].transpose(1, 2))
+    model.tie_weights()  # a tied head was filled through its embedding (one tensor); keep it one
 
 
 def _fill_experts(param: torch.Tensor, layer: Any, dense: torch.Tensor, name: str, noise: float) -> None:

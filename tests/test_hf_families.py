@@ -55,19 +55,29 @@ def load_ours(folder: Path, ep_rank: int = 0, ep_size: int = 1, overrides: list[
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """family -> (folder, transformers model)."""
+    """family -> (folder, transformers model); (family, tied) -> the same with or without tied embeddings
+    (every family allows both)."""
     out = {}
     for fam in FAMILIES:
-        folder = tmp_path_factory.mktemp(fam)
-        out[fam] = (folder, tiny_hf_model(fam, folder))
+        for tie in (False, True):
+            folder = tmp_path_factory.mktemp(f"{fam}-tied" if tie else fam)
+            out[(fam, tie)] = (folder, tiny_hf_model(fam, folder, tie_word_embeddings=tie))
+        out[fam] = out[(fam, False)]
     return out
 
 
+def _assert_tie(model, tie: bool) -> None:  # noqa: ANN001
+    assert (model.lm_head.weight is model.embed.weight) == tie  # one tensor, or two
+
+
 @pytest.mark.numerics
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_init_from_computes_transformers_logits(saved, family: str) -> None:
-    folder, hf = saved[family]
+def test_init_from_computes_transformers_logits(saved, family: str, tie: bool) -> None:
+    folder, hf = saved[(family, tie)]
     ours, cfg = load_ours(folder)
+    _assert_tie(ours, tie)
+    assert cfg.model.tie_embeddings == tie
     assert hf_architecture(cfg.model) == HF_FAMILIES[family][1]  # exports as what it came from
     with torch.no_grad():
         a, b = ours(_ids()).logits, hf(_ids()).logits
@@ -129,16 +139,20 @@ def _greedy_hf(hf, ids: torch.Tensor, n: int) -> torch.Tensor:
 
 
 @pytest.mark.numerics
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_export_loads_as_the_source_architecture(saved, family: str, tmp_path: Path) -> None:
-    folder, _ = saved[family]
+def test_export_loads_as_the_source_architecture(saved, family: str, tie: bool, tmp_path: Path) -> None:
+    folder, _ = saved[(family, tie)]
     ours, cfg = load_ours(folder)
     with torch.no_grad():  # trained weights differ from the source: move them off the saved values
         for p in ours.parameters():
             p.add_(0.01 * torch.randn_like(p))
+    _assert_tie(ours, tie)
     hf_model_from_state(cfg.model, ours.state_dict()).save_pretrained(str(tmp_path))
-    arch = json.loads((tmp_path / "config.json").read_text())["architectures"]
-    assert arch == [HF_FAMILIES[family][1]]
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["architectures"] == [HF_FAMILIES[family][1]]
+    assert config["tie_word_embeddings"] == tie
+    assert ("lm_head.weight" in load_file(str(tmp_path / "model.safetensors"))) == (not tie)  # stored once
     back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
     assert type(back).__name__ == HF_FAMILIES[family][1]
     with torch.no_grad():

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,11 +45,12 @@ def save_model_file(state_dict: dict[str, torch.Tensor], folder: Path, config: d
     """Write model.safetensors + config.yaml into ``folder`` (the caller makes the folder atomic)."""
     folder.mkdir(parents=True, exist_ok=True)
     unique: dict[str, torch.Tensor] = {}
-    seen: dict[int, str] = {}
-    for k, v in state_dict.items():  # safetensors refuses shared storage: drop tied duplicates
-        if v.data_ptr() in seen and k == "lm_head.weight":
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    for k, v in state_dict.items():  # a tied parameter is one tensor: stored once, under its first name
+        key = (v.data_ptr(), tuple(v.shape))
+        if key in seen:
             continue
-        seen[v.data_ptr()] = k
+        seen.add(key)
         unique[k] = v.detach().to("cpu").contiguous()
     save_file(unique, str(folder / MODEL_FILE), metadata={"format": "pt", "producer": "moetrain"})
     with open(folder / CONFIG_FILE, "w") as f:
@@ -74,19 +77,30 @@ class LoadedModel:
 def load_model(path: str | os.PathLike, *, device: str = "cpu", load_tokenizer: bool = True) -> LoadedModel:
     """Build a single-process MoETransformer (all experts local) from any checkpoint."""
     from moetrain.model import MoETransformer
+    from moetrain.model.transformer import declared_ties, drop_aliases, tied_aliases, untied_in_state
 
     folder = resolve_checkpoint(path)
     config = read_config(folder)
     model_cfg = model_config_from_dict(config["model"])
-    model = MoETransformer(model_cfg)
     state = load_file(str(folder / MODEL_FILE), device=device)
-    if model_cfg.tie_embeddings:
-        state.setdefault("lm_head.weight", state["embed.weight"])
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
+    if untied_in_state(state, declared_ties(model_cfg)):
+        # Written while the tie was lost (moetrain before 2026-12-05): the model trained an own head.
+        warnings.warn(
+            f"{folder / MODEL_FILE}: lm_head.weight differs from embed.weight though model.tie_embeddings=true "
+            "(written while the tie was lost); loaded untied, as it was trained",
+            UserWarning,
+            stacklevel=2,
+        )
+        model_cfg = dataclasses.replace(model_cfg, tie_embeddings=False)
+        config["model"]["tie_embeddings"] = False
+    model = MoETransformer(model_cfg)
+    tied = tied_aliases(model)
+    missing, unexpected = model.load_state_dict(drop_aliases(state, tied), strict=False)
+    if set(missing) - set(tied) or unexpected:
         raise CheckpointError(
             f"{folder / MODEL_FILE} does not match the config: missing {missing}, unexpected {unexpected}"
         )
+    model.tie_weights()
     model.to(device).eval()
     tokenizer = None
     if load_tokenizer and (folder / TOKENIZER_DIR).is_dir():

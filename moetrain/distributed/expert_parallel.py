@@ -158,6 +158,7 @@ def build_model(cfg: TrainConfig, device: torch.device, ep_rank: int = 0, ep_siz
     if ep_size > 1:
         shard_experts(model, ep_rank, ep_size)
     model.to_empty(device=device)
+    model.tie_weights()  # to_empty made one new Parameter per module: the tied head is the embedding again
     model.reset_parameters()
     return model
 
@@ -238,12 +239,21 @@ def full_state_dict(
     """Every parameter and buffer with all experts in global order, on the host of rank 0 (None
     elsewhere). ``master(param)``, when given, supplies a parameter's value (the optimizer's fp32
     master weight) instead of the module's own copy. A tied parameter is stored once, under its
-    first name (loaders re-tie ``lm_head.weight``)."""
+    source name (``tied_aliases``: loaders re-tie the aliases)."""
+    from moetrain.model.transformer import tied_aliases
+
+    tied = tied_aliases(model)
     expert_names = set(_expert_param_names(model))
     seen: set[int] = set()
     items = []
-    for name, t in model.state_dict(keep_vars=True).items():
-        if id(t) in seen:
+    state = model.state_dict(keep_vars=True)
+    for name, t in state.items():
+        if name in tied and t is not state[tied[name]]:  # never save a silently untied head
+            raise RuntimeError(
+                f"{name} is no longer {tied[name]}: the tie was lost (call model.tie_weights() after "
+                "replacing parameters)"
+            )
+        if id(t) in seen or name in tied:
             continue
         seen.add(id(t))
         is_param = isinstance(t, nn.Parameter)
@@ -292,10 +302,22 @@ def read_layout_free(path: Path, model: nn.Module, ep: ExpertParallelInfo) -> di
 def load_model_file_shard(model: nn.Module, path: Path, ep: ExpertParallelInfo) -> dict[str, torch.Tensor]:
     """Load a layout-free ``model.safetensors`` (this rank's experts only); returns what was read
     (full precision: a bf16 module gets rounded copies, the optimizer's fp32 masters take the file's)."""
+    from moetrain.checkpoint.model_file import CheckpointError
+    from moetrain.model.transformer import drop_aliases, tied_aliases, untied_in_state
+
     sd = read_layout_free(path, model, ep)
-    if getattr(model, "cfg", None) is not None and model.cfg.tie_embeddings:
-        sd.setdefault("lm_head.weight", sd["embed.weight"])
-    model.load_state_dict(sd, strict=True)
+    tied = tied_aliases(model)
+    broken = untied_in_state(sd, tied)
+    if broken:
+        raise CheckpointError(
+            f"{path}: {broken[0]} differs from {tied[broken[0]]} though the model ties them (a checkpoint "
+            "written while the tie was lost): export it (exported untied) or train on with model.tie_embeddings=false"
+        )
+    sd = drop_aliases(sd, tied)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if set(missing) - set(tied) or unexpected:
+        raise CheckpointError(f"{path} does not match the model: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
     return sd
 
 

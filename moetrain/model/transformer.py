@@ -90,6 +90,30 @@ def _normal(shape: torch.Size, std: float, seed: int) -> torch.Tensor:
     return torch.empty(shape).normal_(0.0, std, generator=torch.Generator().manual_seed(seed))
 
 
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """alias name -> source name of ``model``'s tied parameters (``MoETransformer.tied_weights``; {} for
+    a model without ties). Checkpoints store only the sources; loaders restore the aliases."""
+    model = getattr(model, "module", model)  # a DeepSpeed engine
+    return dict(getattr(model, "tied_weights", None) or {})
+
+
+def declared_ties(cfg: ModelConfig) -> dict[str, str]:
+    """The ``tied_weights`` a model of ``cfg`` declares (built on the meta device: costs nothing)."""
+    with torch.device("meta"):
+        return tied_aliases(MoETransformer(cfg))
+
+
+def drop_aliases(state: dict[str, torch.Tensor], tied: dict[str, str]) -> dict[str, torch.Tensor]:
+    """``state`` without the alias keys of ``tied`` (what a checkpoint or export file stores)."""
+    return {k: v for k, v in state.items() if k not in tied}
+
+
+def untied_in_state(state: dict[str, torch.Tensor], tied: dict[str, str]) -> list[str]:
+    """Aliases that ``state`` holds as a tensor of their own, different from their source: a file
+    written while the tie was broken (moetrain before 2026-12-05 lost it in the meta-device build)."""
+    return [a for a, s in tied.items() if a in state and s in state and not torch.equal(state[a], state[s])]
+
+
 class MoETransformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -98,9 +122,13 @@ class MoETransformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.embed.weight
-        self.rope = RotaryEmbedding(cfg.head_size, cfg.max_seq_len, cfg.rope_theta)
+        # Tied parameters, declared once: alias name -> source name. Every path that makes or replaces
+        # parameters (meta build + to_empty, loading, export) calls tie_weights(), which makes the alias
+        # the *same* Parameter object as its source: named_parameters() yields it once (one optimizer
+        # entry, gradients from both uses summed), and files store it once, under the source name.
+        self.tied_weights: dict[str, str] = {"lm_head.weight": "embed.weight"} if cfg.tie_embeddings else {}
+        self.tie_weights()
+        self.rope = RotaryEmbedding(cfg.head_size, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
         self.activation_checkpointing = False
         # parallel.compile: torch.compile'd callables over self.layers (model/compile.py); a plain
         # list, not modules, so names and state dicts do not change. Used without a KV cache only.
@@ -113,6 +141,13 @@ class MoETransformer(nn.Module):
         # empty after every update). See after_optimizer_step.
         self._bias_counts_LE: torch.Tensor | None = None
         self.reset_parameters()
+
+    def tie_weights(self) -> None:
+        """Make every alias of ``tied_weights`` its source's Parameter object again (``to_empty``,
+        ``load_state_dict(assign=True)`` and the like make one new Parameter per module). Idempotent."""
+        for alias, source in self.tied_weights.items():
+            owner, _, attr = alias.rpartition(".")
+            setattr(self.get_submodule(owner), attr, self.get_parameter(source))
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -88,6 +88,9 @@ class MoELayer(nn.Module):
             cfg.jitter_eps,
             cfg.score_function,
             cfg.bias_update_rate,
+            cfg.n_group,
+            cfg.topk_group,
+            cfg.routed_scaling_factor,
         )
         self.seq_aux_loss = cfg.seq_aux_loss_weight > 0
         # A one-line ConfigError here, at model construction, when megablocks was asked for but can't run.

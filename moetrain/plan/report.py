@@ -93,6 +93,8 @@ def build_plan(
             "attention_bias": cfg.attention_bias,
             "tie_embeddings": cfg.tie_embeddings,
             "max_seq_len": cfg.max_seq_len,
+            "rope_theta": cfg.rope_theta,
+            "rope_scaling": cfg.rope_scaling,
         },
         "total_params": counts["total"],
         "active_params": counts["active"],

@@ -48,6 +48,7 @@ from moetrain.tracking import CollapseDetector, MetricsFile, RoutingAccumulator,
 from moetrain.trainer.engine import build_engine, resolve_dtype, slow_dtype_warning
 from moetrain.trainer.guards import NonFiniteGuard, StopRequest, TrainingDiverged
 from moetrain.trainer.host_memory import configure_host_allocator
+from moetrain.trainer.pretrained_start import check_pretrained_start
 
 # Dense bf16 peak TFLOP/s for MFU on known accelerators; unknown devices (and CPUs) log TFLOP/s only.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
@@ -698,6 +699,8 @@ class Trainer:
             from tqdm import tqdm
 
             self._bar = tqdm(total=c.trainer.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
+        if target in (None, "None"):  # a pretrained start is evaluated (and checked) before step 1
+            check_pretrained_start(self)
         stopper = StopRequest(c.trainer.stop_signals, c.trainer.stop_after_minutes)
         stopper.install()
         self.engine.train()
