@@ -313,6 +313,8 @@ class DataConfig:
     token_dtype: str | None = None  # data.name=tokens, headerless files only
     weight: float = 1.0  # as a mixture source
     domain: str | None = None  # as a mixture source (default: the source's name)
+    # Keep only the documents whose domain_field value is this (e.g. one domain of the builtin corpus).
+    select_domain: str | None = None
 
     def validate(self, prefix: str = "data") -> None:
         _require(bool(self.name), f"{prefix}.name", self.name, "must name a dataset ('builtin', 'json', ...)")
