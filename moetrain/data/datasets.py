@@ -239,6 +239,12 @@ def load_documents(cfg: DataConfig, *, verbose: bool = True) -> Documents:
 # Tokenising and packing
 
 
+def tokenized_cache(docs: Documents, cfg: DataConfig, tokenizer_fp: str) -> tuple[Path, str]:
+    """Where the tokenised splits of ``docs`` are cached, and the key (their fingerprint prefix)."""
+    key = _cache_key(docs, cfg, tokenizer_fp)
+    return resolve_data_dir(cfg.data_dir) / "tokenized" / key, key
+
+
 def _cache_key(docs: Documents, cfg: DataConfig, tokenizer_fp: str) -> str:
     parts = [
         TOKENIZED_VERSION,
@@ -265,6 +271,7 @@ def tokenize(
     tokenizer: PreTrainedTokenizerBase,
     cache_file: Path,
     fingerprint: str,
+    num_proc: int | None = None,
 ) -> datasets.Dataset:
     """Per document: ``input_ids`` (with EOS appended) and ``domain_id``; cached in ``cache_file``."""
     backend = tokenizer.backend_tokenizer  # 2-3x faster than the transformers __call__
@@ -292,6 +299,8 @@ def tokenize(
         features=features,
         cache_file_name=str(cache_file),
         new_fingerprint=fingerprint,
+        num_proc=num_proc,
+        desc=f"tokenizing {cache_file.stem}" if num_proc else None,
     )
 
 
@@ -309,8 +318,7 @@ def tokenize_and_pack(
     docs: Documents, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, tokenizer_fp: str
 ) -> tuple[dict[str, PackedDataset], dict[str, Any]]:
     """Packed train/validation sets and their statistics."""
-    key = _cache_key(docs, cfg, tokenizer_fp)
-    cache_dir = resolve_data_dir(cfg.data_dir) / "tokenized" / key
+    cache_dir, key = tokenized_cache(docs, cfg, tokenizer_fp)
     packed: dict[str, PackedDataset] = {}
     stats: dict[str, Any] = {"documents": {}, "tokens": {}, "blocks": {}, "tokens_per_domain": {}}
     start = time.perf_counter()
