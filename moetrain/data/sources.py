@@ -109,19 +109,28 @@ def build_mixture(cfg: DataConfig, verbose: bool) -> DataBundle:
     from moetrain.data.tokens import token_datasets
 
     sources = cfg.mixture_sources()
-    text_docs = {i: load_documents(s, verbose=verbose) for i, s in enumerate(sources) if s.name != "tokens"}
+    text_docs = {}
+    for i, src in enumerate(sources):
+        if src.name != "tokens":
+            try:
+                text_docs[i] = load_documents(src, verbose=verbose)
+            except DataError as e:
+                raise DataError(f"data.sources[{i}] ({src.domain}): {e}") from e
     tokenizer = _mixture_tokenizer(cfg, sources, text_docs, verbose)
     fingerprint = tokenizer_fingerprint(tokenizer)
     train, validation = [], []
     stats: dict[str, Any] = {"sources": {}}
     for i, src in enumerate(sources):
-        if i in text_docs:
-            packed, s_stats = tokenize_and_pack(text_docs[i], tokenizer, src, fingerprint)
-            tr, va = packed["train"], packed["validation"]
-        else:
-            tr, va, s_stats = token_datasets(
-                src.data_files, src.token_dtype, src.seq_len, src.validation_fraction, len(tokenizer), i
-            )
+        try:
+            if i in text_docs:
+                packed, s_stats = tokenize_and_pack(text_docs[i], tokenizer, src, fingerprint)
+                tr, va = packed["train"], packed["validation"]
+            else:
+                tr, va, s_stats = token_datasets(
+                    src.data_files, src.token_dtype, src.seq_len, src.validation_fraction, len(tokenizer), i
+                )
+        except DataError as e:
+            raise DataError(f"data.sources[{i}] ({src.domain}): {e}") from e
         train.append(tr)
         validation.append(va)
         stats["sources"][src.domain] = {
