@@ -30,11 +30,15 @@ from moetrain.model.transformer import MoETransformer
 
 
 def model_config(name: str, vocab: int):
-    import yaml
+    """The model preset ``name`` as the training command composes it (Hydra), with ``vocab`` ids."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
 
     from moetrain import CONFIG_DIR
 
-    values = yaml.safe_load((CONFIG_DIR / "model" / f"{name}.yaml").read_text())
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"model={name}", f"data.vocab_size={vocab}"])
+    values = OmegaConf.to_container(cfg.model, resolve=True)
     values["vocab_size"] = vocab
     return model_config_from_dict(values)
 
