@@ -7,6 +7,7 @@ one-line ``ConfigError`` naming the field, the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,8 +23,14 @@ HOST_ALLOCATORS = ("retain", "system")  # parallel.host_allocator (trainer/host_
 QK_NORMS = ("none", "full", "per_head")
 # data.name values that are not Hugging Face Hub datasets: ours, and the `datasets` loaders for
 # local files (data.data_files).
-DATA_SOURCES = ("builtin", "fixture")
+DATA_SOURCES = ("builtin", "fixture", "mixture", "tokens")
 DATA_LOADERS = ("json", "text", "parquet", "csv", "arrow")
+# data.on_exhausted: a mixture source (or the single source) that has been read once is read again in
+# a new order (repeat) or ends the run with a checkpoint (stop).
+ON_EXHAUSTED = ("repeat", "stop")
+# data.token_dtype for headerless token files (.bin, OLMo-style raw .npy); .npy with a header and
+# Megatron .bin with an .idx carry their own.
+TOKEN_DTYPES = ("uint16", "uint32", "int32", "int64", "uint8")
 # How data.name=text cuts files into documents (blank-line separated paragraphs by default).
 TEXT_SPLITS = ("line", "paragraph", "file")
 # Common names for a loader's file type that are not loader names themselves.
@@ -336,6 +343,17 @@ class DataConfig:
     vocab_size: int = 8192  # of the builtin BPE
     data_dir: str | None = None  # None: $MOETRAIN_DATA_DIR or ~/.cache/moetrain
     max_documents: int | None = None  # cap on documents (quick experiments)
+    # data.name=mixture: a list of sources, each a mapping of the fields above (name, data_files,
+    # text_field, ...) plus weight (> 0, normalised) and domain (a unique name; metrics use it).
+    sources: list[Any] | None = None
+    on_exhausted: str = "repeat"  # repeat | stop (see ON_EXHAUSTED)
+    # Attention stays inside each EOS-terminated document of a packed block; positions restart at 0.
+    document_masking: bool = False
+    token_dtype: str | None = None  # data.name=tokens, headerless files only
+    weight: float = 1.0  # as a mixture source
+    domain: str | None = None  # as a mixture source (default: the source's name)
+    # Keep only the documents whose domain_field value is this (e.g. one domain of the builtin corpus).
+    select_domain: str | None = None
 
     def validate(self, prefix: str = "data") -> None:
         _require(bool(self.name), f"{prefix}.name", self.name, "must name a dataset ('builtin', 'json', ...)")
@@ -366,6 +384,77 @@ class DataConfig:
             self.vocab_size,
             "must be >= 300 (bytes + specials)",
         )
+        _require(
+            self.on_exhausted in ON_EXHAUSTED,
+            f"{prefix}.on_exhausted",
+            self.on_exhausted,
+            f"one of {', '.join(ON_EXHAUSTED)}",
+        )
+        _require(
+            self.token_dtype is None or self.token_dtype in TOKEN_DTYPES,
+            f"{prefix}.token_dtype",
+            self.token_dtype,
+            f"null (from the file) or one of {', '.join(TOKEN_DTYPES)}",
+        )
+        _require(
+            isinstance(self.weight, (int, float)) and self.weight > 0 and math.isfinite(self.weight),
+            f"{prefix}.weight",
+            self.weight,
+            "must be a positive number (a mixture source's share, normalised over the sources)",
+        )
+        if self.name == "tokens" and self.data_files is None:
+            raise ConfigError(
+                f"{prefix}.name=tokens needs {prefix}.data_files: token files (.npy, .bin), a glob, a "
+                "list, {train: ..., validation: ...} or a folder written by python -m moetrain.data.prepare"
+            )
+        if self.name == "mixture":
+            self.mixture_sources(prefix)
+        elif self.sources is not None:
+            raise ConfigError(
+                f"{prefix}.sources is set but {prefix}.name={self.name!r}: use {prefix}.name=mixture "
+                f"to train on the sources, or remove {prefix}.sources"
+            )
+
+    # Fields a mixture source takes from the mixture itself (one tokenizer, one block length).
+    SHARED_FIELDS = ("seq_len", "tokenizer", "vocab_size", "data_dir", "document_masking", "on_exhausted")
+
+    def mixture_sources(self, prefix: str = "data") -> list[DataConfig]:
+        """``data.sources`` as validated configs: each source's own fields, the shared ones from the
+        mixture, ``domain`` defaulting to the source's name. One-line errors name the source."""
+        if not isinstance(self.sources, (list, tuple)) or not self.sources:
+            raise ConfigError(
+                f"{prefix}.name=mixture needs {prefix}.sources: a non-empty list of sources, e.g. "
+                f"[{{name: json, data_files: a.jsonl, weight: 0.7, domain: web}}, ...]"
+            )
+        shared = {k: getattr(self, k) for k in self.SHARED_FIELDS}
+        out: list[DataConfig] = []
+        for i, raw in enumerate(self.sources):
+            where = f"{prefix}.sources[{i}]"
+            if not isinstance(raw, dict):
+                raise ConfigError(f"{where} must be a mapping with name, weight, domain, ... (got {raw!r})")
+            for key in self.SHARED_FIELDS:
+                if key in raw and raw[key] != shared[key]:
+                    raise ConfigError(
+                        f"{where}.{key} is invalid: every source shares the mixture's {prefix}.{key} "
+                        f"({shared[key]!r}); set it on {prefix} instead"
+                    )
+            if raw.get("name") in ("mixture", None) or "sources" in raw:
+                raise ConfigError(f"{where}.name={raw.get('name')!r} is invalid: a source is not a mixture")
+            if "weight" not in raw:
+                raise ConfigError(f"{where}.weight is missing: give each source a positive weight")
+            src = _build(DataConfig, {**raw, **shared}, where)
+            src.validate(where)
+            if src.domain is None:
+                src.domain = os.path.basename(str(src.name).rstrip("/")) or f"source{i}"
+            out.append(src)
+        domains = [s.domain for s in out]
+        dupes = sorted({d for d in domains if domains.count(d) > 1})
+        if dupes:
+            raise ConfigError(
+                f"{prefix}.sources: domain {dupes[0]!r} is used by more than one source; give each "
+                "source its own domain (metrics are logged per domain)"
+            )
+        return out
 
 
 def _edit_distance_at_most_one(a: str, b: str) -> bool:

@@ -75,7 +75,10 @@ class Attention(nn.Module):
         x_BTH: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         cache: KVCache | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``mask``: a boolean [B, 1, T, T] attention mask replacing the causal / sliding-window one
+        (document masking, model/documents.py); not with a cache."""
         B, T, _ = x_BTH.shape
         q, k = self.q_proj(x_BTH), self.k_proj(x_BTH)
         if self.qk_norm == "full":
@@ -96,7 +99,9 @@ class Attention(nn.Module):
             rep = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         window_active = self.sliding_window is not None and kv_len > self.sliding_window
-        if kv_len == T and not window_active:
+        if mask is not None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        elif kv_len == T and not window_active:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             mask = _causal_mask(T, kv_len, self.sliding_window, x_BTH.device)

@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from moetrain.config import ModelConfig
 from moetrain.model.attention import Attention, KVCache
+from moetrain.model.documents import document_mask, document_positions
 from moetrain.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
 from moetrain.model.lm_loss import linear_cross_entropy
 from moetrain.moe import (
@@ -71,9 +72,13 @@ class Block(nn.Module):
             self.ffn = SwiGLU(cfg.hidden_size, cfg.dense_ffn_size)
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache | None = None
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: KVCache | None = None,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, RouterStats | None]:
-        x = x + self.attention(self.attention_norm(x), rope, cache)
+        x = x + self.attention(self.attention_norm(x), rope, cache, mask)
         h = self.ffn_norm(x)
         if self.is_moe:
             y, stats = self.ffn(h)
@@ -196,19 +201,31 @@ class MoETransformer(nn.Module):
         labels_BT: torch.Tensor | None = None,
         caches: list[KVCache] | None = None,
         return_logits: bool = False,
+        document_ids_BT: torch.Tensor | None = None,
     ) -> ModelOutput:
-        T = input_ids_BT.shape[1]
+        """``document_ids_BT`` (data.document_masking): per token, its document in the packed block;
+        attention then stays inside each document and positions restart (model/documents.py)."""
+        B, T = input_ids_BT.shape
         start = caches[0].length if caches else 0
         x = self.embed(input_ids_BT)
-        positions = torch.arange(start, start + T, device=input_ids_BT.device)
-        rope = self.rope(positions, x.dtype)
+        mask = None
+        if document_ids_BT is None:
+            positions = torch.arange(start, start + T, device=input_ids_BT.device)
+            rope = self.rope(positions, x.dtype)
+        else:
+            if caches:
+                raise ValueError("document_ids_BT is for training and evaluation, not with a KV cache")
+            document_ids_BT = document_ids_BT.to(input_ids_BT.device)
+            cos, sin = self.rope(document_positions(document_ids_BT).reshape(-1), x.dtype)
+            rope = (cos.view(B, 1, T, -1), sin.view(B, 1, T, -1))  # per sequence: broadcast over heads
+            mask = document_mask(document_ids_BT, self.cfg.sliding_window)
         stats: list[RouterStats] = []
         blocks = self.compiled_blocks if self.compiled_blocks is not None and caches is None else self.layers
         for i, block in enumerate(blocks):
             if self.activation_checkpointing and self.training and caches is None:
-                x, s = checkpoint(block, x, rope, use_reentrant=False)
+                x, s = checkpoint(block, x, rope, None, mask, use_reentrant=False)
             else:
-                x, s = block(x, rope, caches[i] if caches else None)
+                x, s = block(x, rope, caches[i] if caches else None, mask)
             if s is not None:
                 stats.append(s)
         if self.training and stats and self.cfg.moe.bias_update_rate > 0:

@@ -108,6 +108,12 @@ def _run_log() -> logging.Logger:
     return log
 
 
+def _documents(batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor | None:
+    """The batch's per-token document ids (data.document_masking), on ``device``; None without."""
+    ids = batch.get("document_ids")
+    return None if ids is None else ids.to(device, non_blocking=True)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -179,7 +185,7 @@ class Trainer:
             _run_log().info(msg)
 
     def _build_data(self) -> None:
-        from moetrain.data import ResumableLoader, ValidationLoader, build_data
+        from moetrain.data import build_data, build_loaders
 
         # Rank 0 builds (download, tokenizer, packing caches); the others then read the cache.
         if self.is_main:
@@ -201,21 +207,17 @@ class Trainer:
             )
             self.cfg.model.vocab_size = padded
         o, env = self.cfg.optim, self.env
-        self.train_loader = ResumableLoader(
-            self.data.train,
+        # eval_batches spread evenly over each validation split, so every domain is in the eval
+        self.train_loader, self.val_loaders = build_loaders(
+            self.data,
+            self.cfg.data,
             o.micro_batch_size,
             rank=env.rank,
             world_size=env.world_size,
             seed=self.cfg.trainer.seed,
+            eval_batches=self.cfg.trainer.eval_batches,
         )
-        # eval_batches spread evenly over the whole validation split, so every domain is in the eval
-        self.val_loader = ValidationLoader(
-            self.data.validation,
-            o.micro_batch_size,
-            rank=env.rank,
-            world_size=env.world_size,
-            num_batches=self.cfg.trainer.eval_batches,
-        )
+        self._epochs_logged = self.train_loader.epochs()
 
     def _build_model(self) -> None:
         seed_everything(self.cfg.trainer.seed)  # same init on every rank
@@ -278,6 +280,14 @@ class Trainer:
             + (f" | {stats['tokens']} tokens" if "tokens" in stats else ""),
             flush=True,
         )
+        if self.data.is_mixture:
+            parts = [
+                f"{d} {w:.3f} ({len(t)} blocks)"
+                for d, w, t in zip(self.data.domains, self.data.weights, self.data.train_sources)
+            ]
+            print(f"  mixture: {', '.join(parts)} | data.on_exhausted={c.data.on_exhausted}", flush=True)
+        if c.data.document_masking:
+            print("  document masking: attention inside each document, positions restart", flush=True)
         if c.parallel.compile:
             print(
                 "  compile: each block through torch.compile (inductor), experts and token exchange "
@@ -412,6 +422,7 @@ class Trainer:
             set_rng_state(rank_state["rng"])
         else:
             self.train_loader.load_state_dict(state["loader"])
+        self._epochs_logged = self.train_loader.epochs()
         self._log(f"resumed from {folder} at step {self.step}")
 
     def _optimizer_view(self) -> OptimizerView:
@@ -473,7 +484,7 @@ class Trainer:
             batch = next(self.train_loader)
             ids = batch["input_ids"].to(self.env.device, non_blocking=True)
             labels = batch["labels"].to(self.env.device, non_blocking=True)
-            out = self.engine(ids, labels)
+            out = self.engine(ids, labels, document_ids_BT=_documents(batch, self.env.device))
             if self.step + 1 in self._nan_steps:  # test hook: a numeric fault at a chosen step
                 out.loss = out.loss * float("nan")
             self.engine.backward(out.loss)
@@ -581,18 +592,47 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        """``val_loss`` over every validation token; with a mixture also ``val_loss/<domain>``."""
         self.engine.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=self.env.device)
-        for batch in self.val_loader:
-            out = self.engine(batch["input_ids"].to(self.env.device), batch["labels"].to(self.env.device))
-            n = batch["labels"].numel()
-            total += torch.stack([out.lm_loss.detach().double() * n, total.new_tensor(float(n))])
+        sums = torch.zeros(len(self.val_loaders), 2, dtype=torch.float64, device=self.env.device)
+        for i, loader in enumerate(self.val_loaders.values()):
+            for batch in loader:
+                dev = self.env.device
+                out = self.engine(
+                    batch["input_ids"].to(dev),
+                    batch["labels"].to(dev),
+                    document_ids_BT=_documents(batch, dev),
+                )
+                n = batch["labels"].numel()
+                sums[i] += torch.stack([out.lm_loss.detach().double() * n, sums.new_tensor(float(n))])
         self.engine.train()
-        total = all_reduce_sum(total).cpu()
+        sums = all_reduce_sum(sums).cpu()
+        total = sums.sum(dim=0)
         if total[1] == 0:
             return {}
         val = float(total[0] / total[1])
-        return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
+        record = {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
+        for domain, (loss_sum, n) in zip(self.val_loaders, sums.tolist()):
+            if domain and n:
+                record[f"val_loss/{domain}"] = loss_sum / n
+        return record
+
+    def _data_record(self) -> dict[str, Any]:
+        """Mixtures: cumulative training tokens and completed epochs per source (global: the
+        loader's state is the same on every rank); a line when a source starts another epoch."""
+        loader = self.train_loader
+        if not hasattr(loader, "tokens_by_domain"):
+            return {}
+        epochs = loader.epochs()
+        for domain, epoch in epochs.items():
+            if epoch > self._epochs_logged.get(domain, 0):
+                self._log(
+                    f"data: source {domain!r} read to its end, epoch {epoch + 1} begins (data.on_exhausted=repeat)"
+                )
+        self._epochs_logged = epochs
+        record: dict[str, Any] = {f"data/tokens/{d}": n for d, n in loader.tokens_by_domain().items()}
+        record.update({f"data/epochs/{d}": e for d, e in epochs.items()})
+        return record
 
     # ---- logging ----------------------------------------------------------------------------------
     def _routing_record(self) -> dict[str, Any]:
@@ -718,6 +758,11 @@ class Trainer:
                     self._bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
                 last = self.step == stop_step
                 stop_reason = None if last else stopper.poll()  # one collective: all ranks agree
+                if stop_reason is None and not last and c.data.on_exhausted == "stop":
+                    # the loader's state is global, so every rank reaches the same answer
+                    exhausted = self.train_loader.exhausted_within(c.optim.grad_accum)
+                    if exhausted is not None:
+                        stop_reason = f"{exhausted} is read to its end (data.on_exhausted=stop)"
                 last = last or stop_reason is not None
                 do_eval = bool(c.trainer.eval_every) and (self.step % c.trainer.eval_every == 0 or last)
                 if (c.trainer.log_every and self.step % c.trainer.log_every == 0) or last or do_eval:
@@ -729,6 +774,7 @@ class Trainer:
                         if peak:
                             record["mfu"] = record["tflops"] / (peak * self.env.world_size)
                     record.update(self._routing_record())
+                    record.update(self._data_record())
                     if do_eval:
                         record.update(self.evaluate())
                     window_start, window_tokens = time.time(), self.tokens_seen  # eval/logging excluded
