@@ -476,6 +476,9 @@ class TrainerConfig:
     on_nonfinite: str = "skip"
     max_skipped_steps: int = 3  # more skips than this within skip_window steps = diverged: stop
     skip_window: int = 100
+    # Older checkpoints hold pickles; only the restricted unpickler reads them unless this is true
+    # (for a checkpoint you made yourself: a pickle can run code). New checkpoints hold none.
+    trust_checkpoint_code: bool = False
 
     def validate(self, prefix: str = "trainer") -> None:
         _require(self.max_steps > 0, f"{prefix}.max_steps", self.max_steps, "must be > 0")

@@ -49,7 +49,7 @@ def _load_tokenizer(folder: Path) -> Any | None:
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(folder / TOKENIZER_DIR))
+    return AutoTokenizer.from_pretrained(str(folder / TOKENIZER_DIR), trust_remote_code=False)
 
 
 def prepare_tokenizer(tokenizer: Any, max_seq_len: int) -> Any:

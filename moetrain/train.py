@@ -86,6 +86,8 @@ def main(raw: DictConfig) -> int:
     try:
         code = Trainer(cfg, run_dir).run()
     except (ConfigError, CheckpointError, DataError, LaunchError, FileNotFoundError) as e:
+        if getattr(e, "reported_by_rank0", False) and int(os.environ.get("RANK", "0")) != 0:
+            sys.exit(2)  # the same error on every rank: one line (rank 0's) is enough
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     except TrainingDiverged as e:  # numeric fault beyond trainer.on_nonfinite's policy
         print(f"error: {e}", file=sys.stderr, flush=True)

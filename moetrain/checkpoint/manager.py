@@ -12,18 +12,17 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import save_file
 
 from moetrain.checkpoint.integrity import fsync_dir, verify, write_manifest
 from moetrain.checkpoint.model_file import LATEST, TOKENIZER_DIR, CheckpointError, save_model_file
 from moetrain.checkpoint.optimizer_state import FILE as OPTIMIZER_FILE
+from moetrain.checkpoint.rank_state import write_rank_state
 from moetrain.distributed import barrier
 
 STATE_FILE = "trainer_state.json"
@@ -43,25 +42,6 @@ def _fault_point(name: str, step: int) -> None:
 
 def step_dirname(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def rng_state() -> dict[str, Any]:
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 class CheckpointManager:
@@ -92,8 +72,7 @@ class CheckpointManager:
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir()
         barrier()
-        (tmp / "rank_state").mkdir(exist_ok=True)
-        torch.save({**rank_state, "rng": rng_state()}, tmp / "rank_state" / f"rank_{self.rank:05d}.pt")
+        write_rank_state(tmp, self.rank, rank_state["loader"])
         _fault_point("files", step)
         if self.rank == 0:
             assert model_state is not None
@@ -166,10 +145,3 @@ def read_trainer_state(folder: Path) -> dict[str, Any]:
             f"{folder} has no {STATE_FILE}: not a training checkpoint (pass a step_* folder)"
         )
     return json.loads(path.read_text())
-
-
-def read_rank_state(folder: Path, rank: int) -> dict[str, Any] | None:
-    path = folder / "rank_state" / f"rank_{rank:05d}.pt"
-    if not path.is_file():
-        return None
-    return torch.load(path, map_location="cpu", weights_only=False)

@@ -92,5 +92,5 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu", load_tokenizer: 
     if load_tokenizer and (folder / TOKENIZER_DIR).is_dir():
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(folder / TOKENIZER_DIR))
+        tokenizer = AutoTokenizer.from_pretrained(str(folder / TOKENIZER_DIR), trust_remote_code=False)
     return LoadedModel(model, config, folder, tokenizer)

@@ -129,20 +129,25 @@ class OptimizerView:
             self.base.state[self._holder(p)][key].copy_(value)
 
 
-def read_legacy_state(folder: Path) -> dict[str, torch.Tensor] | None:
-    """Checkpoints written before optimizer.safetensors: the same content in a torch.save'd dict."""
+def read_legacy_state(folder: Path, *, trust: bool = False) -> dict[str, torch.Tensor] | None:
+    """Checkpoints written before optimizer.safetensors: the same content in a torch.save'd dict
+    (read through the restricted unpickler, see checkpoint/safe_load.py)."""
+    from moetrain.checkpoint.safe_load import safe_torch_load
+
     path = folder / LEGACY_FILE
     if not path.is_file():
         return None
     out: dict[str, torch.Tensor] = {}
-    for name, entry in torch.load(path, map_location="cpu", weights_only=False).items():
+    for name, entry in safe_torch_load(path, trust=trust).items():
         out[f"step/{name}"] = torch.tensor(entry["step"])
         for key in ("exp_avg", "exp_avg_sq"):
             out[f"{key}/{name}"] = entry[key]
     return out
 
 
-def load_training_state(model: nn.Module, view: OptimizerView, folder: Path, ep: Any) -> bool:
+def load_training_state(
+    model: nn.Module, view: OptimizerView, folder: Path, ep: Any, *, trust: bool = False
+) -> bool:
     """Fill the module, the fp32 master weights and the optimizer state from a checkpoint's
     layout-free files, this rank's experts only. Returns False when the checkpoint holds no
     optimizer state (the optimizer then starts fresh; the caller decides whether that is an error)."""
@@ -157,7 +162,7 @@ def load_training_state(model: nn.Module, view: OptimizerView, folder: Path, ep:
     if path.is_file():
         state = read_layout_free(path, model, ep)
     else:
-        state = read_legacy_state(folder)
+        state = read_legacy_state(folder, trust=trust)
         if state is None:
             return False
         if ep.enabled:

@@ -300,11 +300,14 @@ def load_model_file_shard(model: nn.Module, path: Path, ep: ExpertParallelInfo) 
 
 
 # ---- engine state for sharded runs ----------------------------------------------------------------
-def load_engine_state(engine: Any, folder: Path, rank: int) -> None:
-    """Checkpoints written before 2026-11-25 by ZeRO-1/2 or bf16 runs: per-rank engine files."""
+def load_engine_state(engine: Any, folder: Path, rank: int, *, trust: bool = False) -> None:
+    """Checkpoints written before 2026-11-25 by ZeRO-1/2 or bf16 runs: per-rank engine files
+    (pickles: restricted unpickler unless the user trusts the checkpoint, see checkpoint/safe_load.py)."""
+    from moetrain.checkpoint.safe_load import safe_torch_load
+
     # map_location: each rank's file holds tensors of that rank's GPU; load everything to the host
     # first (DeepSpeed and load_state_dict copy onto this rank's device).
-    state = torch.load(folder / f"rank_{rank:05d}.pt", map_location="cpu", weights_only=False)
+    state = safe_torch_load(folder / f"rank_{rank:05d}.pt", trust=trust)
     engine.module.load_state_dict(state["module"], strict=True)
     opt = engine.optimizer
     if type(opt).__module__.startswith("deepspeed.runtime.zero"):
@@ -313,7 +316,7 @@ def load_engine_state(engine: Any, folder: Path, rank: int) -> None:
         all_states = [
             state["optimizer"]
             if r == rank
-            else torch.load(folder / f"rank_{r:05d}.pt", map_location="cpu", weights_only=False)["optimizer"]
+            else safe_torch_load(folder / f"rank_{r:05d}.pt", trust=trust)["optimizer"]
             for r in range(world)
         ]
         opt.load_state_dict(all_states, load_optimizer_states=True, load_from_fp32_weights=True)

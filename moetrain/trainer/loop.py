@@ -22,10 +22,12 @@ import numpy as np
 import torch
 
 from moetrain.checkpoint.integrity import verify
-from moetrain.checkpoint.manager import CheckpointManager, read_rank_state, read_trainer_state, set_rng_state
+from moetrain.checkpoint.manager import CheckpointManager, read_trainer_state
 from moetrain.checkpoint.model_file import CheckpointError, resolve_checkpoint
 from moetrain.checkpoint.optimizer_state import FILE as OPTIMIZER_FILE
 from moetrain.checkpoint.optimizer_state import OptimizerView, load_training_state
+from moetrain.checkpoint.rank_state import read_rank_state, set_rng_state
+from moetrain.checkpoint.safe_load import code_in_checkpoint
 from moetrain.config import ConfigError, TrainConfig
 from moetrain.distributed import (
     DistEnv,
@@ -322,6 +324,25 @@ class Trainer:
             raise CheckpointError(f"trainer.resume={r!r} is damaged: {problem}")
         return folder
 
+    def _agreed_resume_target(self) -> str | None:
+        """Rank 0 picks the checkpoint to resume (verifying it once, for every rank) and checks
+        that it holds no code; every rank gets the same answer or raises the same error."""
+        target, problem = None, None
+        if self.is_main:
+            try:
+                folder = self._resume_target()
+                if folder is not None:
+                    target = str(folder)
+                    problem = code_in_checkpoint(folder, trust=self.cfg.trainer.trust_checkpoint_code)
+            except CheckpointError as e:
+                problem = str(e)
+        target, problem = broadcast_object((target, problem))
+        if problem is not None:
+            err = CheckpointError(problem)
+            err.reported_by_rank0 = True  # type: ignore[attr-defined]
+            raise err
+        return target
+
     SHAPE_KEYS = (
         "vocab_size",
         "hidden_size",
@@ -366,10 +387,11 @@ class Trainer:
             state.get("ep_size") == self.cfg.parallel.ep_size
             and state.get("world_size") == self.env.world_size
         )
+        trust = self.cfg.trainer.trust_checkpoint_code
         if same_layout and (folder / "engine").is_dir():  # written before 2026-11-25 by ZeRO-1/2 or bf16
             if self.ep.enabled:
-                load_engine_state(self.engine, folder / "engine", self.env.rank)
-            else:
+                load_engine_state(self.engine, folder / "engine", self.env.rank, trust=trust)
+            else:  # DeepSpeed's reader unpickles in full: code_in_checkpoint checked these files
                 self.engine.load_checkpoint(
                     str(folder), tag="engine", load_optimizer_states=True, load_lr_scheduler_states=True
                 )
@@ -377,7 +399,7 @@ class Trainer:
             # The layout-free files: fp32 master weights and optimizer state with all experts in
             # global order, each rank reading its own shard; the same path for every ZeRO stage,
             # dtype and layout, so a resume at another ep_size / world size is exact too.
-            restored = load_training_state(self.model, self._optimizer_view(), folder, self.ep)
+            restored = load_training_state(self.model, self._optimizer_view(), folder, self.ep, trust=trust)
             if not restored and same_layout:
                 raise CheckpointError(f"{folder} has no {OPTIMIZER_FILE}: optimizer state missing")
             if not same_layout:
@@ -405,7 +427,7 @@ class Trainer:
             )
         self.step = state["step"]
         self.tokens_seen = state["tokens_seen"]
-        rank_state = read_rank_state(folder, self.env.rank) if same_layout else None
+        rank_state = read_rank_state(folder, self.env.rank, trust=trust) if same_layout else None
         if rank_state is not None:
             self.train_loader.load_state_dict(rank_state["loader"])
             set_rng_state(rank_state["rng"])
@@ -667,8 +689,9 @@ class Trainer:
         c = self.cfg
         self._check_run_dir_writable()
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", self.env.rank, c.trainer.keep_last)
-        if c.trainer.resume not in (None, "auto"):
-            self._resume_target()  # a wrong or damaged checkpoint path fails before any expensive work
+        # Before any expensive work, chosen and checked once (rank 0): a wrong, damaged or
+        # code-carrying checkpoint stops every rank with the same one line.
+        target = self._agreed_resume_target()
         self._build_data()
         self._build_model()
         self._install_update_guard()
@@ -677,8 +700,7 @@ class Trainer:
             c.trainer.on_nonfinite, c.trainer.max_skipped_steps, c.trainer.skip_window
         )
         self._failed_saves = 0
-        target = broadcast_object(str(self._resume_target()) if self.is_main else None)
-        if target not in (None, "None"):
+        if target is not None:
             self._resume(Path(target))
         else:
             seed_everything(c.trainer.seed + self.env.rank)  # per-rank stream for jitter etc.
@@ -703,9 +725,7 @@ class Trainer:
         self.engine.train()
         stop_reason = None
         # resumed at (or past) the stop step: nothing to train, the checkpoint resumed from is the last
-        last_saved: Path | None = (
-            Path(target) if target not in (None, "None") and self.step >= stop_step else None
-        )
+        last_saved: Path | None = Path(target) if target is not None and self.step >= stop_step else None
         try:
             while self.step < stop_step:
                 record = self._train_step()

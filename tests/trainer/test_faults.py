@@ -97,7 +97,7 @@ def test_sigterm_to_torchrun_with_expert_parallelism(tmp_path: Path):
     assert (latest / "manifest.json").is_file()
     # ZeRO-0 fp32: the layout-free files are the whole state; every rank's RNG and loader position too.
     assert (latest / "optimizer.safetensors").is_file() and not (latest / "engine").exists()
-    assert sorted(p.name for p in (latest / "rank_state").iterdir()) == ["rank_00000.pt", "rank_00001.pt"]
+    assert sorted(p.name for p in (latest / "rank_state").iterdir()) == ["rank_00000.json", "rank_00001.json"]
     check_ok(run_train(run, *tiny(*STEPS, *ep2, "trainer.resume=auto"), nproc=2))
     resumed = metric_by_step(run)
     for s in range(1, 13):
