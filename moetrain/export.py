@@ -34,8 +34,8 @@ from typing import Any
 import torch
 import yaml
 
-from moetrain.checkpoint import read_model_config, resolve_checkpoint
-from moetrain.checkpoint.model_file import MODEL_FILE, TOKENIZER_DIR
+from moetrain.checkpoint import read_model_config, read_model_state, resolve_checkpoint
+from moetrain.checkpoint.model_file import TOKENIZER_DIR
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -140,7 +140,6 @@ def export(
     expert-selection bias (a warning says so: the exported routing differs); without it such a
     checkpoint is refused.
     """
-    from safetensors.torch import load_file
     from transformers import GenerationConfig
 
     from moetrain.hf import hf_architecture, hf_model_from_state
@@ -160,7 +159,7 @@ def export(
             model_cfg, moe=dataclasses.replace(model_cfg.moe, bias_update_rate=0.0)
         )
     arch = hf_architecture(model_cfg)  # refuses what transformers cannot hold, before any heavy work
-    state = load_file(str(folder / MODEL_FILE))
+    state = read_model_state(folder)
     if dropping_bias:
         biases = {k: state.pop(k) for k in [k for k in state if k.endswith(BIAS_SUFFIX)]}
         largest = max((float(b.abs().max()) for b in biases.values()), default=0.0)

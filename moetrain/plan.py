@@ -401,6 +401,8 @@ def build_plan(
     zero_stage: int = 0,
     dtype: str = "bf16",
     seq_len: int | None = None,
+    disk_gbps: float = 2.0,
+    ranks_per_node: int = 8,
 ) -> dict[str, Any]:
     """Everything ``python -m moetrain.plan`` prints, as one JSON-able dict.
 
@@ -462,6 +464,25 @@ def build_plan(
         "memory": memory,
         "dense_equivalent": dense,
         "all_to_all": all_to_all_volume(cfg, ep_size=ep_size, dtype=dtype),
+        "checkpoint": checkpoint_plan(cfg, ep_size, dp_size, disk_gbps, ranks_per_node),
+    }
+
+
+def checkpoint_plan(
+    cfg: ModelConfig, ep_size: int, world_size: int, disk_gbps: float, ranks_per_node: int
+) -> dict[str, Any]:
+    """Checkpoint bytes (fp32 masters + AdamW moments) in total and for the busiest rank, and the
+    write time at ``disk_gbps`` GB/s per node (moetrain/checkpoint/size.py)."""
+    from moetrain.checkpoint.size import checkpoint_bytes, write_seconds
+
+    sizes = checkpoint_bytes(cfg, ep_size=ep_size, world_size=world_size)
+    secs = write_seconds(sizes, world_size=world_size, ranks_per_node=ranks_per_node, disk_gbps=disk_gbps)
+    return {
+        "total_bytes": sizes["total"],
+        "per_rank_bytes": sizes["per_rank"],
+        "disk_gbps": disk_gbps,
+        "ranks_per_node": ranks_per_node,
+        "write_s": secs,
     }
 
 
@@ -659,6 +680,13 @@ def render(plan: dict[str, Any], console: Any = None) -> None:
     console.print(t)
     if a2a["ep_size"] == 1:
         console.print("ep_size=1: every expert is local, no all-to-all traffic.")
+    ck = plan["checkpoint"]
+    t = _table(console, f"Checkpoint (fp32 masters + AdamW), written at {ck['disk_gbps']} GB/s per node")
+    t.add_column("total", justify="right")
+    t.add_column("per rank (busiest)", justify="right")
+    t.add_column("write time", justify="right")
+    t.add_row(fmt_bytes(ck["total_bytes"]), fmt_bytes(ck["per_rank_bytes"]), f"{ck['write_s']:.1f} s")
+    console.print(t)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -691,6 +719,8 @@ def _plan_from_cfg(cfg: Any) -> dict[str, Any]:
         zero_stage=par.zero_stage,
         dtype=dtype,
         seq_len=seq_len,
+        disk_gbps=float(plan_cfg.get("disk_gbps") or 2.0),
+        ranks_per_node=int(plan_cfg.get("ranks_per_node") or 8),
     )
     plan["vocab_source"] = _vocab_source(cfg)
     return {"format": fmt, "plan": plan}

@@ -1,8 +1,8 @@
-"""Saving and restoring whole training state, atomically.
+"""The checkpoints folder: publishing a completed checkpoint, ``latest``, walk-back, ``keep_last``.
 
 Layout of one checkpoint (``checkpoints/step_00000100/``): see ``moetrain/checkpoint/__init__.py``.
-Every rank writes into ``checkpoints/.tmp-step_00000100/``; after a barrier rank 0 hashes every file
-into ``manifest.json`` (written last, fsynced), renames the folder to its final name and only then
+Every rank writes into ``checkpoints/.tmp-step_00000100/`` (checkpoint/checkpointer.py); rank 0
+writes ``manifest.json`` (last, fsynced), renames the folder to its final name and only then
 rewrites ``latest`` (tmp file + rename). An interruption at any point (kill -9 included) leaves the
 previous checkpoint as ``latest`` and never a half-written one under a final name; a checkpoint
 damaged later fails its manifest and ``latest_intact`` walks back past it.
@@ -16,14 +16,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import save_file
-
-from moetrain.checkpoint.integrity import fsync_dir, verify, write_manifest
-from moetrain.checkpoint.model_file import LATEST, TOKENIZER_DIR, CheckpointError, save_model_file
-from moetrain.checkpoint.optimizer_state import FILE as OPTIMIZER_FILE
-from moetrain.checkpoint.rank_state import write_rank_state
-from moetrain.distributed import barrier
+from moetrain.checkpoint.integrity import fsync_dir, verify
+from moetrain.checkpoint.model_file import LATEST, CheckpointError
 
 STATE_FILE = "trainer_state.json"
 
@@ -33,7 +27,7 @@ STATE_FILE = "trainer_state.json"
 FAULT_ENV = "MOETRAIN_TEST_KILL_IN_SAVE"
 
 
-def _fault_point(name: str, step: int) -> None:
+def fault_point(name: str, step: int) -> None:
     if os.environ.get(FAULT_ENV) == f"{name}@{step}":
         import signal
 
@@ -50,52 +44,21 @@ class CheckpointManager:
         self.rank = rank
         self.keep_last = keep_last
 
-    # ---- saving -------------------------------------------------------------------------------
-    def save(
-        self,
-        *,
-        step: int,
-        model_state: dict[str, torch.Tensor] | None,
-        optimizer_state: dict[str, torch.Tensor] | None,
-        config: dict[str, Any],
-        trainer_state: dict[str, Any],
-        rank_state: dict[str, Any],
-        tokenizer: Any | None,
-    ) -> Path:
-        """Collective: every rank calls it. ``model_state`` and ``optimizer_state`` (layout-free, all
-        experts; see checkpoint/optimizer_state.py) are needed on rank 0 only."""
+    # ---- publishing (rank 0, after every rank's files and the manifest are in ``tmp``) -------------
+    def publish(self, tmp: Path, step: int) -> Path:
+        """Rename ``tmp`` to its final name, then move ``latest`` to it (tmp file + rename), then
+        prune: at every moment ``latest`` names a complete checkpoint."""
         final = self.root / step_dirname(step)
-        tmp = self.root / f".tmp-{step_dirname(step)}"
-        if self.rank == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob(".tmp-*"):
-                shutil.rmtree(stale, ignore_errors=True)
-            tmp.mkdir()
-        barrier()
-        write_rank_state(tmp, self.rank, rank_state["loader"])
-        _fault_point("files", step)
-        if self.rank == 0:
-            assert model_state is not None
-            save_model_file(model_state, tmp, config)
-            if optimizer_state:
-                save_file(optimizer_state, str(tmp / OPTIMIZER_FILE), metadata={"producer": "moetrain"})
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
-            (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
-        barrier()
-        if self.rank == 0:
-            write_manifest(tmp)  # last: a folder with a manifest is complete
-            _fault_point("manifest", step)
-            if final.exists():  # re-saving a step (e.g. a resumed run stopping where it started)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fault_point("renamed", step)
-            pointer = self.root / f".{LATEST}.tmp"
-            pointer.write_text(final.name)
-            os.replace(pointer, self.root / LATEST)
-            fsync_dir(self.root)
-            self._prune(keep=final)
-        barrier()
+        fault_point("manifest", step)
+        if final.exists():  # re-saving a step (e.g. a resumed run stopping where it started)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fault_point("renamed", step)
+        pointer = self.root / f".{LATEST}.tmp"
+        pointer.write_text(final.name)
+        os.replace(pointer, self.root / LATEST)
+        fsync_dir(self.root)
+        self._prune(keep=final)
         return final
 
     def discard_partial(self) -> None:

@@ -77,7 +77,10 @@ def pickles_to_read(folder: Path) -> list[Path]:
     out = [
         p for p in sorted((folder / "rank_state").glob("rank_*.pt")) if not p.with_suffix(".json").is_file()
     ]
-    if not (folder / "optimizer.safetensors").is_file() and (folder / "optimizer_full.pt").is_file():
+    has_optimizer = (folder / "optimizer.safetensors").is_file() or (
+        folder / "optimizer.safetensors.index.json"
+    ).is_file()
+    if not has_optimizer and (folder / "optimizer_full.pt").is_file():
         out.append(folder / "optimizer_full.pt")
     if (folder / "engine").is_dir():
         out += sorted(p for p in (folder / "engine").rglob("*") if p.is_file() and p.suffix == ".pt")

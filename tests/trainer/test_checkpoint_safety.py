@@ -159,7 +159,7 @@ def test_code_running_pickles_stop_resume_in_one_line(tmp_path: Path, nproc: int
     extra = ("optim.micro_batch_size=2",) if nproc == 2 else ()
     places = {
         "rank_state": lambda c: (c / "rank_state" / f"rank_0000{nproc - 1}.json").unlink(),
-        "optimizer_full.pt": lambda c: (c / "optimizer.safetensors").unlink(),
+        "optimizer_full.pt": lambda c: (c / "optimizer.safetensors.index.json").unlink(),
         "engine/rank_00000.pt": lambda c: None,
     }
     if nproc == 2:  # the per-rank file is what differs between ranks: rank 1's alone is poisoned
