@@ -480,7 +480,9 @@ class TrainerConfig:
     # (for a checkpoint you made yourself: a pickle can run code). New checkpoints hold none.
     trust_checkpoint_code: bool = False
     async_checkpoint: bool = True  # a save blocks only while staging to host memory; files in background
-    on_save_error: str = "continue"  # continue (retry at the next checkpoint step) | stop
+    on_save_error: str = (
+        "stop"  # stop (one line, latest intact) | continue (retry at the next checkpoint step)
+    )
     max_failed_saves: int = 3  # continue: stop after this many failed saves in a row
     force_unlock: bool = False  # take the run-dir lock even if another process holds it
 

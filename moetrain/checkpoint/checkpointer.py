@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import threading
 import time
@@ -93,6 +94,7 @@ class Checkpointer:
             return None
         self.wait()
         t0 = time.perf_counter()
+        io0 = io_counters()
         tmp = self.root / f".tmp-{step_dirname(step)}"
         problem = None
         if self.rank == 0:
@@ -114,6 +116,7 @@ class Checkpointer:
             "blocked": blocked,
             "problem": problem,
             "final": final,
+            "io0": io0,
         }
         if problem is None:
             job = (self._pending, model_part, optim_part, trainer_state, loader_state, config, tokenizer)
@@ -243,8 +246,6 @@ class Checkpointer:
         with open(manifest, "w") as f:
             json.dump({"version": 1, "files": dict(sorted(files.items()))}, f, indent=1)
             f.flush()
-            import os
-
             os.fsync(f.fileno())
         manifest.rename(tmp / MANIFEST)
         fsync_dir(tmp)
@@ -270,9 +271,7 @@ class Checkpointer:
         outcome = (str(pending["path"]) if pending.get("path") else None, pending.get("problem"))
         path, problem = broadcast_object(outcome)
         if problem is None:  # rank 0 published; another rank's own error reached rank 0 by its marker
-            self.stats.append(
-                {"blocked_s": pending["blocked"], "total_s": time.perf_counter() - pending["t0"]}
-            )
+            self._record(pending)
             self.policy.succeeded()
             self.last_saved = Path(path)
             self.log(f"checkpoint saved: {path}")
@@ -284,10 +283,53 @@ class Checkpointer:
         )
         return None
 
+    def _record(self, pending: dict[str, Any]) -> None:
+        """Per save: seconds the step was blocked, seconds until published, bytes this process
+        wrote and read meanwhile, its memory (``MOETRAIN_CHECKPOINT_STATS=1`` appends them to
+        ``checkpoint_stats_rank_N.jsonl`` in the run dir: benchmarks/checkpoint_io.py)."""
+        io1 = io_counters()
+        rec = {
+            "step": pending["step"],
+            "async": self.async_save and not pending["final"],
+            "blocked_s": pending["blocked"],
+            "total_s": time.perf_counter() - pending["t0"],
+            **{
+                k: io1[k] - pending["io0"][k]
+                for k in ("rchar", "wchar", "read_bytes", "write_bytes")
+                if k in io1
+            },
+            **memory_kib(),
+        }
+        self.stats.append(rec)
+        if os.environ.get("MOETRAIN_CHECKPOINT_STATS"):
+            with open(self.root.parent / f"checkpoint_stats_rank_{self.rank}.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
     # ---- resuming ------------------------------------------------------------------------------------
     def close(self) -> None:
         """End of run: nothing may be left in flight (collective)."""
         self.wait()
+
+
+def io_counters() -> dict[str, int]:
+    """This process's /proc/self/io (all threads): bytes through read()/write() and to storage."""
+    try:
+        with open("/proc/self/io") as f:
+            return {k.strip(): int(v) for k, v in (line.split(":") for line in f)}
+    except OSError:
+        return {}
+
+
+def memory_kib() -> dict[str, int]:
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(("VmHWM:", "VmRSS:")):
+                    out[line.split(":")[0]] = int(line.split()[1])
+    except OSError:
+        pass
+    return out
 
 
 def _cause(e: BaseException) -> str:

@@ -10,11 +10,14 @@ AdamW state, the LR schedule, the data position and the RNG streams back, at any
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from moetrain.checkpoint.checkpointer import io_counters, memory_kib
 from moetrain.checkpoint.integrity import verify
 from moetrain.checkpoint.legacy_format import load_engine_state, load_training_state
 from moetrain.checkpoint.loader import is_sharded, load_sharded
@@ -104,8 +107,10 @@ def restore(
     loader: Any,
     verify_files: bool,
     log: Callable[[str], None],
+    stats_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Collective. Returns the trainer state (step, tokens_seen, ...)."""
+    io0 = io_counters()
     check_same_shape(folder, cfg.model)
     state = read_trainer_state(folder)
     trust = cfg.trainer.trust_checkpoint_code
@@ -167,5 +172,10 @@ def restore(
         set_rng_state(rank_state["rng"])
     else:
         loader.load_state_dict(state["loader"])
+    if stats_dir is not None and os.environ.get("MOETRAIN_CHECKPOINT_STATS"):  # benchmarks/checkpoint_io.py
+        io1 = io_counters()
+        rec = {"resume": str(folder), **{k: io1[k] - io0[k] for k in ("rchar", "read_bytes") if k in io1}}
+        with open(stats_dir / f"resume_stats_rank_{env.rank}.jsonl", "a") as f:
+            f.write(json.dumps({**rec, **memory_kib()}) + "\n")
     log(f"resumed from {folder} at step {state['step']}")
     return state

@@ -598,6 +598,7 @@ class Trainer:
                 loader=self.train_loader,
                 verify_files=verify_files,
                 log=self._log,
+                stats_dir=self.run_dir,
             )
             self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         else:

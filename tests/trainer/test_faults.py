@@ -150,6 +150,7 @@ def test_kill_9_inside_a_save_resumes_from_the_previous_checkpoint(tmp_path: Pat
     # Killed before the rename: step 8 never existed, resume from 4. After the rename (latest still
     # on 4 or already on 8): either is intact, and the resume says which.
     expected = "step_00000004" if point in ("files", "manifest") else "step_0000000"
+    assert "taking over the run-dir lock left by pid" in resumed.stdout, describe(resumed)
     assert f"resumed from {run / 'checkpoints' / expected}" in resumed.stdout, describe(resumed)
     assert sorted(metric_by_step(run)) == list(range(1, 13))
 

@@ -55,9 +55,6 @@ def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path: Path):
             RunLock(tmp_path).acquire()
         msg = str(e.value)
         assert f"pid {holder.pid}" in msg and "trainer.force_unlock=true" in msg and "\n" not in msg
-        forced = RunLock(tmp_path)
-        assert any("force_unlock" in w for w in forced.acquire(force=True))
-        forced.release()
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
@@ -68,11 +65,27 @@ def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path: Path):
     lock.release()
 
 
+def test_force_unlock_takes_a_held_lock(tmp_path: Path):
+    holder = _holder(tmp_path)
+    try:
+        forced = RunLock(tmp_path)
+        assert any("force_unlock" in w and f"pid {holder.pid}" in w for w in forced.acquire(force=True))
+        forced.release()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+
+
 # ---- two launches on one run dir --------------------------------------------------------------------------
 def _start(run_dir: Path, nproc: int, *extra: str) -> subprocess.Popen:
     cmd = train_command(run_dir, tiny(*STEPS, *extra), nproc, None)
     return subprocess.Popen(
-        cmd, env=offline_env(None, nproc), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        cmd,
+        env=offline_env(None, nproc),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
 
 
@@ -86,6 +99,16 @@ def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: fl
     raise AssertionError(f"step {step} not reached in {timeout} s")
 
 
+def _signal_tree(pid: int, sig: int) -> None:
+    """``sig`` to ``pid`` and all its descendants (torchrun starts its workers in sessions of their own)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    for proc in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.send_signal(sig)
+
+
 @pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("nproc", [1, 2])
@@ -96,7 +119,11 @@ def test_second_launch_on_a_busy_run_dir_stops_in_one_line(tmp_path: Path, nproc
     first = _start(run, nproc, *extra)
     try:
         _wait_for_step(run, 2, first)
-        second = run_train(run, *tiny(*STEPS, *extra, "trainer.resume=auto"), nproc=nproc)
+        _signal_tree(first.pid, signal.SIGSTOP)  # paused, still holding the lock: a busy run dir
+        try:
+            second = run_train(run, *tiny(*STEPS, *extra, "trainer.resume=auto"), nproc=nproc)
+        finally:
+            _signal_tree(first.pid, signal.SIGCONT)
         assert second.returncode != 0, describe(second)
         errors = _errors(second.stderr)
         assert len(errors) == 1 and "is in use by pid" in errors[0], describe(second)
@@ -105,7 +132,7 @@ def test_second_launch_on_a_busy_run_dir_stops_in_one_line(tmp_path: Path, nproc
         out, err = first.communicate(timeout=300)
     finally:
         if first.poll() is None:
-            first.kill()
+            _signal_tree(first.pid, signal.SIGKILL)
     assert first.returncode == 0, f"{out[-2000:]}\n{err[-2000:]}"
     got, want = metric_by_step(run), metric_by_step(alone.run_dir)
     assert sorted(got) == list(range(1, 13)), "metrics.jsonl is one history"
