@@ -660,3 +660,28 @@ def train_config_from_dict(values: dict[str, Any], *, cross_checks: bool = True)
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+# ---- Hydra: the dataclasses are the one source of every default ------------------------------------
+# Each config group gets a `base` node holding its dataclass's defaults; every preset YAML starts from
+# it (`defaults: [base, _self_]`) and holds only what differs, and every key exists for a command-line
+# override. The nodes are plain dicts, not structured configs, so a wrongly typed value still fails
+# with our one-line ConfigError (from _build) rather than OmegaConf's multi-line one.
+CONFIG_GROUPS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "parallel": ParallelConfig,
+    "logging": LoggingConfig,
+    "trainer": TrainerConfig,
+}
+
+
+def register_config_defaults() -> None:
+    """Store each group's ``base`` node in Hydra's ConfigStore (idempotent; ``import moetrain`` does it,
+    so any ``compose`` over the packaged configs finds them)."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    for group, cls in CONFIG_GROUPS.items():
+        store.store(group=group, name="base", node=dataclasses.asdict(cls()))
