@@ -615,6 +615,15 @@ class TrainerConfig:
     on_nonfinite: str = "skip"
     max_skipped_steps: int = 3  # more skips than this within skip_window steps = diverged: stop
     skip_window: int = 100
+    # Older checkpoints hold pickles; only the restricted unpickler reads them unless this is true
+    # (for a checkpoint you made yourself: a pickle can run code). New checkpoints hold none.
+    trust_checkpoint_code: bool = False
+    async_checkpoint: bool = True  # a save blocks only while staging to host memory; files in background
+    on_save_error: str = (
+        "stop"  # stop (one line, latest intact) | continue (retry at the next checkpoint step)
+    )
+    max_failed_saves: int = 3  # continue: stop after this many failed saves in a row
+    force_unlock: bool = False  # take the run-dir lock even if another process holds it
 
     def validate(self, prefix: str = "trainer") -> None:
         _require(self.max_steps > 0, f"{prefix}.max_steps", self.max_steps, "must be > 0")
@@ -647,6 +656,13 @@ class TrainerConfig:
         )
         _require(self.max_skipped_steps >= 0, f"{prefix}.max_skipped_steps", self.max_skipped_steps, ">= 0")
         _require(self.skip_window >= 1, f"{prefix}.skip_window", self.skip_window, ">= 1")
+        _require(
+            self.on_save_error in ("continue", "stop"),
+            f"{prefix}.on_save_error",
+            self.on_save_error,
+            "continue | stop",
+        )
+        _require(self.max_failed_saves >= 1, f"{prefix}.max_failed_saves", self.max_failed_saves, ">= 1")
 
 
 @dataclass

@@ -34,8 +34,8 @@ from typing import Any
 import torch
 import yaml
 
-from moetrain.checkpoint import read_model_config, resolve_checkpoint
-from moetrain.checkpoint.model_file import MODEL_FILE, TOKENIZER_DIR
+from moetrain.checkpoint import read_model_config, read_model_state, resolve_checkpoint
+from moetrain.checkpoint.model_file import TOKENIZER_DIR
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -49,7 +49,7 @@ def _load_tokenizer(folder: Path) -> Any | None:
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(folder / TOKENIZER_DIR))
+    return AutoTokenizer.from_pretrained(str(folder / TOKENIZER_DIR), trust_remote_code=False)
 
 
 def prepare_tokenizer(tokenizer: Any, max_seq_len: int) -> Any:
@@ -135,7 +135,7 @@ def _honour_ties(model_cfg: Any, state: dict[str, torch.Tensor], folder: Path) -
     if not broken:
         return model_cfg
     warnings.warn(
-        f"{folder / MODEL_FILE}: {broken[0]} differs from the tensor it is tied to (written while the tie was "
+        f"{folder}: {broken[0]} differs from the tensor it is tied to (written while the tie was "
         "lost): exported untied (tie_word_embeddings=false), as it was trained",
         UserWarning,
         stacklevel=3,
@@ -158,7 +158,6 @@ def export(
     expert-selection bias (a warning says so: the exported routing differs); without it such a
     checkpoint is refused.
     """
-    from safetensors.torch import load_file
     from transformers import GenerationConfig
 
     from moetrain.hf import hf_architecture, hf_model_from_state
@@ -178,7 +177,7 @@ def export(
             model_cfg, moe=dataclasses.replace(model_cfg.moe, bias_update_rate=0.0)
         )
     arch = hf_architecture(model_cfg)  # refuses what transformers cannot hold, before any heavy work
-    state = load_file(str(folder / MODEL_FILE))
+    state = read_model_state(folder)
     if dropping_bias:
         biases = {k: state.pop(k) for k in [k for k in state if k.endswith(BIAS_SUFFIX)]}
         largest = max((float(b.abs().max()) for b in biases.values()), default=0.0)

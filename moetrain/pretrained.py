@@ -136,7 +136,9 @@ def source_model_config(source: Path, key: str) -> ModelConfig:
     from moetrain.hf import from_hf_config
 
     try:
-        return from_hf_config(AutoConfig.from_pretrained(str(source), local_files_only=True))
+        return from_hf_config(
+            AutoConfig.from_pretrained(str(source), local_files_only=True, trust_remote_code=False)
+        )
     except (ValueError, OSError, KeyError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ConfigError(f"{key}={str(source)!r}: {first}") from None

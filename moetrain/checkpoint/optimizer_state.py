@@ -19,14 +19,12 @@ Where that state lives depends on the engine:
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 FILE = "optimizer.safetensors"
-LEGACY_FILE = "optimizer_full.pt"  # torch.save'd dict of the same content (ZeRO-0 checkpoints, 2026-11)
 
 
 class OptimizerView:
@@ -127,57 +125,3 @@ class OptimizerView:
             safe_set_full_optimizer_state(p, value.to(device=p.device, dtype=torch.float32), key)
         else:
             self.base.state[self._holder(p)][key].copy_(value)
-
-
-def read_legacy_state(folder: Path) -> dict[str, torch.Tensor] | None:
-    """Checkpoints written before optimizer.safetensors: the same content in a torch.save'd dict."""
-    path = folder / LEGACY_FILE
-    if not path.is_file():
-        return None
-    out: dict[str, torch.Tensor] = {}
-    for name, entry in torch.load(path, map_location="cpu", weights_only=False).items():
-        out[f"step/{name}"] = torch.tensor(entry["step"])
-        for key in ("exp_avg", "exp_avg_sq"):
-            out[f"{key}/{name}"] = entry[key]
-    return out
-
-
-def load_training_state(model: nn.Module, view: OptimizerView, folder: Path, ep: Any) -> bool:
-    """Fill the module, the fp32 master weights and the optimizer state from a checkpoint's
-    layout-free files, this rank's experts only. Returns False when the checkpoint holds no
-    optimizer state (the optimizer then starts fresh; the caller decides whether that is an error)."""
-    from moetrain.distributed.expert_parallel import load_model_file_shard, read_layout_free
-
-    weights = load_model_file_shard(model, folder / "model.safetensors", ep)
-    params = list(model.named_parameters())
-    for name, p in params:  # bf16 / ZeRO: the fp32 masters take the file's values, not rounded copies
-        view.set_master(p, weights[name])
-    del weights
-    path = folder / FILE
-    if path.is_file():
-        state = read_layout_free(path, model, ep)
-    else:
-        state = read_legacy_state(folder)
-        if state is None:
-            return False
-        if ep.enabled:
-            state = _legacy_shard(state, model, ep)
-    keys = sorted({k.split("/", 1)[0] for k in state} - {"step"})
-    view.prepare_state(keys, float(state[f"step/{params[0][0]}"]))
-    for name, p in params:
-        for key in keys:
-            view.set_state(p, key, state[f"{key}/{name}"])
-    return True
-
-
-def _legacy_shard(state: dict[str, torch.Tensor], model: nn.Module, ep: Any) -> dict[str, torch.Tensor]:
-    from moetrain.distributed.expert_parallel import _expert_param_names
-
-    experts = set(_expert_param_names(model))
-    out = {}
-    for k, t in state.items():
-        if k.split("/", 1)[1] in experts and t.dim() > 0:
-            El = t.shape[0] // ep.ep_size
-            t = t[ep.ep_rank * El : (ep.ep_rank + 1) * El]
-        out[k] = t
-    return out

@@ -47,6 +47,8 @@ def _plan_from_cfg(cfg: Any) -> dict[str, Any]:
         activation_checkpointing=par.activation_checkpointing,
         offload_optimizer=par.offload_optimizer,
         device_memory_gib=float(gib),
+        disk_gbps=float(plan_cfg.get("disk_gbps") or 2.0),
+        ranks_per_node=int(plan_cfg.get("ranks_per_node") or 8),
     )
     cluster_name = plan_cfg.get("cluster")
     if cluster_name:

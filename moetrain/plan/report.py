@@ -22,6 +22,8 @@ def build_plan(
     activation_checkpointing: bool = False,
     offload_optimizer: bool = False,
     device_memory_gib: float = 80.0,
+    disk_gbps: float = 2.0,
+    ranks_per_node: int = 8,
 ) -> dict[str, Any]:
     """Everything ``python -m moetrain.plan`` prints, as one JSON-able dict.
 
@@ -106,6 +108,25 @@ def build_plan(
         "memory": memory,
         "dense_equivalent": dense,
         "all_to_all": all_to_all_volume(cfg, ep_size=ep_size, dtype=dtype),
+        "checkpoint": checkpoint_plan(cfg, ep_size, dp_size, disk_gbps, ranks_per_node),
+    }
+
+
+def checkpoint_plan(
+    cfg: ModelConfig, ep_size: int, world_size: int, disk_gbps: float, ranks_per_node: int
+) -> dict[str, Any]:
+    """Checkpoint bytes (fp32 masters + AdamW moments) in total and for the busiest rank, and the
+    write time at ``disk_gbps`` GB/s per node (moetrain/checkpoint/size.py)."""
+    from moetrain.checkpoint.size import checkpoint_bytes, write_seconds
+
+    sizes = checkpoint_bytes(cfg, ep_size=ep_size, world_size=world_size)
+    secs = write_seconds(sizes, world_size=world_size, ranks_per_node=ranks_per_node, disk_gbps=disk_gbps)
+    return {
+        "total_bytes": sizes["total"],
+        "per_rank_bytes": sizes["per_rank"],
+        "disk_gbps": disk_gbps,
+        "ranks_per_node": ranks_per_node,
+        "write_s": secs,
     }
 
 
@@ -310,6 +331,13 @@ def render(plan: dict[str, Any], console: Any = None) -> None:
     console.print(t)
     if a2a["ep_size"] == 1:
         console.print("ep_size=1: every expert is local, no all-to-all traffic.")
+    ck = plan["checkpoint"]
+    t = _table(console, f"Checkpoint (fp32 masters + AdamW), written at {ck['disk_gbps']} GB/s per node")
+    t.add_column("total", justify="right")
+    t.add_column("per rank (busiest)", justify="right")
+    t.add_column("write time", justify="right")
+    t.add_row(fmt_bytes(ck["total_bytes"]), fmt_bytes(ck["per_rank_bytes"]), f"{ck['write_s']:.1f} s")
+    console.print(t)
     st = plan.get("step_time")
     if st:
         console.print()

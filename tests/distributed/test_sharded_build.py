@@ -42,7 +42,8 @@ PROBE = textwrap.dedent(
         model = build_model(cfg, torch.device("cpu"), ep_rank=1, ep_size=ep_size)
     elif mode.startswith("load:"):  # resume: build the shard, then read its experts from the file
         from pathlib import Path
-        from moetrain.distributed.expert_parallel import ExpertParallelInfo, load_model_file_shard
+        from moetrain.checkpoint.legacy_format import load_model_file_shard
+        from moetrain.distributed.expert_parallel import ExpertParallelInfo
         model = build_model(cfg, torch.device("cpu"), ep_rank=1, ep_size=ep_size)
         ep = ExpertParallelInfo(enabled=ep_size > 1, ep_size=ep_size, ep_rank=1)
         load_model_file_shard(model, Path(mode[5:]), ep)
@@ -109,7 +110,7 @@ def test_init_depends_on_the_seed():
 
 
 def test_resume_reads_only_this_ranks_experts(tmp_path: Path):
-    """Loading model.safetensors under expert parallelism slices experts on disk (get_slice): the
+    """Loading a single-file model.safetensors (before 2026-12-05) under expert parallelism slices experts on disk (get_slice): the
     peak stays near the shard's; reading the whole file first would add the full ~805 MB."""
     from safetensors.torch import save_file
 
