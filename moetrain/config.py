@@ -396,7 +396,10 @@ class OptimConfig:
 @dataclass
 class ParallelConfig:
     ep_size: int = 1
+    # 3 partitions the weights too (experts over their expert-data-parallel group), docs/EXPERT_PARALLEL.md
     zero_stage: int = 0
+    # ZeRO 1-3: fp32 master weights and AdamW state in host memory, stepped there (DeepSpeed ZeRO-Offload)
+    offload_optimizer: bool = False
     dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     activation_checkpointing: bool = False
     # torch.compile each transformer block (inductor; experts and token exchange stay eager). Needs a
@@ -411,7 +414,21 @@ class ParallelConfig:
 
     def validate(self, prefix: str = "parallel") -> None:
         _require(self.ep_size >= 1, f"{prefix}.ep_size", self.ep_size, "must be >= 1")
-        _require(self.zero_stage in (0, 1, 2), f"{prefix}.zero_stage", self.zero_stage, "one of 0, 1, 2")
+        _require(
+            self.zero_stage in (0, 1, 2, 3), f"{prefix}.zero_stage", self.zero_stage, "one of 0, 1, 2, 3"
+        )
+        _require(
+            not self.offload_optimizer or self.zero_stage >= 1,
+            f"{prefix}.offload_optimizer",
+            self.offload_optimizer,
+            "needs parallel.zero_stage=1, 2 or 3 (ZeRO-0 keeps no partition to offload)",
+        )
+        _require(
+            not (self.compile and self.zero_stage == 3),
+            f"{prefix}.compile",
+            self.compile,
+            "not supported with parallel.zero_stage=3 (ZeRO-3 gathers weights in module hooks); use 0, 1 or 2",
+        )
         _require(
             self.dtype in ("auto", "fp32", "bf16"), f"{prefix}.dtype", self.dtype, "one of auto, fp32, bf16"
         )

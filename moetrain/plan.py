@@ -201,7 +201,7 @@ def check_parallel(
             raise ConfigError(f"{name}={value!r} is invalid: {allowed}")
 
     require(isinstance(ep_size, int) and ep_size >= 1, "parallel.ep_size", ep_size, "must be >= 1")
-    require(zero_stage in (0, 1, 2), "parallel.zero_stage", zero_stage, "one of 0, 1, 2")
+    require(zero_stage in (0, 1, 2, 3), "parallel.zero_stage", zero_stage, "one of 0, 1, 2, 3")
     if ep_size > 1:
         require(
             model_cfg.num_experts > 0 and model_cfg.num_experts % ep_size == 0,
@@ -246,7 +246,7 @@ def memory_plan(
     The world is ``dp_size`` ranks. Non-expert params are replicated on every rank; each rank
     holds ``num_experts / ep_size`` experts of every MoE layer. ZeRO-1 partitions optimizer state,
     ZeRO-2 also gradients: non-expert state over ``dp_size`` ranks, expert state over the
-    expert-data-parallel group of ``dp_size / ep_size`` ranks. Weights are never partitioned.
+    expert-data-parallel group of ``dp_size / ep_size`` ranks; ZeRO-3 the weights too.
     Activations, buffers and fragmentation are not counted.
     """
     check_parallel(model_cfg, ep_size=ep_size, dp_size=dp_size, zero_stage=zero_stage)
@@ -263,7 +263,8 @@ def memory_plan(
     total = {k: counts["total"] * v for k, v in b.items()}
     total["total"] = sum(total.values())
     per_rank = {
-        "weights": (dense_p + local_expert_p) * b["weights"],
+        "weights": shard(dense_p, b["weights"], dp_size, zero_stage >= 3)
+        + shard(local_expert_p, b["weights"], edp, zero_stage >= 3),
         "grads": shard(dense_p, b["grads"], dp_size, zero_stage >= 2)
         + shard(local_expert_p, b["grads"], edp, zero_stage >= 2),
         "optimizer": shard(dense_p, b["optimizer"], dp_size, zero_stage >= 1)

@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from moetrain.config import ModelConfig
 from moetrain.model.attention import Attention, KVCache
 from moetrain.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
-from moetrain.model.lm_loss import linear_cross_entropy
+from moetrain.model.lm_loss import LMHead
 from moetrain.moe import (
     MoELayer,
     RouterStats,
@@ -97,7 +97,7 @@ class MoETransformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.rope = RotaryEmbedding(cfg.head_size, cfg.max_seq_len, cfg.rope_theta)
@@ -183,12 +183,8 @@ class MoETransformer(nn.Module):
         out = ModelOutput(logits=logits, router_stats=stats)
         if labels_BT is not None:
             # The head and the loss in one pass over token chunks: no [B*T, V] logits (model/lm_loss.py).
-            out.lm_loss = linear_cross_entropy(
-                h.reshape(-1, h.shape[-1]),
-                self.lm_head.weight,
-                labels_BT.reshape(-1),
-                ignore_index=-100,
-                chunk_rows=self.cfg.loss_chunk_tokens,
+            out.lm_loss = self.lm_head(
+                h.reshape(-1, h.shape[-1]), labels_BT.reshape(-1), chunk_rows=self.cfg.loss_chunk_tokens
             )
             moe = self.cfg.moe
             out.aux_loss = load_balancing_loss(
