@@ -28,8 +28,13 @@ def is_zero3_optimizer(optimizer: Any) -> bool:
 
 def _local_slice(p: nn.Parameter, value: torch.Tensor) -> torch.Tensor:
     """This rank's part of the full ``value`` of ``p``, zero-padded to the partition's length."""
-    n = p.ds_tensor.numel()
     rank = dist.get_rank(group=p.ds_process_group) if dist.is_initialized() else 0
+    return partition_slice(value, p.ds_tensor.numel(), rank)
+
+
+def partition_slice(value: torch.Tensor, n: int, rank: int) -> torch.Tensor:
+    """Elements ``[rank * n, (rank + 1) * n)`` of ``value`` flattened, zero-padded to ``n`` (a ZeRO-3
+    partition of ``n`` elements: the last rank's runs past the end when the size is not a multiple)."""
     flat = value.reshape(-1)
     part = flat[rank * n : min((rank + 1) * n, flat.numel())]
     if part.numel() == n:
