@@ -7,7 +7,8 @@ Trains the same model a few steps in each layout (``--layouts``, default ZeRO-0 
 training entry with ``--rank-report``):
 - ``peak_rss``: the rank's peak resident memory (``VmHWM``) at the end of the run: on CPU, host
   memory holds the weights, gradients, optimizer state and activations;
-- ``held``: the parameter bytes the rank holds after the engine is built
+- ``held``: the parameter bytes the rank holds after the engine is built (and ``peak_rss_after_build``,
+  the peak so far at that point)
   (``moetrain.distributed.zero3.held_parameter_bytes``: a ZeRO-3 rank's own partitions, plus the
   small parameters DeepSpeed keeps gathered), against ``plan``'s ``memory.<dtype>.per_rank.weights``
   for the same layout.
@@ -54,6 +55,7 @@ def rank_entry() -> None:
     def build_and_count(self):  # noqa: ANN001
         build(self)
         held.update(held_parameter_bytes(self.model))
+        held["peak_rss_after_build"] = _vm_hwm()  # where the peak is reached: building or training
 
     loop.Trainer._build_model = build_and_count
     run = loop.Trainer.run
