@@ -524,11 +524,11 @@ class OptimConfig:
 @dataclass
 class ParallelConfig:
     ep_size: int = 1
-    # 0-3. ZeRO-3 and offload_optimizer are plan options for now (python -m moetrain.plan counts them);
-    # training stops with a one-line error on them (TrainConfig.validate) until the engine has them.
+    # 3 partitions the weights too (experts over their expert-data-parallel group), docs/EXPERT_PARALLEL.md
     zero_stage: int = 0
-    offload_optimizer: bool = False  # fp32 masters + AdamW moments in host memory (ZeRO 1-3)
-    dtype: str = "auto"  # auto: bf16 on CUDA (with bf16 support), fp32 otherwise
+    # ZeRO 1-3: fp32 master weights and AdamW state in host memory, stepped there (DeepSpeed ZeRO-Offload)
+    offload_optimizer: bool = False
+    dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     activation_checkpointing: bool = False
     # torch.compile each transformer block (inductor; experts and token exchange stay eager). Needs a
     # C++ compiler and Python headers on CPU, triton on CUDA. See model/compile.py.
@@ -549,7 +549,13 @@ class ParallelConfig:
             not self.offload_optimizer or self.zero_stage >= 1,
             f"{prefix}.offload_optimizer",
             self.offload_optimizer,
-            f"needs {prefix}.zero_stage >= 1",
+            "needs parallel.zero_stage=1, 2 or 3 (ZeRO-0 keeps no partition to offload)",
+        )
+        _require(
+            not (self.compile and self.zero_stage == 3),
+            f"{prefix}.compile",
+            self.compile,
+            "not supported with parallel.zero_stage=3 (ZeRO-3 gathers weights in module hooks); use 0, 1 or 2",
         )
         _require(
             self.dtype in ("auto", "fp32", "bf16"), f"{prefix}.dtype", self.dtype, "one of auto, fp32, bf16"
@@ -687,20 +693,6 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         self.validate_sections()
-        # Plan options the engine does not run yet (python -m moetrain.plan counts them).
-        _require(
-            self.parallel.zero_stage <= 2,
-            "parallel.zero_stage",
-            self.parallel.zero_stage,
-            "training runs ZeRO 0, 1 or 2 (ZeRO-3 with experts is not implemented yet; "
-            "python -m moetrain.plan plans it)",
-        )
-        _require(
-            not self.parallel.offload_optimizer,
-            "parallel.offload_optimizer",
-            self.parallel.offload_optimizer,
-            "training does not offload yet (python -m moetrain.plan plans it); set it to false",
-        )
         if self.parallel.ep_size > 1:
             _require(
                 self.model.num_experts > 0 and self.model.num_experts % self.parallel.ep_size == 0,

@@ -16,6 +16,7 @@ Every rank computes the same plan from the same model shape.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -80,11 +81,12 @@ def pieces(model: nn.Module, world_size: int, ep_size: int) -> list[Piece]:
     everyone = tuple(range(world_size))
     out = []
     for name, t, is_param in stored_tensors(model):
-        per = t.numel() * 4
+        shape = getattr(t, "ds_shape", t.shape)  # ZeRO-3: data is empty outside the forward
+        per = math.prod(shape) * 4
         if name not in experts:
             out.append(Piece(name, name, None, per, everyone, is_param))
             continue
-        el = t.shape[0]
+        el = shape[0]
         per //= max(el, 1)
         for g in range(el * ep_size):
             holders = tuple(r for r in everyone if r % ep_size == g // el)

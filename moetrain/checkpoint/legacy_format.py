@@ -83,7 +83,12 @@ def load_training_state(
     """Fill the module, the fp32 master weights and the optimizer state from a checkpoint's
     layout-free files, this rank's experts only. Returns False when the checkpoint holds no
     optimizer state (the optimizer then starts fresh; the caller decides whether that is an error)."""
-    weights = load_model_file_shard(model, folder / "model.safetensors", ep)
+    if view.kind == "zero3":  # partitioned parameters: the module takes its buffers, set_master the rest
+        from moetrain.checkpoint import zero3_state
+
+        weights = zero3_state.load_module_buffers(model, folder / "model.safetensors", ep)
+    else:
+        weights = load_model_file_shard(model, folder / "model.safetensors", ep)
     params = list(model.named_parameters())
     for name, p in params:  # bf16 / ZeRO: the fp32 masters take the file's values, not rounded copies
         view.set_master(p, weights[name])

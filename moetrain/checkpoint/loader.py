@@ -93,11 +93,14 @@ def load_sharded(
 
     tensors = layout.stored_tensors(model)
     state = {name: whole("", name) for name, _, _ in tensors}
-    for alias, source in tied_aliases(model).items():  # a tie is stored once, under its source
-        state.setdefault(alias, state[source])
-    model.load_state_dict(state, strict=True)
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
+    if getattr(view, "kind", None) == "zero3":  # partitioned parameters: buffers here, set_master below
+        model.load_state_dict({n: state[n] for n, _, is_param in tensors if not is_param}, strict=False)
+    else:
+        for alias, source in tied_aliases(model).items():  # a tie is stored once, under its source
+            state.setdefault(alias, state[source])
+        model.load_state_dict(state, strict=True)
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()
     params = [(name, t) for name, t, is_param in tensors if is_param]
     for name, p in params:  # bf16 / ZeRO: the fp32 masters take the file's values, not rounded copies
         view.set_master(p, state[name])

@@ -19,7 +19,7 @@ from moetrain.config import ModelConfig
 from moetrain.model.attention import Attention, KVCache
 from moetrain.model.documents import document_mask, document_positions
 from moetrain.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
-from moetrain.model.lm_loss import linear_cross_entropy
+from moetrain.model.lm_loss import LMHead
 from moetrain.moe import (
     MoELayer,
     RouterStats,
@@ -126,7 +126,7 @@ class MoETransformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size, bias=False)
         # Tied parameters, declared once: alias name -> source name. Every path that makes or replaces
         # parameters (meta build + to_empty, loading, export) calls tie_weights(), which makes the alias
         # the *same* Parameter object as its source: named_parameters() yields it once (one optimizer
@@ -235,12 +235,8 @@ class MoETransformer(nn.Module):
         out = ModelOutput(logits=logits, router_stats=stats)
         if labels_BT is not None:
             # The head and the loss in one pass over token chunks: no [B*T, V] logits (model/lm_loss.py).
-            out.lm_loss = linear_cross_entropy(
-                h.reshape(-1, h.shape[-1]),
-                self.lm_head.weight,
-                labels_BT.reshape(-1),
-                ignore_index=-100,
-                chunk_rows=self.cfg.loss_chunk_tokens,
+            out.lm_loss = self.lm_head(
+                h.reshape(-1, h.shape[-1]), labels_BT.reshape(-1), chunk_rows=self.cfg.loss_chunk_tokens
             )
             moe = self.cfg.moe
             out.aux_loss = load_balancing_loss(

@@ -230,6 +230,10 @@ class Trainer:
             )
         model.activation_checkpointing = self.cfg.parallel.activation_checkpointing
         self.ep = parallelize(model, self.cfg, self.env)
+        if self.cfg.parallel.zero_stage == 3:  # DeepSpeed's ZeRO-3 expert contract (distributed/zero3.py)
+            from moetrain.distributed.zero3 import prepare_zero3
+
+            prepare_zero3(model, self.ep)
         if self.cfg.parallel.compile:  # after parallelize: the all-to-all exchanges stay eager too
             compile_blocks(model)
         self.model = model
@@ -370,7 +374,8 @@ class Trainer:
 
     @torch.no_grad()
     def _weights_finite(self) -> bool:
-        flags = [torch.isfinite(p).all() for p in self.model.parameters()]
+        # ZeRO-3: a parameter's data is empty outside the forward; its partition is ds_tensor
+        flags = [torch.isfinite(getattr(p, "ds_tensor", p)).all() for p in self.model.parameters()]
         return bool(torch.stack(flags).all()) if flags else True
 
     # ---- one step ---------------------------------------------------------------------------------
@@ -755,10 +760,9 @@ class Trainer:
         """A short generation at the end, so a newcomer sees what the model learned."""
         if not self.is_main or not self.cfg.trainer.sample_tokens:
             return
-        if self.ep.enabled:  # experts are spread over ranks: generation would need every rank
-            self._log(
-                f"sample: skipped under expert parallelism; run python -m moetrain.generate {self.run_dir}"
-            )
+        if self.ep.enabled or self.cfg.parallel.zero_stage == 3:  # the weights are spread over ranks
+            how = "expert parallelism" if self.ep.enabled else "ZeRO-3"
+            self._log(f"sample: skipped under {how}; run python -m moetrain.generate {self.run_dir}")
             return
         if not self._weights_finite():
             self._log("sample: skipped (the weights are not finite)")
