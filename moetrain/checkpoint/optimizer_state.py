@@ -149,7 +149,7 @@ def load_training_state(model: nn.Module, view: OptimizerView, folder: Path, ep:
     from moetrain.distributed.expert_parallel import load_model_file_shard, read_layout_free
 
     weights = load_model_file_shard(model, folder / "model.safetensors", ep)
-    params = list(model.named_parameters())
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # LoRA: not the base
     for name, p in params:  # bf16 / ZeRO: the fp32 masters take the file's values, not rounded copies
         view.set_master(p, weights[name])
     del weights

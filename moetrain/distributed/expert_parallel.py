@@ -188,8 +188,7 @@ def parallelize(model: nn.Module, cfg: TrainConfig, env: DistEnv) -> ExpertParal
     for layer in model.moe_layers:
         # Tagged here, after any materialisation (to_empty from meta makes new Parameter objects,
         # which would silently drop the tags: experts averaged over ranks that hold different ones).
-        for name in EXPERT_PARAM_NAMES:
-            param = getattr(layer.experts, name)
+        for param in layer.experts.parameters():  # the fused weights, and LoRA adapters if any
             param.allreduce = False  # DeepSpeed: an expert param, reduced over its expert-DP group
             param.group_name = group_name
         if getattr(layer.experts, "first_expert", 0) != ep_rank * El:
@@ -206,7 +205,7 @@ def _expert_param_names(model: nn.Module) -> list[str]:
     out = []
     for name, module in model.named_modules():
         if isinstance(module, MoELayer):
-            out += [f"{name}.experts.{p}" for p in EXPERT_PARAM_NAMES]
+            out += [f"{name}.experts.{p}" for p, _ in module.experts.named_parameters()]
     return out
 
 
@@ -243,13 +242,18 @@ def full_state_dict(
     seen: set[int] = set()
     items = []
     for name, t in model.state_dict(keep_vars=True).items():
-        if id(t) in seen:
+        if id(t) in seen or (isinstance(t, nn.Parameter) and not t.requires_grad):  # LoRA: a frozen base
             continue
         seen.add(id(t))
         is_param = isinstance(t, nn.Parameter)
         get = (lambda t=t: master(t)) if (master is not None and is_param) else (lambda t=t: t.detach())
         items.append((name, name in expert_names, get))
     return _gather_named(items, env, ep)
+
+
+def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The parameters a checkpoint stores with their optimizer state (all but a LoRA run's frozen base)."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
 def full_optimizer_state(
@@ -260,12 +264,12 @@ def full_optimizer_state(
     expert_names = set(_expert_param_names(model))
     keys = view.state_keys()
     items = []
-    for name, p in model.named_parameters():
+    for name, p in _trainable(model):
         for key in keys:
             items.append((f"{key}/{name}", name in expert_names, lambda p=p, key=key: view.state(p, key)))
     out = _gather_named(items, env, ep)
     if out is not None and keys:
-        for name, _ in model.named_parameters():  # one tensor each: safetensors refuses shared storage
+        for name, _ in _trainable(model):  # one tensor each: safetensors refuses shared storage
             out[f"step/{name}"] = torch.tensor(view.step_count())
     return out
 
@@ -293,9 +297,16 @@ def load_model_file_shard(model: nn.Module, path: Path, ep: ExpertParallelInfo) 
     """Load a layout-free ``model.safetensors`` (this rank's experts only); returns what was read
     (full precision: a bf16 module gets rounded copies, the optimizer's fp32 masters take the file's)."""
     sd = read_layout_free(path, model, ep)
-    if getattr(model, "cfg", None) is not None and model.cfg.tie_embeddings:
+    if getattr(model, "cfg", None) is not None and model.cfg.tie_embeddings and "embed.weight" in sd:
         sd.setdefault("lm_head.weight", sd["embed.weight"])
-    model.load_state_dict(sd, strict=True)
+    # A LoRA checkpoint holds the trainable tensors only: the frozen base is already in the model.
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if unexpected or set(missing) - frozen:
+        raise ValueError(
+            f"{path} does not match the model: missing {sorted(set(missing) - frozen)}, "
+            f"unexpected {unexpected}"
+        )
     return sd
 
 

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from moetrain.checkpoint.base_ref import KEY as BASE_KEY
+from moetrain.checkpoint.base_ref import check_base
 from moetrain.checkpoint.integrity import verify
 from moetrain.checkpoint.manager import CheckpointManager, read_rank_state, read_trainer_state, set_rng_state
 from moetrain.checkpoint.model_file import CheckpointError, resolve_checkpoint
@@ -229,6 +231,13 @@ class Trainer:
             load_pretrained(
                 model, m.init_from or m.upcycle_from, upcycle=bool(m.upcycle_from), noise=m.upcycle_noise
             )
+        self.lora_base = None
+        if m.lora.rank:  # freeze the base, add the adapters (this rank's experts' only)
+            from moetrain.checkpoint.base_ref import base_reference
+            from moetrain.model.lora import apply_lora
+
+            apply_lora(model, m.lora)
+            self.lora_base = base_reference(m.init_from, self.cfg.trainer.seed)
         model.activation_checkpointing = self.cfg.parallel.activation_checkpointing
         self.ep = parallelize(model, self.cfg, self.env)
         if self.cfg.parallel.compile:  # after parallelize: the all-to-all exchanges stay eager too
@@ -339,6 +348,7 @@ class Trainer:
         "attention_bias",
         "shared_expert_intermediate_size",
         "shared_expert_gate",
+        "lora",  # a LoRA checkpoint holds adapters of this rank / alpha / targets only
     )
 
     def _check_same_shape(self, folder: Path) -> None:
@@ -362,6 +372,9 @@ class Trainer:
     def _resume(self, folder: Path) -> None:
         self._check_same_shape(folder)
         state = read_trainer_state(folder)
+        if state.get(BASE_KEY) and state[BASE_KEY] != self.lora_base:
+            check_base(state[BASE_KEY], folder)  # names what is wrong with the base
+            raise CheckpointError(f"{folder} is a LoRA checkpoint of another base model ({state[BASE_KEY]})")
         same_layout = (
             state.get("ep_size") == self.cfg.parallel.ep_size
             and state.get("world_size") == self.env.world_size
@@ -432,6 +445,7 @@ class Trainer:
             "max_steps": self.cfg.trainer.max_steps,
             "skipped_steps": self.nonfinite.total_skipped,
             "loader": self.train_loader.state_dict(),
+            **({BASE_KEY: self.lora_base} if self.lora_base else {}),  # LoRA: the base by reference
         }
         # Collective, in the same order on every rank: fp32 master weights, then optimizer state.
         view = self._optimizer_view()
