@@ -269,6 +269,8 @@ def memory_plan(
         "optimizer": shard(dense_p, b["optimizer"], dp_size, zero_stage >= 1)
         + shard(local_expert_p, b["optimizer"], edp, zero_stage >= 1),
     }
+    if model_cfg.lora.rank:  # the base frozen: weights only; gradients and AdamW state for the adapters
+        per_rank = lora_memory(model_cfg, dense_p + local_expert_p, ep_size, dp_size, zero_stage, b)
     per_rank["total"] = sum(per_rank.values())
     return {
         "dtype": dtype,
@@ -280,6 +282,29 @@ def memory_plan(
             "expert": local_expert_p,
             "total": dense_p + local_expert_p,
         },
+    }
+
+
+def lora_memory(
+    model_cfg: ModelConfig, base_params: int, ep_size: int, dp_size: int, zero_stage: int, b: dict[str, int]
+) -> dict[str, int]:
+    """Per-rank bytes of a LoRA run (``model.lora.rank`` > 0): the frozen base once in the compute
+    dtype (no gradient, no master, no optimizer state), the adapters (this rank's experts' share)
+    with gradients and AdamW state, partitioned by ZeRO as full training's are."""
+    from moetrain.model.lora import lora_param_count
+
+    n = lora_param_count(model_cfg, ep_size)
+    edp = dp_size // ep_size
+
+    def shard(params: int, nbytes: int, group: int, partitioned: bool) -> int:
+        return math.ceil(params * nbytes / group) if partitioned else params * nbytes
+
+    return {
+        "weights": (base_params + n["total"]) * b["weights"],
+        "grads": shard(n["non_expert"], b["grads"], dp_size, zero_stage >= 2)
+        + shard(n["expert"], b["grads"], edp, zero_stage >= 2),
+        "optimizer": shard(n["non_expert"], b["optimizer"], dp_size, zero_stage >= 1)
+        + shard(n["expert"], b["optimizer"], edp, zero_stage >= 1),
     }
 
 
