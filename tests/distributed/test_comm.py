@@ -32,9 +32,9 @@ COLLECTIVES = {
 PKG = Path(moetrain.__file__).parent
 # Where raw collectives may appear, and why: comm.py is the device-aware layer; expert_parallel.py
 # exchanges activations that already live on the model's device (the all-to-all); the router's
-# global-batch counts in moe/losses.py are built on the model's device too; testing.py is the CPU
+# global-batch counts in moe/losses.py are built on the model's device too; testing/spawn.py is the CPU
 # test harness (gloo only).
-ALLOWED = {"distributed/comm.py", "distributed/expert_parallel.py", "moe/losses.py", "testing.py"}
+ALLOWED = {"distributed/comm.py", "distributed/expert_parallel.py", "moe/losses.py", "testing/spawn.py"}
 
 
 def _raw_collective_calls(path: Path) -> list[str]:

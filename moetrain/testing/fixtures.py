@@ -1,0 +1,109 @@
+"""Tiny configs and models the tests share: the mixtral_tiny run, a small ModelConfig, tiny
+transformers models of every family moetrain maps."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from moetrain.testing.process import FAST_OVERRIDES, merge_overrides
+from moetrain.testing.runs import TrainRun, cached_run
+
+# ---- the tiny experiment, shared by the trainer and distributed tests ------------------------------
+# mixtral_tiny (fixture corpus, no download): 20 steps, micro-batch 4, eval and checkpoint every 10.
+# global_batch aux scope makes a multi-process run equal a one-process run with the same global batch.
+TINY_OVERRIDES: tuple[str, ...] = (
+    "+experiment=mixtral_tiny",
+    *FAST_OVERRIDES,
+    "model.moe.aux_loss_scope=global_batch",
+)
+
+
+def tiny(*extra: str) -> list[str]:
+    """mixtral_tiny overrides (fast, global_batch aux scope) plus ``extra`` (later keys win)."""
+    return merge_overrides(TINY_OVERRIDES, extra)
+
+
+def reference_run() -> TrainRun:
+    """The one-process mixtral_tiny reference: 20 steps, global batch 4, W&B offline, a short sample
+    at the end. (With one process, aux_loss_scope global_batch and micro_batch are the same.)"""
+    return cached_run(
+        *tiny("logging.wandb.mode=offline", "trainer.sample_tokens=8"), nproc=1, name="reference"
+    )
+
+
+TINY_MODEL = {
+    "vocab_size": 97,
+    "hidden_size": 32,
+    "num_layers": 2,
+    "num_heads": 4,
+    "num_kv_heads": 2,
+    "ffn_hidden_size": 48,
+    "num_experts": 4,
+    "top_k": 2,
+    "max_seq_len": 64,
+}
+
+
+def tiny_model_config(**overrides: Any):
+    """A small, validated ``ModelConfig`` (hidden 32, 2 layers, 4 experts, top-2) for unit tests."""
+    from moetrain.config import ModelConfig
+
+    cfg = ModelConfig(**{**TINY_MODEL, **overrides})
+    cfg.validate()
+    return cfg
+
+
+# Tiny transformers models of every family moetrain maps (moetrain/hf.py): vocab 512 (the fixture
+# BPE's size), hidden 32, 2 layers, 4 experts top-2. Each family's own options are switched on.
+_HF_TINY = {
+    "vocab_size": 512,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+    "tie_word_embeddings": False,
+}
+HF_FAMILIES = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"intermediate_size": 48, "num_local_experts": 4,
+                                                        "num_experts_per_tok": 2}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"intermediate_size": 48}),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", {"intermediate_size": 48, "num_experts": 4,
+                                                  "num_experts_per_tok": 2, "norm_topk_prob": False}),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", {
+        "num_hidden_layers": 3, "intermediate_size": 64, "moe_intermediate_size": 48,
+        "shared_expert_intermediate_size": 40, "num_experts": 4, "num_experts_per_tok": 2,
+        "mlp_only_layers": [1], "qkv_bias": True, "norm_topk_prob": False}),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {
+        "num_hidden_layers": 3, "head_dim": 16, "intermediate_size": 64, "moe_intermediate_size": 48,
+        "num_experts": 4, "num_experts_per_tok": 2, "decoder_sparse_step": 2, "norm_topk_prob": True}),
+    # dense sources of sparse upcycling
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {"intermediate_size": 48}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16, "intermediate_size": 48}),
+}  # fmt: skip
+
+
+def tiny_hf_model(family: str, folder: str | os.PathLike | None = None, seed: int = 0, **overrides: Any):
+    """A tiny random transformers model of ``family`` (a key of ``HF_FAMILIES``), eval mode, fp32, with
+    non-trivial norm weights and biases (so a swapped norm or a dropped bias shows). With ``folder``
+    it is also saved there (``save_pretrained``, safetensors; ``max_shard_size`` in ``overrides`` is
+    passed on, to write sharded checkpoints)."""
+    import torch
+    import transformers
+
+    cfg_cls, model_cls, extra = HF_FAMILIES[family]
+    shard = overrides.pop("max_shard_size", None)
+    hf_cfg = getattr(transformers, cfg_cls)(**{**_HF_TINY, **extra, **overrides})
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(hf_cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0.0, 0.1)
+            elif p.dim() == 1:
+                p.uniform_(0.5, 1.5)
+    if folder is not None:
+        kw = {"max_shard_size": shard} if shard else {}
+        model.save_pretrained(str(folder), safe_serialization=True, **kw)
+    return model
