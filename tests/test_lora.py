@@ -79,6 +79,10 @@ def _check_exports(run: Path, base: Path, tmp: Path) -> None:
     assert (merged - before).abs().max() > 1e-3  # the fine-tune changed the model
     adapted = _logits(peft.PeftModel.from_pretrained(base_model, str(tmp / "adapter")).eval(), ids)
     assert (adapted - merged).abs().max() <= 1e-4
+    from moetrain.checkpoint import load_model  # generate / analyze: the base + adapters, merged
+
+    ours = _logits(load_model(run, load_tokenizer=False).model, ids)
+    assert (ours - merged).abs().max() <= 1e-4
 
 
 @pytest.mark.numerics

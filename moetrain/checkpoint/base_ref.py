@@ -71,3 +71,19 @@ def base_state(ref: dict[str, Any], model_cfg: Any) -> dict[str, Any]:
 
         load_pretrained(model, ref["path"])
     return model.state_dict()
+
+
+def merged_lora_state(folder: Path, model_cfg: Any, adapters: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """A LoRA checkpoint's adapters merged into its (checked) base, and the config without LoRA."""
+    import dataclasses
+
+    from moetrain.checkpoint.manager import read_trainer_state
+    from moetrain.config import LoRAConfig
+    from moetrain.model.lora import merge_lora
+
+    ref = read_trainer_state(folder).get(KEY)
+    if not ref:
+        raise CheckpointError(f"{folder} is a LoRA checkpoint without a base reference ({KEY})")
+    check_base(ref, folder)
+    merged = merge_lora({**base_state(ref, model_cfg), **adapters}, model_cfg.lora)
+    return merged, dataclasses.replace(model_cfg, lora=LoRAConfig())

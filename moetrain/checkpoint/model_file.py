@@ -78,8 +78,12 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu", load_tokenizer: 
     folder = resolve_checkpoint(path)
     config = read_config(folder)
     model_cfg = model_config_from_dict(config["model"])
-    model = MoETransformer(model_cfg)
     state = load_file(str(folder / MODEL_FILE), device=device)
+    if model_cfg.lora.rank:  # adapters only: merged into the base the checkpoint refers to
+        from moetrain.checkpoint.base_ref import merged_lora_state
+
+        state, model_cfg = merged_lora_state(folder, model_cfg, state)
+    model = MoETransformer(model_cfg)
     if model_cfg.tie_embeddings:
         state.setdefault("lm_head.weight", state["embed.weight"])
     missing, unexpected = model.load_state_dict(state, strict=False)
