@@ -139,6 +139,36 @@ class MoEConfig:
         )
 
 
+LORA_TARGETS = ("attention", "experts", "shared_expert", "router")
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA fine-tuning (moetrain/model/lora.py): the base frozen, adapters trained. rank 0 = off."""
+
+    rank: int = 0
+    alpha: float = 16.0  # the adapters' output is scaled by alpha / rank
+    dropout: float = 0.0  # on the adapters' input only
+    targets: list[str] = field(default_factory=lambda: ["attention", "experts"])
+
+    def validate(self, prefix: str = "model.lora") -> None:
+        _require(
+            type(self.rank) is int and self.rank >= 0,
+            f"{prefix}.rank",
+            self.rank,
+            "an integer >= 0 (0 = off)",
+        )
+        _require(self.alpha > 0, f"{prefix}.alpha", self.alpha, "must be > 0")
+        _require(0 <= self.dropout < 1, f"{prefix}.dropout", self.dropout, "must be in [0, 1)")
+        bad = [t for t in self.targets if t not in LORA_TARGETS]
+        _require(
+            bool(self.targets) and not bad,
+            f"{prefix}.targets",
+            list(self.targets),
+            f"a non-empty list of {LORA_TARGETS}",
+        )
+
+
 @dataclass
 class ModelConfig:
     name: str = "custom"
@@ -183,6 +213,7 @@ class ModelConfig:
     # the same up to floating-point summation order. Not a shape: a resume may change it.
     loss_chunk_tokens: int | None = None
     moe: MoEConfig = field(default_factory=MoEConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     @property
     def head_size(self) -> int:
@@ -325,6 +356,7 @@ class ModelConfig:
             "must be >= 0 (0 = exact copies)",
         )
         self.moe.validate(f"{prefix}.moe")
+        self.lora.validate(f"{prefix}.lora")
 
 
 @dataclass

@@ -32,7 +32,7 @@ def expert_param_names(model: nn.Module) -> set[str]:
     out = set()
     for name, module in model.named_modules():
         if isinstance(module, MoELayer):
-            out |= {f"{name}.experts.{p}" for p in EXPERT_PARAM_NAMES}
+            out |= {f"{name}.experts.{p}" for p, _ in module.experts.named_parameters()}  # + LoRA adapters
     return out
 
 
@@ -69,7 +69,8 @@ def stored_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor, bool]]:
                 f"{alias} is no longer {source}: the tie was lost (call model.tie_weights() after "
                 "replacing parameters)"
             )
-    params = list(model.named_parameters())
+    # A frozen parameter (a LoRA run's base) is not training state: the run rebuilds it from its source.
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     buffers = [(n, t) for n, t in model.state_dict(keep_vars=True).items() if n not in names]
     return [(n, p, True) for n, p in params] + [(n, b, False) for n, b in buffers]

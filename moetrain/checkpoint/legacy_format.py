@@ -54,8 +54,9 @@ def load_model_file_shard(model: nn.Module, path: Path, ep: Any) -> dict[str, to
             "written while the tie was lost): export it (exported untied) or train on with model.tie_embeddings=false"
         )
     sd = drop_aliases(sd, tied)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}  # LoRA: the base
     missing, unexpected = model.load_state_dict(sd, strict=False)
-    if set(missing) - set(tied) or unexpected:
+    if set(missing) - set(tied) - frozen or unexpected:
         raise CheckpointError(f"{path} does not match the model: missing {missing}, unexpected {unexpected}")
     if hasattr(model, "tie_weights"):
         model.tie_weights()
@@ -89,7 +90,7 @@ def load_training_state(
         weights = zero3_state.load_module_buffers(model, folder / "model.safetensors", ep)
     else:
         weights = load_model_file_shard(model, folder / "model.safetensors", ep)
-    params = list(model.named_parameters())
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # LoRA: not the base
     for name, p in params:  # bf16 / ZeRO: the fp32 masters take the file's values, not rounded copies
         view.set_master(p, weights[name])
     del weights

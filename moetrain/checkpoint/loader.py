@@ -18,6 +18,7 @@ from torch import nn
 
 from moetrain.checkpoint import layout
 from moetrain.checkpoint.integrity import MANIFEST, file_digest
+from moetrain.checkpoint.model_file import CheckpointError
 from moetrain.checkpoint.shards import read_index, read_tensors
 from moetrain.distributed import all_gather_object
 
@@ -98,7 +99,12 @@ def load_sharded(
     else:
         for alias, source in tied_aliases(model).items():  # a tie is stored once, under its source
             state.setdefault(alias, state[source])
-        model.load_state_dict(state, strict=True)
+        frozen = {n for n, p in model.named_parameters() if not p.requires_grad}  # LoRA: the base
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or set(missing) - frozen:
+            raise CheckpointError(
+                f"{folder} does not match the model: missing {missing}, unexpected {unexpected}"
+            )
         if hasattr(model, "tie_weights"):
             model.tie_weights()
     params = [(name, t) for name, t, is_param in tensors if is_param]

@@ -113,6 +113,10 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu", load_tokenizer: 
     config = read_config(folder)
     model_cfg = model_config_from_dict(config["model"])
     state = read_model_state(folder)
+    if model_cfg.lora.rank:  # adapters only: merged into the base the checkpoint refers to
+        from moetrain.checkpoint.base_ref import merged_lora_state
+
+        state, model_cfg = merged_lora_state(folder, model_cfg, state)
     if untied_in_state(state, declared_ties(model_cfg)):
         # Written while the tie was lost (moetrain before 2026-12-05): the model trained an own head.
         warnings.warn(

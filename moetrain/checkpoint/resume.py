@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from moetrain.checkpoint.base_ref import KEY as BASE_KEY
+from moetrain.checkpoint.base_ref import check_base
 from moetrain.checkpoint.checkpointer import io_counters, memory_kib
 from moetrain.checkpoint.integrity import verify
 from moetrain.checkpoint.legacy_format import load_engine_state, load_training_state
@@ -44,6 +46,7 @@ SHAPE_KEYS = (
     "attention_bias",
     "shared_expert_intermediate_size",
     "shared_expert_gate",
+    "lora",  # a LoRA checkpoint holds adapters of this rank / alpha / targets only
 )
 
 
@@ -108,11 +111,16 @@ def restore(
     verify_files: bool,
     log: Callable[[str], None],
     stats_dir: Path | None = None,
+    lora_base: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Collective. Returns the trainer state (step, tokens_seen, ...)."""
+    """Collective. Returns the trainer state (step, tokens_seen, ...). ``lora_base``: the base model
+    reference of this run (LoRA), which must be the one the checkpoint's adapters were trained on."""
     io0 = io_counters()
     check_same_shape(folder, cfg.model)
     state = read_trainer_state(folder)
+    if state.get(BASE_KEY) and state[BASE_KEY] != lora_base:
+        check_base(state[BASE_KEY], folder)  # names what is wrong with the base
+        raise CheckpointError(f"{folder} is a LoRA checkpoint of another base model ({state[BASE_KEY]})")
     trust = cfg.trainer.trust_checkpoint_code
     same_layout = state.get("ep_size") == cfg.parallel.ep_size and state.get("world_size") == env.world_size
     restored = True

@@ -184,8 +184,7 @@ def parallelize(model: nn.Module, cfg: TrainConfig, env: DistEnv) -> ExpertParal
     for layer in model.moe_layers:
         # Tagged here, after any materialisation (to_empty from meta makes new Parameter objects,
         # which would silently drop the tags: experts averaged over ranks that hold different ones).
-        for name in EXPERT_PARAM_NAMES:
-            param = getattr(layer.experts, name)
+        for param in layer.experts.parameters():  # the fused weights, and LoRA adapters if any
             param.allreduce = False  # DeepSpeed: an expert param, reduced over its expert-DP group
             param.group_name = group_name
         if getattr(layer.experts, "first_expert", 0) != ep_rank * El:

@@ -129,6 +129,10 @@ def memory_plan(
         "grads": shard(b["grads"], zero_stage >= 2),
         "optimizer": shard(b["optimizer"], zero_stage >= 1),
     }
+    if model_cfg.lora.rank:  # the base frozen: its weights only; gradients and AdamW state for the adapters
+        per_rank, dense_p, local_expert_p = lora_memory(
+            model_cfg, per_rank["weights"], ep_size, dp_size, zero_stage, b
+        )
     per_rank["total"] = sum(per_rank.values())
     # The optimizer step's fp32 gradients: moetrain's ZeRO-0 bf16 step casts every gradient at once
     # (trainer/engine.py lean_bf16_step); DeepSpeed's ZeRO 1-3 cast one parameter group's partition at
@@ -336,3 +340,28 @@ def all_to_all_volume(model_cfg: ModelConfig, *, ep_size: int = 1, dtype: str = 
         "per_token_per_layer": {"forward": fwd, "training": 2 * fwd},
         "per_token": {"forward": fwd * moe_layers, "training": 2 * fwd * moe_layers},
     }
+
+
+def lora_memory(
+    model_cfg: ModelConfig, base_weights: int, ep_size: int, dp_size: int, zero_stage: int, b: dict[str, int]
+) -> tuple[dict[str, int], int, int]:
+    """Per-rank bytes of a LoRA run (``model.lora.rank`` > 0): the frozen base's weights as full
+    training holds them (``base_weights``: no gradient, no master, no optimizer state), and the
+    adapters (this rank's experts' share) with gradients and AdamW state, partitioned by ZeRO as full
+    training's are. Also returns the trainable non-expert and expert parameter counts of one rank."""
+    from moetrain.model.lora import lora_param_count
+
+    n = lora_param_count(model_cfg, ep_size)
+    edp = dp_size // ep_size
+
+    def shard(nbytes: int, partitioned: bool) -> int:
+        if not partitioned:
+            return (n["non_expert"] + n["expert"]) * nbytes
+        return math.ceil(n["non_expert"] * nbytes / dp_size) + math.ceil(n["expert"] * nbytes / edp)
+
+    per_rank = {
+        "weights": base_weights + shard(b["weights"], zero_stage >= 3),
+        "grads": shard(b["grads"], zero_stage >= 2),
+        "optimizer": shard(b["optimizer"], zero_stage >= 1),
+    }
+    return per_rank, n["non_expert"], n["expert"]

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from moetrain.checkpoint.base_ref import KEY as BASE_KEY
 from moetrain.checkpoint.checkpointer import Checkpointer
 from moetrain.checkpoint.model_file import CheckpointError
 from moetrain.checkpoint.optimizer_state import OptimizerView
@@ -228,6 +229,13 @@ class Trainer:
             load_pretrained(
                 model, m.init_from or m.upcycle_from, upcycle=bool(m.upcycle_from), noise=m.upcycle_noise
             )
+        self.lora_base = None
+        if m.lora.rank:  # freeze the base, add the adapters (this rank's experts' only)
+            from moetrain.checkpoint.base_ref import base_reference
+            from moetrain.model.lora import apply_lora
+
+            apply_lora(model, m.lora)
+            self.lora_base = base_reference(m.init_from, self.cfg.trainer.seed)
         model.activation_checkpointing = self.cfg.parallel.activation_checkpointing
         self.ep = parallelize(model, self.cfg, self.env)
         if self.cfg.parallel.zero_stage == 3:  # DeepSpeed's ZeRO-3 expert contract (distributed/zero3.py)
@@ -359,6 +367,7 @@ class Trainer:
             "max_steps": self.cfg.trainer.max_steps,
             "skipped_steps": self.nonfinite.total_skipped,
             "loader": self.train_loader.state_dict(),
+            **({BASE_KEY: self.lora_base} if self.lora_base else {}),  # LoRA: the base by reference
         }
         return self.checkpointer.save(
             self.step,
@@ -644,6 +653,7 @@ class Trainer:
                 verify_files=verify_files,
                 log=self._log,
                 stats_dir=self.run_dir,
+                lora_base=self.lora_base,
             )
             self.step, self.tokens_seen = state["step"], state["tokens_seen"]
             self._epochs_logged = self.train_loader.epochs()
