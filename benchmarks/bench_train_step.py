@@ -72,19 +72,11 @@ def compose(experiment: str, dtype: str, grad_accum: int, extra: list[str]):
 
 def build_trainer(cfg, run_dir: Path):
     """A Trainer set up as ``Trainer.run`` sets it up, without logging, checkpoints or eval."""
-    from moetrain.tracking import RoutingAccumulator
     from moetrain.trainer import Trainer
-    from moetrain.trainer.guards import NonFiniteGuard
 
     run_dir.mkdir(parents=True, exist_ok=True)
     t = Trainer(cfg, run_dir)
-    t._build_data()
-    t._build_model()
-    t._install_update_guard()
-    t.nonfinite = NonFiniteGuard(
-        cfg.trainer.on_nonfinite, cfg.trainer.max_skipped_steps, cfg.trainer.skip_window
-    )
-    t.routing = RoutingAccumulator(cfg.model.moe_layer_ids, cfg.model.num_experts, t.env.device)
+    t.build()
     t.engine.train()
     return t
 

@@ -55,6 +55,7 @@ def _patched(obj, attr: str, label: str):
 
 def _label_scopes(trainer) -> list[tuple[object, str, str]]:
     import moetrain.model.transformer as transformer_module
+    import moetrain.trainer.loop as loop_module
 
     model = trainer.model
     targets: list[tuple[object, str, str]] = [
@@ -63,9 +64,9 @@ def _label_scopes(trainer) -> list[tuple[object, str, str]]:
         (transformer_module, "load_balancing_loss", "router_losses"),
         (transformer_module, "router_z_loss", "router_losses"),
         (trainer.engine, "step", "optimizer"),
-        (trainer, "_grad_norm", "grad_norm+clip"),
-        (trainer, "_clip", "grad_norm+clip"),
-        (trainer.routing, "add", "logging/metrics"),
+        (loop_module, "global_grad_norm", "grad_norm+clip"),
+        (loop_module, "clip_grads_", "grad_norm+clip"),
+        (trainer.report.routing, "add", "logging/metrics"),
     ]
     for block in model.layers:
         targets.append((block.attention, "forward", "attention"))

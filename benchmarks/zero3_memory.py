@@ -50,14 +50,14 @@ def rank_entry() -> None:
     from moetrain.distributed.zero3 import held_parameter_bytes
 
     held: dict[str, int] = {}
-    build = loop.Trainer._build_model
+    build = loop.Trainer.build
 
     def build_and_count(self):  # noqa: ANN001
         build(self)
         held.update(held_parameter_bytes(self.model))
         held["peak_rss_after_build"] = _vm_hwm()  # where the peak is reached: building or training
 
-    loop.Trainer._build_model = build_and_count
+    loop.Trainer.build = build_and_count
     run = loop.Trainer.run
 
     def run_and_report(self):  # noqa: ANN001

@@ -50,10 +50,10 @@ def _install(bug: str) -> None:
         return
     import torch.distributed as dist
 
-    import moetrain.trainer.loop as loop
+    import moetrain.trainer.setup as setup
     from moetrain.distributed.expert_parallel import EXPERT_PARAM_NAMES
 
-    parallelize = loop.parallelize
+    parallelize = setup.parallelize
 
     def broken_parallelize(model, cfg, env):
         ep = parallelize(model, cfg, env)
@@ -74,7 +74,7 @@ def _install(bug: str) -> None:
         print(f"negative control: injected bug {bug!r}", flush=True)
         return ep
 
-    loop.parallelize = broken_parallelize
+    setup.parallelize = broken_parallelize
 
 
 def main() -> None:

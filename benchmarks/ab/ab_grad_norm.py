@@ -1,4 +1,4 @@
-"""The loop's global gradient norm (``Trainer._grad_norm``: one ``vector_norm`` per tensor, float64
+"""The loop's global gradient norm (``trainer/gradients.py global_grad_norm``: one ``vector_norm`` per tensor, float64
 accumulation) against one ``torch._foreach_norm`` call over all of them (tried, not kept:
 benchmarks/results/gemm_floor_replay_epyc-avx512bf16_2026-12-02.md), on the real mixtral_small and
 dense_small models as ``python -m moetrain.train`` builds them, gradients filled with noise. The
@@ -21,6 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench_train_step as bts  # noqa: E402  (sets the single-process environment first)
+
+from moetrain.trainer.gradients import global_grad_norm  # noqa: E402
 
 
 def foreach_grad_norm(trainer) -> float:
@@ -49,9 +51,12 @@ def main() -> None:
         torch.manual_seed(0)
         for p in trainer.model.parameters():
             p.grad = torch.randn_like(p)
-        new, old = foreach_grad_norm(trainer), trainer._grad_norm()
+        new, old = foreach_grad_norm(trainer), global_grad_norm(trainer.model, trainer.ep)
         assert new == old, (new, old)
-        fns = {"old": trainer._grad_norm, "new": lambda t=trainer: foreach_grad_norm(t)}
+        fns = {
+            "old": lambda t=trainer: global_grad_norm(t.model, t.ep),
+            "new": lambda t=trainer: foreach_grad_norm(t),
+        }
         times: dict[str, list[float]] = {k: [] for k in fns}
         for i in range(rounds + 3):
             for k in list(fns) if i % 2 == 0 else list(reversed(fns)):

@@ -19,10 +19,12 @@ import torch  # noqa: E402
 
 import moetrain.moe.layer as layer_module  # noqa: E402
 import moetrain.trainer.engine as engine_module  # noqa: E402
+import moetrain.trainer.loop as loop_module  # noqa: E402
 
 ga, reps = int(sys.argv[1]), int(sys.argv[2])
 tmp = Path(tempfile.mkdtemp())
 real_plan = layer_module.plan_dispatch
+real_grad_norm = loop_module.global_grad_norm
 
 
 def old_plan(*args):
@@ -30,9 +32,9 @@ def old_plan(*args):
 
 
 @torch.no_grad()
-def old_grad_norm(self):
+def old_grad_norm(model, ep):
     total = torch.zeros((), dtype=torch.float64)
-    for p in self.model.parameters():
+    for p in model.parameters():
         if p.grad is not None:
             total += p.grad.detach().double().pow(2).sum()
     return math.sqrt(float(total))
@@ -43,17 +45,18 @@ real_fused = engine_module.fused_adamw_supported
 engine_module.fused_adamw_supported = lambda device: False
 old = bench.build_trainer(bench.compose("mixtral_small", "fp32", ga, []), tmp / "old")
 engine_module.fused_adamw_supported = real_fused
-old._grad_norm = old_grad_norm.__get__(old)
 dense = bench.build_trainer(bench.compose("dense_small", "fp32", ga, []), tmp / "dense")
 torch.set_num_threads(int(os.environ.get("TH", "1")))
 
 
 def step_old() -> float:
     layer_module.plan_dispatch = old_plan
+    loop_module.global_grad_norm = old_grad_norm
     try:
         return bench.timed_step(old)
     finally:
         layer_module.plan_dispatch = real_plan
+        loop_module.global_grad_norm = real_grad_norm
 
 
 fns = {"new": lambda: bench.timed_step(new), "old": step_old, "dense": lambda: bench.timed_step(dense)}

@@ -125,13 +125,6 @@ def discover_launch_env(environ: dict[str, str] | None = None) -> dict[str, str]
     }
 
 
-def _disable_shm_comm_op() -> None:
-    """Keep DeepSpeed on plain gloo: its shm op would be JIT-compiled at the first initialize."""
-    import deepspeed.ops
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
-
 def init_distributed(*, shm_comm: bool = False) -> DistEnv:
     os.environ.update(discover_launch_env())
     use_cuda = torch.cuda.is_available()
@@ -140,7 +133,9 @@ def init_distributed(*, shm_comm: bool = False) -> DistEnv:
     import deepspeed
 
     if not shm_comm:
-        _disable_shm_comm_op()
+        from moetrain.distributed.deepspeed_patches import disable_shm_comm_op
+
+        disable_shm_comm_op()
     backend = "nccl" if use_cuda else "gloo"
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:

@@ -135,8 +135,9 @@ def memory_plan(
         )
     per_rank["total"] = sum(per_rank.values())
     # The optimizer step's fp32 gradients: moetrain's ZeRO-0 bf16 step casts every gradient at once
-    # (trainer/engine.py lean_bf16_step); DeepSpeed's ZeRO 1-3 cast one parameter group's partition at
-    # a time (stage_1_and_2.py step: flat partition .to(fp32)), dense or expert, whichever is larger.
+    # (distributed/deepspeed_patches.py lean_bf16_step); DeepSpeed's ZeRO 1-3 cast one parameter
+    # group's partition at a time (stage_1_and_2.py step: flat partition .to(fp32)), dense or expert,
+    # whichever is larger.
     if zero_stage == 0:
         fp32_step = (dense_p + local_expert_p) * 4 if dtype == "bf16" else 0
     else:

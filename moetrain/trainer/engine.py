@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from moetrain.config import TrainConfig, training_dtype
+from moetrain.distributed.deepspeed_patches import install_lean_bf16_step, skip_single_rank_allreduce
 from moetrain.moe.experts import onednn_runs_cpu_gemm
 from moetrain.trainer.schedule import lr_multiplier
 
@@ -159,49 +160,8 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, dp_world_size: int):
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=groups, config=ds_config, lr_scheduler=make_scheduler
     )
-    if dp_world_size == 1 and cfg.parallel.zero_stage == 0:
-        # One process: DeepSpeed's gradient "all-reduce" would still flatten every gradient into one
-        # buffer, cast it to the fp32 communication dtype, reduce it over a group of one and copy it
-        # back: three passes over all gradients that change no bit (ZeRO-1/2 read their partitions
-        # from that path, so they keep it).
-        engine.enable_backward_allreduce = False
-    if cfg.parallel.zero_stage == 0 and lean_bf16_step_applies(engine.optimizer):
-        engine.optimizer.step = partial(lean_bf16_step, engine.optimizer)
+    if dp_world_size == 1 and cfg.parallel.zero_stage == 0:  # a reduction over a group of one
+        skip_single_rank_allreduce(engine)
+    if cfg.parallel.zero_stage == 0:  # bf16: DeepSpeed's step minus passes the loop already did
+        install_lean_bf16_step(engine.optimizer)
     return engine, optimizer, scheduler, ds_config
-
-
-def lean_bf16_step_applies(opt: Any) -> bool:
-    """bf16 at ZeRO-0 runs DeepSpeed's FP16_UnfusedOptimizer (fp32 masters in ``fp32_groups``). Its
-    step's overflow check and gradient norm repeat what the loop already did exactly before the step
-    (finite loss, exact global norm, clipping: ZeRO-0 hands DeepSpeed ``gradient_clipping`` 0), and its
-    unscale multiplies by 1.0 (bf16 has no loss scale): three passes over the gradients, dropped here."""
-    # Any attribute missing (another DeepSpeed version) means DeepSpeed's own step: never a guess.
-    scale = getattr(opt, "loss_scale_config", None)
-    return (
-        type(opt).__name__ == "FP16_UnfusedOptimizer"
-        and all(hasattr(opt, a) for a in ("fp16_groups", "fp32_groups", "optimizer", "_update_scale"))
-        and getattr(scale, "use_grad_scaling", True) is False
-        and getattr(scale, "cur_scale", None) == 1.0
-        and getattr(opt, "clip_grad", 1.0) == 0
-        and getattr(opt, "fused_lamb_legacy", True) is False
-        and getattr(opt, "custom_loss_scaler", True) is False
-    )
-
-
-def lean_bf16_step(opt: Any, closure: Any = None) -> bool:
-    """FP16_UnfusedOptimizer.step minus what changes no bit here (``lean_bf16_step_applies``): bf16
-    gradients -> fp32 masters, the torch optimizer's step, fp32 masters -> bf16 weights. The result is
-    bit-identical to DeepSpeed's step; a non-finite step never gets here (the loop's update guard)."""
-    for masters, weights in zip(opt.fp32_groups, opt.fp16_groups):
-        for hp, lp in zip(masters, weights):
-            # Like DeepSpeed: a parameter without a gradient still steps (zero grad: moments decay).
-            hp.grad = torch.zeros_like(hp) if lp.grad is None else lp.grad.to(hp.dtype)
-    opt.optimizer.step()
-    for masters, weights in zip(opt.fp32_groups, opt.fp16_groups):
-        for hp in masters:
-            hp.grad = None
-        if weights:
-            torch._foreach_copy_([lp.data for lp in weights], masters)
-    opt._update_scale(False)  # DeepSpeed's iteration count (saved in its state_dict)
-    opt.overflow = False
-    return False

@@ -8,6 +8,7 @@
 - ``NonFiniteGuard``: a non-finite loss or gradient norm, agreed on by all ranks before the
   optimizer step, either skips that update (at most ``trainer.max_skipped_steps`` in the last
   ``trainer.skip_window`` steps) or stops the run (``trainer.on_nonfinite``).
+- ``weights_finite``: no checkpoint and no end-of-run sample from non-finite weights.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import sys
 import threading
 import time
 from collections import deque
+
+import torch
 
 from moetrain.distributed import any_rank
 
@@ -104,3 +107,11 @@ class NonFiniteGuard:
             f"warning: {what} at step {step}: update skipped "
             f"({len(self.skipped_at)} of at most {self.max_skips} in {self.window} steps)"
         )
+
+
+@torch.no_grad()
+def weights_finite(model: torch.nn.Module) -> bool:
+    """Whether every weight this rank holds is finite (no checkpoint or sample from broken weights)."""
+    # ZeRO-3: a parameter's data is empty outside the forward; its partition is ds_tensor
+    flags = [torch.isfinite(getattr(p, "ds_tensor", p)).all() for p in model.parameters()]
+    return bool(torch.stack(flags).all()) if flags else True

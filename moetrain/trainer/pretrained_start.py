@@ -37,13 +37,12 @@ def check_pretrained_start(trainer: Any) -> dict[str, Any] | None:
     uniform = math.log(m.vocab_size)
     val = result["val_loss"]
     what = "upcycled" if m.upcycle_from else "loaded"
-    trainer._log(
+    trainer.log(
         f"  step 0 ({what} weights, before training): val_loss {val:.4f} (ppl {result['val_ppl']:.1f}; "
         f"uniform over {m.vocab_size} tokens: {uniform:.4f})"
     )
     record = {"step": 0, "tokens": 0, **result}
-    trainer.metrics.write(record)
-    trainer.wandb.log(record, step=0)
+    trainer.report.write(record, step=0)
     if not val <= UNIFORM_ALLOWANCE * uniform:
         raise PretrainedLoadError(
             f"the weights did not load as the source model: {source} scores validation loss {val:.3f} before "

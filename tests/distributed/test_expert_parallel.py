@@ -437,8 +437,9 @@ def _lean_bf16_step_worker(rank: int, world: int) -> None:
     import copy
 
     from moetrain.distributed import init_distributed
+    from moetrain.distributed.deepspeed_patches import lean_bf16_step
     from moetrain.model import MoETransformer
-    from moetrain.trainer.engine import build_engine, lean_bf16_step
+    from moetrain.trainer.engine import build_engine
 
     init_distributed()
     cfg = _train_config(ep_size=1)

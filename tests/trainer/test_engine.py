@@ -7,8 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from moetrain.distributed.deepspeed_patches import lean_bf16_step_applies
 from moetrain.trainer import engine
-from moetrain.trainer.engine import lean_bf16_step_applies, slow_dtype_warning
+from moetrain.trainer.engine import slow_dtype_warning
 
 _MISSING = object()  # an attribute this DeepSpeed version does not have
 

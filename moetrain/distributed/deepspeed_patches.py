@@ -1,0 +1,106 @@
+"""Every place moetrain changes a DeepSpeed object's behaviour from the outside, in one file.
+
+Written against DeepSpeed 0.19.8 (pyproject pins the range). Each patch checks what it relies on and
+leaves DeepSpeed's own behaviour in place when that is missing, so another DeepSpeed version runs
+correctly (maybe slower), never on a guess. Callers:
+
+- ``disable_shm_comm_op``: distributed/env.py, before ``deepspeed.init_distributed``;
+- ``skip_single_rank_allreduce`` and ``install_lean_bf16_step``: trainer/engine.py, right after
+  ``deepspeed.initialize``;
+- ``UpdateVeto``: trainer/loop.py, once the engine is built (wraps whatever ``optimizer.step`` is then).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+
+def disable_shm_comm_op() -> None:
+    """Keep DeepSpeed on plain gloo: its CPU shared-memory op would be JIT-compiled at the first
+    initialize (``parallel.shm_comm=true`` keeps it). DeepSpeed reads ``deepspeed.ops.__compatible_ops__``
+    (a module-level dict it probes lazily) to decide whether the op can be built."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def skip_single_rank_allreduce(engine: Any) -> None:
+    """One process at ZeRO-0: DeepSpeed's gradient "all-reduce" would still flatten every gradient into
+    one buffer, cast it to the fp32 communication dtype, reduce it over a group of one and copy it back:
+    three passes over all gradients that change no bit. ``DeepSpeedEngine.enable_backward_allreduce`` is
+    the engine's own switch for it (ZeRO-1/2 read their partitions from that path, so they keep it)."""
+    engine.enable_backward_allreduce = False
+
+
+def lean_bf16_step_applies(opt: Any) -> bool:
+    """bf16 at ZeRO-0 runs DeepSpeed's FP16_UnfusedOptimizer (fp32 masters in ``fp32_groups``). Its
+    step's overflow check and gradient norm repeat what the loop already did exactly before the step
+    (finite loss, exact global norm, clipping: ZeRO-0 hands DeepSpeed ``gradient_clipping`` 0), and its
+    unscale multiplies by 1.0 (bf16 has no loss scale): three passes over the gradients, dropped here."""
+    # Any attribute missing (another DeepSpeed version) means DeepSpeed's own step: never a guess.
+    scale = getattr(opt, "loss_scale_config", None)
+    return (
+        type(opt).__name__ == "FP16_UnfusedOptimizer"
+        and all(hasattr(opt, a) for a in ("fp16_groups", "fp32_groups", "optimizer", "_update_scale"))
+        and getattr(scale, "use_grad_scaling", True) is False
+        and getattr(scale, "cur_scale", None) == 1.0
+        and getattr(opt, "clip_grad", 1.0) == 0
+        and getattr(opt, "fused_lamb_legacy", True) is False
+        and getattr(opt, "custom_loss_scaler", True) is False
+    )
+
+
+def lean_bf16_step(opt: Any, closure: Any = None) -> bool:
+    """FP16_UnfusedOptimizer.step minus what changes no bit here (``lean_bf16_step_applies``): bf16
+    gradients -> fp32 masters, the torch optimizer's step, fp32 masters -> bf16 weights. The result is
+    bit-identical to DeepSpeed's step; a non-finite step never gets here (the loop's update veto)."""
+    for masters, weights in zip(opt.fp32_groups, opt.fp16_groups):
+        for hp, lp in zip(masters, weights):
+            # Like DeepSpeed: a parameter without a gradient still steps (zero grad: moments decay).
+            hp.grad = torch.zeros_like(hp) if lp.grad is None else lp.grad.to(hp.dtype)
+    opt.optimizer.step()
+    for masters, weights in zip(opt.fp32_groups, opt.fp16_groups):
+        for hp in masters:
+            hp.grad = None
+        if weights:
+            torch._foreach_copy_([lp.data for lp in weights], masters)
+    opt._update_scale(False)  # DeepSpeed's iteration count (saved in its state_dict)
+    opt.overflow = False
+    return False
+
+
+def install_lean_bf16_step(opt: Any) -> bool:
+    """Replace ``opt.step`` by ``lean_bf16_step`` where it applies; True when it did."""
+    if not lean_bf16_step_applies(opt):
+        return False
+    opt.step = functools.partial(lean_bf16_step, opt)
+    return True
+
+
+class UpdateVeto:
+    """Lets the loop veto one optimizer update (a non-finite step) through DeepSpeed's own skip path:
+    with ``skip = True`` the wrapped ``optimizer.step`` reports ``overflow`` instead of stepping, and the
+    engine then counts a skipped step (``engine._step_applied`` False), zeroes the gradients and leaves
+    the weights and the optimizer state untouched. Relies on DeepSpeed's optimizers reading
+    ``overflow`` after ``step()`` (FP16_UnfusedOptimizer, FP16_Optimizer, ZeRO-1/2/3) and on ZeRO-1/2
+    keeping reduced partitions in ``averaged_gradients`` (cleared here, as its own overflow path does)."""
+
+    def __init__(self, opt: Any) -> None:
+        self.skip = False
+        real_step = opt.step
+
+        @functools.wraps(real_step)  # keeps torch's LR-scheduler marker (no "step() overridden" warning)
+        def guarded_step(*args: Any, **kwargs: Any) -> Any:
+            if not self.skip:
+                if not hasattr(opt, "check_grad_overflow"):  # DeepSpeed's ZeRO sets its own flag
+                    opt.overflow = False
+                return real_step(*args, **kwargs)
+            opt.overflow = True
+            for key in list(getattr(opt, "averaged_gradients", {}) or {}):  # ZeRO-1/2 reduced partitions
+                opt.averaged_gradients[key] = None
+            return None
+
+        opt.step = guarded_step
