@@ -44,10 +44,12 @@ def _documents(batch: dict[str, torch.Tensor], device: torch.device) -> torch.Te
 
 
 class Trainer:
+    """One training run. It owns the run's state (config, process env, run dir, step and token counters;
+    after ``build()`` the data, model, engine and scheduler) and calls a component for everything else."""
+
     def __init__(self, cfg: TrainConfig, run_dir: Path) -> None:
         self.cfg = cfg
         self.env: DistEnv = init_distributed(shm_comm=cfg.parallel.shm_comm)
-        self.is_main = self.env.is_main
         self.run_dir = shared_run_dir(run_dir)
         setup_process(cfg, self.env.device)
         self.step = 0
