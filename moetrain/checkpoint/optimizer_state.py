@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from moetrain.checkpoint import zero3_state
+from moetrain.distributed.deepspeed_patches import relink_optimizer_state_fragments
 
 FILE = "optimizer.safetensors"
 
@@ -62,11 +63,7 @@ class OptimizerView:
             )
 
     def _relink(self) -> None:
-        # DeepSpeed links each parameter's fragment to the flat optimizer state once, right after the
-        # first param group's first step: groups stepped later (no-decay, expert groups) stay
-        # unlinked ("exp_avg not found in optimizer state fragment"). Link again now that all exist.
-        self.optimizer._hp_optimizer_states_linked = False
-        self.optimizer._lazy_init_hp_params_optimizer_state()
+        relink_optimizer_state_fragments(self.optimizer)  # a DeepSpeed workaround (why: that module)
 
     def _holder(self, p: nn.Parameter) -> torch.Tensor:
         """The tensor the torch optimizer keys its state by (plain and paired kinds)."""

@@ -1,13 +1,15 @@
 """Every place moetrain changes a DeepSpeed object's behaviour from the outside, in one file.
 
-Written against DeepSpeed 0.19.8 (pyproject pins the range). Each patch checks what it relies on and
-leaves DeepSpeed's own behaviour in place when that is missing, so another DeepSpeed version runs
-correctly (maybe slower), never on a guess. Callers:
+Written against DeepSpeed 0.19.8 (pyproject allows >=0.19,<0.20); each patch says why, and what of
+DeepSpeed it relies on. The lean bf16 step checks every attribute it relies on and otherwise leaves
+DeepSpeed's own step in place (correct, only slower), never a guess. Callers:
 
 - ``disable_shm_comm_op``: distributed/env.py, before ``deepspeed.init_distributed``;
 - ``skip_single_rank_allreduce`` and ``install_lean_bf16_step``: trainer/engine.py, right after
   ``deepspeed.initialize``;
-- ``UpdateVeto``: trainer/loop.py, once the engine is built (wraps whatever ``optimizer.step`` is then).
+- ``UpdateVeto``: trainer/loop.py, once the engine is built (wraps whatever ``optimizer.step`` is then);
+- ``relink_optimizer_state_fragments``: checkpoint/optimizer_state.py, before reading or after
+  creating ZeRO-1/2 (and bf16) optimizer state.
 """
 
 from __future__ import annotations
@@ -78,6 +80,15 @@ def install_lean_bf16_step(opt: Any) -> bool:
         return False
     opt.step = functools.partial(lean_bf16_step, opt)
     return True
+
+
+def relink_optimizer_state_fragments(opt: Any) -> None:
+    """ZeRO-1/2 and bf16 optimizers link each parameter's fragment to the flat optimizer state once,
+    right after the first param group's first step (``_lazy_init_hp_params_optimizer_state`` guarded
+    by ``_hp_optimizer_states_linked``): groups stepped later (no-decay, expert groups) stay unlinked
+    ("exp_avg not found in optimizer state fragment"). Link again now that all exist."""
+    opt._hp_optimizer_states_linked = False
+    opt._lazy_init_hp_params_optimizer_state()
 
 
 class UpdateVeto:
