@@ -64,6 +64,15 @@ class MoEConfig:
     # after every optimizer step, from the step's global loads. 0 = off (no bias in the model).
     bias_update_rate: float = 0.0
     seq_aux_loss_weight: float = 0.0  # DeepSeek-V3 sequence-wise balance loss weight (alpha); 0 = off
+    # Group-limited routing (DeepSeek-V3 node-limited routing; GLM-4.5): the experts form n_group equal
+    # groups; each token keeps the topk_group groups whose two best (bias-corrected) scores sum highest,
+    # then picks top_k experts inside them. n_group=1: plain top-k.
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0  # the routed experts' combine weights x this (DeepSeek-V3: 2.5)
+    # Hold the expert-selection bias even with bias_update_rate=0 (a checkpoint's e_score_correction_bias,
+    # kept as it is while fine-tuning); bias_update_rate > 0 implies it.
+    selection_bias: bool = False
 
     def validate(self, prefix: str = "model.moe") -> None:
         _require(self.backend in MOE_BACKENDS, f"{prefix}.backend", self.backend, f"one of {MOE_BACKENDS}")
@@ -111,6 +120,24 @@ class MoEConfig:
             f"{prefix}.seq_aux_loss_weight",
             self.seq_aux_loss_weight,
             "must be >= 0",
+        )
+        _require(
+            isinstance(self.n_group, int) and self.n_group >= 1,
+            f"{prefix}.n_group",
+            self.n_group,
+            "must be a positive integer (1 = no group-limited routing)",
+        )
+        _require(
+            isinstance(self.topk_group, int) and 1 <= self.topk_group <= self.n_group,
+            f"{prefix}.topk_group",
+            self.topk_group,
+            f"must be between 1 and n_group={self.n_group}",
+        )
+        _require(
+            self.routed_scaling_factor > 0,
+            f"{prefix}.routed_scaling_factor",
+            self.routed_scaling_factor,
+            "must be > 0 (1 = unscaled)",
         )
 
 
@@ -175,6 +202,30 @@ class ModelConfig:
     def moe_layer_ids(self) -> list[int]:
         return [i for i in range(self.num_layers) if self.is_moe_layer(i)]
 
+    def _validate_groups(self, prefix: str) -> None:
+        n_group, topk_group = self.moe.n_group, self.moe.topk_group
+        if n_group == 1:
+            return
+        _require(
+            self.num_experts % n_group == 0,
+            f"{prefix}.moe.n_group",
+            n_group,
+            f"must divide num_experts={self.num_experts}",
+        )
+        per_group = self.num_experts // n_group
+        _require(
+            per_group >= 2,
+            f"{prefix}.moe.n_group",
+            n_group,
+            f"leaves {per_group} expert per group; groups are ranked by their two best scores (>= 2 per group)",
+        )
+        _require(
+            topk_group * per_group >= self.top_k,
+            f"{prefix}.moe.topk_group",
+            topk_group,
+            f"keeps {topk_group * per_group} experts, fewer than top_k={self.top_k}",
+        )
+
     def validate(self, prefix: str = "model") -> None:
         for name in (
             "vocab_size",
@@ -221,6 +272,7 @@ class ModelConfig:
                 self.top_k,
                 f"must be between 1 and num_experts={self.num_experts}",
             )
+            self._validate_groups(prefix)
         if self.dense_ffn_hidden_size is not None:
             _require(
                 self.dense_ffn_hidden_size > 0,

@@ -96,7 +96,12 @@ def _check_router(cfg: ModelConfig, arch: str) -> None:
             f"model.moe.score_function={cfg.moe.score_function} (DeepSeek-V3 routing), which it cannot hold, "
             "so its exported routing and logits would differ"
         )
-    if cfg.moe.bias_update_rate > 0:
+    if cfg.moe.n_group > 1 or cfg.moe.routed_scaling_factor != 1.0:
+        _refuse(
+            f"transformers' {arch} has no group-limited routing or routed scaling; this model has "
+            f"model.moe.n_group={cfg.moe.n_group}, routed_scaling_factor={cfg.moe.routed_scaling_factor}"
+        )
+    if cfg.moe.bias_update_rate > 0 or cfg.moe.selection_bias:
         _refuse(
             f"transformers' {arch} has no expert-selection bias; this model was trained with aux-loss-free "
             f"balancing (model.moe.bias_update_rate={cfg.moe.bias_update_rate}), so its exported routing would "

@@ -88,6 +88,10 @@ class MoELayer(nn.Module):
             cfg.jitter_eps,
             cfg.score_function,
             cfg.bias_update_rate,
+            n_group=cfg.n_group,
+            topk_group=cfg.topk_group,
+            routed_scaling_factor=cfg.routed_scaling_factor,
+            selection_bias=cfg.selection_bias,
         )
         self.seq_aux_loss = cfg.seq_aux_loss_weight > 0
         # A one-line ConfigError here, at model construction, when megablocks was asked for but can't run.
