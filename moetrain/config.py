@@ -157,6 +157,8 @@ class ModelConfig:
     moe_every: int = 1  # layer i is MoE iff num_experts > 0 and (i + 1) % moe_every == 0
     max_seq_len: int = 512
     rope_theta: float = 10000.0
+    # RoPE on the first partial_rotary_factor * head_dim dims of each head, the rest unrotated (GLM-4.5: 0.5).
+    partial_rotary_factor: float = 1.0
     sliding_window: int | None = None
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
@@ -186,6 +188,11 @@ class ModelConfig:
     @property
     def head_size(self) -> int:
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each head that RoPE rotates (transformers: ``int(head_dim * partial_rotary_factor)``)."""
+        return int(self.head_size * self.partial_rotary_factor)
 
     @property
     def dense_ffn_size(self) -> int:
@@ -285,6 +292,12 @@ class ModelConfig:
                 self.sliding_window > 0, f"{prefix}.sliding_window", self.sliding_window, "positive or null"
             )
         _require(self.rope_theta > 0, f"{prefix}.rope_theta", self.rope_theta, "must be > 0")
+        _require(
+            0 < self.partial_rotary_factor <= 1 and self.rotary_dim >= 2 and self.rotary_dim % 2 == 0,
+            f"{prefix}.partial_rotary_factor",
+            self.partial_rotary_factor,
+            f"must be in (0, 1] and rotate an even number of the head's {self.head_size} dims",
+        )
         _require(self.init_std > 0, f"{prefix}.init_std", self.init_std, "must be > 0")
         _require(self.qk_norm in QK_NORMS, f"{prefix}.qk_norm", self.qk_norm, f"one of {', '.join(QK_NORMS)}")
         layers = self.mlp_only_layers

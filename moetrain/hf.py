@@ -49,6 +49,7 @@ from typing import Any
 
 import torch
 
+from moetrain import hf_deepseek
 from moetrain.config import ModelConfig, MoEConfig
 
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
@@ -114,7 +115,10 @@ def hf_architecture(cfg: ModelConfig) -> str:
 
     It follows from the model's options, so a model keeps the architecture it came from: QK-norm over
     the whole projection -> OLMoE, per head -> Qwen3(-MoE), a shared expert or q/k/v bias -> Qwen2-MoE,
-    none of these -> Mixtral (dense: Mistral)."""
+    none of these -> Mixtral (dense: Mistral). Sigmoid scores with an ungated shared expert: the
+    DeepSeek-V3 families (moetrain/hf_deepseek.py)."""
+    if hf_deepseek.is_deepseek_style(cfg):
+        return hf_deepseek.architecture(cfg)
     every_layer_moe = len(cfg.moe_layer_ids) == cfg.num_layers
     if cfg.num_experts == 0:
         if cfg.attention_bias:
@@ -348,6 +352,10 @@ _TO_CONFIG = {
 }
 
 
+for _arch in hf_deepseek.ARCHITECTURES:
+    _TO_CONFIG[_arch] = hf_deepseek.to_hf_config
+
+
 def to_hf_config(model_cfg: ModelConfig, tokenizer: Any | None = None):
     """The transformers config of ``hf_architecture(model_cfg)``; ``ValueError`` when none holds it."""
     return _TO_CONFIG[hf_architecture(model_cfg)](model_cfg, tokenizer)
@@ -366,10 +374,11 @@ def from_hf_config(hf_config: Any) -> ModelConfig:
     as the family does (Mixtral always; the others per ``norm_topk_prob``).
     """
     t = getattr(hf_config, "model_type", None)
+    if t in hf_deepseek.DEEPSEEK_FAMILIES:
+        return hf_deepseek.from_hf_config(hf_config)
     if t not in MOE_FAMILIES + DENSE_FAMILIES:
-        raise ValueError(
-            f"model_type={t!r} is not supported: one of {', '.join(MOE_FAMILIES + DENSE_FAMILIES)}"
-        )
+        families = MOE_FAMILIES + hf_deepseek.DEEPSEEK_FAMILIES + DENSE_FAMILIES
+        raise ValueError(f"model_type={t!r} is not supported: one of {', '.join(families)}")
     if getattr(hf_config, "hidden_act", "silu") != "silu":
         _unsupported(hf_config, f"hidden_act={hf_config.hidden_act!r} (only 'silu')")
     rope = dict(getattr(hf_config, "rope_parameters", None) or {})
@@ -448,8 +457,9 @@ def from_hf_config(hf_config: Any) -> ModelConfig:
 
 
 # ---- weights --------------------------------------------------------------------------------------
-def to_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our ``MoETransformer.state_dict()`` (or a checkpoint's model.safetensors) in transformers' names.
+def to_hf_state_dict(state: dict[str, torch.Tensor], arch: str | None = None) -> dict[str, torch.Tensor]:
+    """Our ``MoETransformer.state_dict()`` (or a checkpoint's model.safetensors) in transformers' names
+    (``arch``: the class they are for, where a family names a tensor its own way).
 
     Loads with ``strict=True`` into a fresh model of ``hf_architecture(cfg)``. A missing
     ``lm_head.weight`` (tied embeddings, dropped from checkpoint files) is filled in from the
@@ -458,6 +468,7 @@ def to_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """
     out: dict[str, torch.Tensor] = {}
     experts: dict[int, dict[str, torch.Tensor]] = {}
+    family = hf_deepseek.LAYER_RENAMES if arch in hf_deepseek.ARCHITECTURES else {}
     for name, t in state.items():
         if name in _TOP_RENAMES:
             out[_TOP_RENAMES[name]] = t
@@ -466,7 +477,9 @@ def to_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if m is None:
             raise ValueError(f"unexpected parameter {name!r}: not a MoETransformer state dict")
         i, rest = int(m.group(1)), m.group(2)
-        if rest in _LAYER_RENAMES:
+        if rest in family:
+            out[f"model.layers.{i}.{family[rest]}"] = t
+        elif rest in _LAYER_RENAMES:
             out[f"model.layers.{i}.{_LAYER_RENAMES[rest]}"] = t
         elif rest in ("ffn.experts.w1", "ffn.experts.v1", "ffn.experts.w2"):
             experts.setdefault(i, {})[rest.rsplit(".", 1)[1]] = t
@@ -510,6 +523,8 @@ def hf_key_spec(name: str) -> KeySpec | None:
     i, rest = int(m.group(1)), m.group(2).replace("block_sparse_moe.", "mlp.")
     if rest in _LAYER_RENAMES_INV:
         return KeySpec(f"layers.{i}.{_LAYER_RENAMES_INV[rest]}")
+    if rest in hf_deepseek.LAYER_RENAMES_INV:
+        return KeySpec(f"layers.{i}.{hf_deepseek.LAYER_RENAMES_INV[rest]}")
     if rest == "mlp.experts.gate_up_proj":
         return KeySpec(f"layers.{i}.ffn.experts.w1", "gate_up")
     if rest == "mlp.experts.down_proj":
@@ -575,7 +590,7 @@ def hf_model_from_state(model_cfg: ModelConfig, state: dict[str, torch.Tensor], 
         hf_model = cls(hf_cfg)
     hf_model.tie_weights()
     hf_model.to(state["embed.weight"].dtype)
-    hf_model.load_state_dict(to_hf_state_dict(state), strict=True)
+    hf_model.load_state_dict(to_hf_state_dict(state, hf_architecture(model_cfg)), strict=True)
     return hf_model.eval()
 
 

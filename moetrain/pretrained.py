@@ -49,6 +49,7 @@ ARCH_KEYS = (
     "mlp_only_layers",
     "max_seq_len",
     "rope_theta",
+    "partial_rotary_factor",
     "sliding_window",
     "norm_eps",
     "tie_embeddings",
@@ -57,7 +58,14 @@ ARCH_KEYS = (
     "shared_expert_intermediate_size",
     "shared_expert_gate",
 )
-ARCH_MOE_KEYS = ("normalize_top_k", "score_function")
+ARCH_MOE_KEYS = (
+    "normalize_top_k",
+    "score_function",
+    "n_group",
+    "topk_group",
+    "routed_scaling_factor",
+    "selection_bias",
+)
 # Upcycling chooses the MoE here: these come from our config, not the dense checkpoint.
 UPCYCLE_OURS = ("num_experts", "top_k", "moe_every", "mlp_only_layers")
 
@@ -171,6 +179,8 @@ def resolve_pretrained(cfg: TrainConfig, overrides: list[str] | None = None) -> 
     for k in ARCH_MOE_KEYS:
         if upcycle and k == "normalize_top_k":
             continue  # ours: renormalised top-k keeps the dense function at step 0
+        if upcycle and k in ("n_group", "topk_group", "routed_scaling_factor", "selection_bias"):
+            continue  # the new router is ours to choose
         if f"model.moe.{k}" in given and not _same(given[f"model.moe.{k}"], getattr(src.moe, k)):
             raise ConfigError(
                 f"model.moe.{k}={given[f'model.moe.{k}']!r} contradicts {key}: its config has "
@@ -219,6 +229,8 @@ def _expected_shapes(model_cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         model = MoETransformer(model_cfg)
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    # persistent buffers that checkpoints hold too (the expert-selection bias)
+    shapes.update({n: tuple(b.shape) for n, b in model.named_buffers() if n.endswith(".router.expert_bias")})
     if model_cfg.tie_embeddings:
         shapes.pop("lm_head.weight", None)  # the embedding; files of tied models omit it
     return shapes
@@ -322,7 +334,7 @@ def load_pretrained(
     from moetrain.hf import hf_key_spec
 
     folder = Path(folder)
-    params = dict(model.named_parameters())
+    params = {**dict(model.named_buffers()), **dict(model.named_parameters())}
     layers = {f"layers.{i}.ffn": b.ffn for i, b in enumerate(model.layers) if b.is_moe}
     for path in weight_files(folder):
         with safe_open(str(path), framework="pt", device="cpu") as f:

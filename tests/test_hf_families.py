@@ -1,4 +1,4 @@
-"""Five families from transformers (Mixtral, Mistral, OLMoE, Qwen2-MoE, Qwen3-MoE): a tiny random model
+"""Six families from transformers (Mixtral, Mistral, OLMoE, Qwen2-MoE, Qwen3-MoE, GLM-4.5): a tiny random model
 saved with ``save_pretrained`` loads through ``model.init_from``'s path (config -> ours, weights checked
 by name, read per rank) and computes transformers' logits; exported back, transformers loads it as the
 same architecture with our logits, and greedy decoding agrees token for token."""
@@ -21,7 +21,7 @@ from moetrain.hf import from_hf_state_dict, hf_architecture, hf_model_from_state
 from moetrain.pretrained import load_pretrained, resolve_pretrained
 from moetrain.testing import HF_FAMILIES, assert_close_scaled, rounding_rel, tiny_hf_model
 
-FAMILIES = ["mixtral", "mistral", "olmoe", "qwen2_moe", "qwen3_moe"]
+FAMILIES = ["mixtral", "mistral", "olmoe", "qwen2_moe", "qwen3_moe", "glm4_moe"]
 B, T, VOCAB = 2, 16, 512
 # Same function, other kernels (transformers' expert loop vs our grouped_mm, eager vs SDPA attention):
 # logits agree to rounding, 64 ulps of their scale (~7.6e-6 relative; they are O(1), so well under
@@ -105,7 +105,43 @@ def test_family_options_matter(saved) -> None:
 
 
 @pytest.mark.numerics
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_glm4_moe_options_matter(saved) -> None:
+    """Negative control for GLM-4.5: each DeepSeek-V3 router option and partial RoPE, switched off on
+    the loaded model, moves the logits far outside the parity bound."""
+    folder, hf = saved["glm4_moe"]
+    with torch.no_grad():
+        want = hf(_ids()).logits
+    scale = want.abs().max().item()
+
+    def router(m, **kw):
+        for layer in m.moe_layers:
+            for k, v in kw.items():
+                setattr(layer.router, k, v)
+
+    def full_rope(m):
+        from moetrain.model.layers import RotaryEmbedding
+
+        m.rope = RotaryEmbedding(m.cfg.head_size, m.cfg.max_seq_len, m.cfg.rope_theta)
+
+    def no_bias(m):
+        for layer in m.moe_layers:
+            layer.router.expert_bias.zero_()
+
+    for change in (
+        lambda m: router(m, routed_scaling_factor=1.0),
+        lambda m: router(m, n_group=1, topk_group=1),
+        no_bias,
+        full_rope,
+    ):
+        ours, _ = load_ours(folder)
+        with torch.no_grad():
+            change(ours)
+            diff = (ours(_ids()).logits - want).abs().max().item()
+        assert diff > 1e3 * LOGITS_REL * scale, diff
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "glm4_moe"])
 def test_expert_parallel_rank_reads_its_slice_of_a_sharded_checkpoint(tmp_path: Path, family: str) -> None:
     """A checkpoint in several files (index.json): each ep rank holds exactly its experts."""
     tiny_hf_model(family, tmp_path, max_shard_size="20KB")
@@ -118,7 +154,8 @@ def test_expert_parallel_rank_reads_its_slice_of_a_sharded_checkpoint(tmp_path: 
         for name, t in shard.state_dict().items():
             want = ref[name]
             if name.endswith(("experts.w1", "experts.v1", "experts.w2")):
-                want = want[2 * rank : 2 * rank + 2]
+                El = want.shape[0] // 2  # this rank's experts
+                want = want[El * rank : El * rank + El]
             assert torch.equal(t, want), name
 
 

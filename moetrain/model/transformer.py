@@ -100,7 +100,7 @@ class MoETransformer(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        self.rope = RotaryEmbedding(cfg.head_size, cfg.max_seq_len, cfg.rope_theta)
+        self.rope = RotaryEmbedding(cfg.rotary_dim, cfg.max_seq_len, cfg.rope_theta)
         self.activation_checkpointing = False
         # parallel.compile: torch.compile'd callables over self.layers (model/compile.py); a plain
         # list, not modules, so names and state dicts do not change. Used without a KV cache only.

@@ -78,6 +78,14 @@ HF_FAMILIES = {
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {
         "num_hidden_layers": 3, "head_dim": 16, "intermediate_size": 64, "moe_intermediate_size": 48,
         "num_experts": 4, "num_experts_per_tok": 2, "decoder_sparse_step": 2, "norm_topk_prob": True}),
+    # DeepSeek-V3 router (moetrain/hf_deepseek.py): 8 experts in 4 groups, 2 groups kept, top-2, scaled
+    # weights, one shared expert, first layer dense; GQA with per-head QK-norm, q/k/v bias, half RoPE.
+    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM", {
+        "num_hidden_layers": 3, "head_dim": 16, "intermediate_size": 64, "moe_intermediate_size": 24,
+        "n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 4, "topk_group": 2,
+        "routed_scaling_factor": 2.5, "n_shared_experts": 1, "first_k_dense_replace": 1,
+        "norm_topk_prob": True, "use_qk_norm": True, "attention_bias": True, "num_nextn_predict_layers": 0,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}}),
     # dense sources of sparse upcycling
     "llama": ("LlamaConfig", "LlamaForCausalLM", {"intermediate_size": 48}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16, "intermediate_size": 48}),
@@ -103,6 +111,9 @@ def tiny_hf_model(family: str, folder: str | os.PathLike | None = None, seed: in
                 p.normal_(0.0, 0.1)
             elif p.dim() == 1:
                 p.uniform_(0.5, 1.5)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # the selection bias (DeepSeek-V3 router)
+                b.normal_(0.0, 0.05)
     if folder is not None:
         kw = {"max_shard_size": shard} if shard else {}
         model.save_pretrained(str(folder), safe_serialization=True, **kw)
