@@ -56,7 +56,8 @@ test-gpu: install
 	$(PY) -m pytest -q -m gpu -rs $(ARGS)
 
 # Speed, side by side in one process (ratios, never timed tests). On a GPU host the layer benchmark
-# runs on CUDA; results tables with their machine and command: benchmarks/README.md, docs/GPU.md.
+# runs on CUDA; results with their machine and command: benchmarks/results/ (index: benchmarks/README.md),
+# docs/GPU.md.
 # ARGS go to the layer benchmark (e.g. ARGS=--quick), TRAIN_ARGS to the training-step benchmark.
 bench: install
 	mkdir -p benchmarks/results

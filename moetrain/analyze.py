@@ -340,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from moetrain.cli import skip_exit_collection
+    from moetrain.cli import quiet_cpu_accelerator, skip_exit_collection
 
     skip_exit_collection()
+    quiet_cpu_accelerator()
     sys.exit(main())

@@ -25,9 +25,23 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_configs_live_in_one_place() -> None:
     assert CONFIG_DIR == ROOT / "moetrain" / "configs"
     assert (CONFIG_DIR / "train.yaml").is_file() and (CONFIG_DIR / "plan.yaml").is_file()
-    assert not (ROOT / "configs").exists(), (
-        "a stale top-level configs/ copy: configs live in moetrain/configs"
+
+
+def test_top_level_configs_is_the_packaged_tree() -> None:
+    """The top-level configs/ (the layout users expect) is a relative link to the packaged tree, so
+    there is one copy: an edit through either path is the wheel's config."""
+    top = ROOT / "configs"
+    assert top.is_symlink(), "configs/ must be a link to moetrain/configs, not a copy"
+    assert os.readlink(top) == "moetrain/configs", "a relative link survives clones and moves"
+    assert top.resolve() == CONFIG_DIR
+    assert sorted(p.relative_to(top).as_posix() for p in top.rglob("*.yaml")) == sorted(
+        p.relative_to(CONFIG_DIR).as_posix() for p in CONFIG_DIR.rglob("*.yaml")
     )
+    tracked = subprocess.run(
+        ["git", "ls-files", "-s", "configs"], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    if tracked.returncode == 0 and tracked.stdout:  # a git checkout (not an unpacked sdist)
+        assert tracked.stdout.split()[0] == "120000", "git must store configs as a symlink (mode 120000)"
 
 
 def test_package_data_covers_every_config() -> None:

@@ -1,4 +1,5 @@
-"""Expert-major SwiGLU experts, tried and not kept (benchmarks/README.md, 2026-12-02 fifth section).
+"""Expert-major SwiGLU experts, tried and not kept
+(benchmarks/results/gemm_floor_replay_epyc-avx512bf16_2026-12-02.md).
 
 ``GroupedExperts`` runs each GEMM kind over all experts in turn (``grouped_mm``: gate for every
 expert, then up, then down; the backward likewise). The variant here is one autograd Function that

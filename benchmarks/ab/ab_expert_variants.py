@@ -1,5 +1,6 @@
-"""Expert-FFN variants tried and not kept (benchmarks/README.md, 2026-12-02 fourth section), measured in
-one process, interleaved with the order alternating, medians:
+"""Expert-FFN variants tried and not kept
+(benchmarks/results/combine_router_entropy_epyc-avx512bf16_2026-12-02.md), measured in one process,
+interleaved with the order alternating, medians:
 
 1. ``gate_up``: gate and up as one grouped GEMM against [w1; v1] ([E, 2F, H]) vs two, per GEMM kind
    (forward, input gradient incl. the sum of the two, weight gradient), plus the two costs fusing brings

@@ -1,9 +1,9 @@
 """The loop's global gradient norm (``Trainer._grad_norm``: one ``vector_norm`` per tensor, float64
 accumulation) against one ``torch._foreach_norm`` call over all of them (tried, not kept:
-benchmarks/README.md, 2026-12-02 fifth section), on the real mixtral_small and dense_small models as
-``python -m moetrain.train`` builds them, gradients filled with noise. The script checks the two
-norms are equal to the last bit, then times them interleaved with the order alternating (median ms,
-median of per-round ratios foreach / loop).
+benchmarks/results/gemm_floor_replay_epyc-avx512bf16_2026-12-02.md), on the real mixtral_small and
+dense_small models as ``python -m moetrain.train`` builds them, gradients filled with noise. The
+script checks the two norms are equal to the last bit, then times them interleaved with the order
+alternating (median ms, median of per-round ratios foreach / loop).
 
     python benchmarks/ab/ab_grad_norm.py [ROUNDS] [bf16|fp32]
 """

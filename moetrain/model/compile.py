@@ -13,7 +13,7 @@ Decoding with a KV cache (generation, samples) runs the eager blocks: every new 
 be a new shape to compile. The compiled callables wrap the very same modules: parameter names, state
 dicts and checkpoints do not change.
 
-Measured on a 2-core AVX2 CPU (benchmarks/README.md, "torch.compile per block"): steps at most a few
+Measured on a 2-core AVX2 CPU (benchmarks/results/compile_epyc-avx2_2026-12-03.md): steps at most a few
 per cent faster than eager there, inside the noise (the step is GEMM-bound), for 20-45 s of
 compilation at the first step, so it is off by default; it is meant for GPUs, where the same
 elementwise work is many small kernel launches.

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 # GEMMs lose efficiency as it shrinks (the weight gradient's reduction runs over its rows). Inside
 # mixtral_small's training step (2048 tokens per micro-batch, V 8192, fp32, 2 threads) 256-row chunks
 # made the step 4% slower than the plain path, one 2048-row chunk within 2.5% of it either way
-# (benchmarks/README.md, "The LM loss fused with the head").
+# (benchmarks/results/lm_loss_fused_epyc-avx2_2026-12-03.md).
 # Smaller chunks save more memory (a 40-step mixtral_small run peaked at 1180 MiB with 256 rows, 1292
 # with 2048, 1429 unfused): one [chunk, V] buffer instead of several [N, V] tensors.
 CHUNK_LOGITS = 1 << 24

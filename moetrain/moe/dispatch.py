@@ -125,7 +125,8 @@ def _per_sample_dot_is_fast(t: torch.Tensor) -> bool:
     """ATen's per-sample-weight backward of ``embedding_bag`` reads each dot product straight from dout
     and y. On CPU in half precision it lost: inside a mixtral_small bf16 training step the combine
     backward took 24.9 ms per step with it against 17.5 with gather, dot and scale
-    (benchmarks/README.md), so CPU half types gather instead."""
+    (benchmarks/results/combine_router_entropy_epyc-avx512bf16_2026-12-02.md), so CPU half types
+    gather instead."""
     return t.is_cuda or t.dtype in (torch.float32, torch.float64)
 
 

@@ -14,7 +14,9 @@ same GEMM with a cached kernel. Padding each expert's rows to a multiple of ``ro
 shapes to a few dozen per weight, all cached after the first steps; the padding rows cost at most
 ``row_block - 1`` rows per expert of extra GEMM work and never reach the result (their outputs are
 dropped, their gradients are zero). fp32 (MKL), CUDA and torch's own half-precision kernels (a CPU
-without those instructions) are not compiled per shape, so they run unpadded (benchmarks/README.md).
+without those instructions) are not compiled per shape, so they run unpadded
+(benchmarks/results/row_blocks_expert_gemms_epyc-avx512bf16_2026-12-02.md,
+benchmarks/results/layer_and_step_epyc-avx2_2026-12-02.md).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def onednn_runs_cpu_gemm(dtype: torch.dtype) -> bool:
     """Whether torch hands CPU GEMMs of this half dtype to oneDNN. Only where the CPU has the
     instructions (bf16: AVX-512 BW/VL/DQ or AMX; fp16: AVX-512 FP16 or AMX-FP16) and oneDNN is on;
     elsewhere, e.g. an AVX2-only x86 CPU, torch runs them in its own kernel, nothing compiled per
-    shape and 96-168x slower than fp32 (benchmarks/README.md, "A CPU without bf16 instructions")."""
+    shape and 96-168x slower than fp32 (benchmarks/results/layer_and_step_epyc-avx2_2026-12-02.md)."""
     if dtype not in (torch.bfloat16, torch.float16):
         return False
     if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
@@ -70,8 +72,9 @@ def _cpu_has_onednn_half_gemm(bf16: bool) -> bool:
 
 def default_row_block(device: torch.device, dtype: torch.dtype) -> int:
     """Rows per expert are padded to a multiple of this (1: no padding); see the module docstring.
-    16, 32 and 64 measured alike (benchmarks/README.md); 32 wastes at most 31 rows per expert and
-    leaves at most 128 row counts per weight for 4096 copies, well inside oneDNN's 1024-kernel cache.
+    16, 32 and 64 measured alike (benchmarks/results/row_blocks_expert_gemms_epyc-avx512bf16_2026-12-02.md);
+    32 wastes at most 31 rows per expert and leaves at most 128 row counts per weight for 4096 copies,
+    well inside oneDNN's 1024-kernel cache.
     Where torch's own kernel runs the GEMM instead (``onednn_runs_cpu_gemm``) padding buys nothing."""
     if device.type == "cpu" and onednn_runs_cpu_gemm(dtype):
         return 32

@@ -113,7 +113,8 @@ class TopKRouter(nn.Module):
             # F.softmax, not exp(logits - logsumexp): its kernel works row by row, so a token's scores
             # do not depend on how many tokens share the call. Flat elementwise exp/sum round a row
             # differently depending on where it falls in the vector and thread chunks, and that broke
-            # expert parallelism == one process (routing flips; benchmarks/README.md, 2026-12-02).
+            # expert parallelism == one process (routing flips;
+            # benchmarks/results/combine_router_entropy_epyc-avx512bf16_2026-12-02.md).
             scores_NE = probs_NE = F.softmax(logits_NE, dim=-1)
         logsumexp_N = torch.logsumexp(logits_NE, dim=-1)
         if self.expert_bias is None and self.n_group == 1:

@@ -29,8 +29,8 @@ def resolve_dtype(name: str) -> torch.dtype:
 def slow_dtype_warning(device: torch.device, dtype: torch.dtype) -> str | None:
     """One line for the run's banner when this device runs ``dtype``'s GEMMs in a slow fallback: bf16
     on a CPU without bf16 instructions (an AVX2-only x86 CPU) goes through torch's own kernel, about
-    96-168x slower than fp32 there (benchmarks/README.md). A warning, not an error: bf16 numerics on
-    such a CPU are still right, only slow."""
+    96-168x slower than fp32 there (benchmarks/results/layer_and_step_epyc-avx2_2026-12-02.md). A
+    warning, not an error: bf16 numerics on such a CPU are still right, only slow."""
     if device.type != "cpu" or dtype != torch.bfloat16 or onednn_runs_cpu_gemm(dtype):
         return None  # parallel.dtype offers fp32 and bf16 only
     return (

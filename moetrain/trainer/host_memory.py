@@ -4,7 +4,8 @@ glibc's malloc serves any block above ``M_MMAP_THRESHOLD`` (at most 32 MiB) with
 and unmaps it on free. Training allocates the same large tensors every step (activations, token
 copies sorted by expert, logits: mixtral_small's [2048, 8192] fp32 logits are 64 MiB), so each one
 is faulted in page by page and zeroed by the kernel again. Measured on a 2-core AMD EPYC: a fresh
-64 MiB ``index_select`` took 20 ms against 2 ms into reused memory (benchmarks/README.md). jemalloc
+64 MiB ``index_select`` took 20 ms against 2 ms into reused memory
+(benchmarks/results/suite_epyc-avx512bf16_2026-12-01.md). jemalloc
 and tcmalloc keep freed memory for reuse; this asks glibc to do the same: no mmap for large blocks
 (``M_MMAP_MAX=0``) and no trimming of the heap top below 2 GiB (``M_TRIM_THRESHOLD``). The cost is
 that the resident size stays at its peak instead of shrinking between steps.

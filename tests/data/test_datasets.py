@@ -246,12 +246,16 @@ def test_barrier_order(tmp_path: Path) -> None:
     assert calls == ["main", "other"]
 
 
-def test_fixture_config_matches_builtin_keys() -> None:
-    import yaml
+def test_fixture_config_composes_to_a_full_data_config() -> None:
+    """data=fixture starts from the same defaults as builtin (the DataConfig base node) and changes
+    only its name, vocabulary and block length."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
 
-    configs = CONFIG_DIR / "data"
-    builtin = yaml.safe_load((configs / "builtin.yaml").read_text())
-    fixture = yaml.safe_load((configs / "fixture.yaml").read_text())
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        builtin = OmegaConf.to_container(compose("train").data, resolve=True)
+        fixture = OmegaConf.to_container(compose("train", overrides=["data=fixture"]).data, resolve=True)
     assert list(builtin) == list(fixture)
     assert fixture["name"] == "fixture" and fixture["vocab_size"] == 512 and fixture["seq_len"] == 64
+    assert {k for k in fixture if fixture[k] != builtin[k]} == {"name", "vocab_size", "seq_len"}
     DataConfig(**fixture).validate()
