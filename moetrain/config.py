@@ -16,6 +16,10 @@ EXPERT_IMPLS = ("auto", "grouped_mm", "loop")
 AUX_LOSS_TYPES = ("switch", "mixtral")
 AUX_LOSS_SCOPES = ("micro_batch", "global_batch")
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
+# The experts' activation: silu(gate) * up, or gpt-oss's clamp(gate) * sigmoid(alpha clamp(gate)) * (clamp(up) + 1).
+EXPERT_ACTIVATIONS = ("swiglu", "clamped_swiglu")
+# model.layer_types entries (transformers' names): a layer attends within model.sliding_window or to all.
+LAYER_TYPES = ("sliding_attention", "full_attention")
 HOST_ALLOCATORS = ("retain", "system")  # parallel.host_allocator (trainer/host_memory.py)
 # Normalisation of queries and keys before RoPE: none (Mixtral, Mistral, Qwen2-MoE), one RMSNorm over
 # the whole q / k projection (OLMoE), or one per head over head_dim (Qwen3, Qwen3-MoE).
@@ -73,6 +77,11 @@ class MoEConfig:
     # Hold the expert-selection bias even with bias_update_rate=0 (a checkpoint's e_score_correction_bias,
     # kept as it is while fine-tuning); bias_update_rate > 0 implies it.
     selection_bias: bool = False
+    router_bias: bool = False  # a bias on the router's gate (gpt-oss)
+    expert_proj_bias: bool = False  # biases on the experts' gate / up and down projections (gpt-oss)
+    expert_activation: str = "swiglu"  # swiglu | clamped_swiglu (gpt-oss: swiglu_alpha, swiglu_limit)
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
 
     def validate(self, prefix: str = "model.moe") -> None:
         _require(self.backend in MOE_BACKENDS, f"{prefix}.backend", self.backend, f"one of {MOE_BACKENDS}")
@@ -134,6 +143,13 @@ class MoEConfig:
             f"must be between 1 and n_group={self.n_group}",
         )
         _require(
+            self.expert_activation in EXPERT_ACTIVATIONS,
+            f"{prefix}.expert_activation",
+            self.expert_activation,
+            f"one of {', '.join(EXPERT_ACTIVATIONS)}",
+        )
+        _require(self.swiglu_limit > 0, f"{prefix}.swiglu_limit", self.swiglu_limit, "must be > 0")
+        _require(
             self.routed_scaling_factor > 0,
             f"{prefix}.routed_scaling_factor",
             self.routed_scaling_factor,
@@ -165,6 +181,11 @@ class ModelConfig:
     init_std: float = 0.02
     qk_norm: str = "none"  # none | full (OLMoE) | per_head (Qwen3)
     attention_bias: bool = False  # biases on the q, k, v projections (Qwen2)
+    attention_out_bias: bool = False  # a bias on the output projection too (gpt-oss)
+    attention_sinks: bool = False  # a learned per-head sink logit in each softmax (gpt-oss)
+    # Per layer sliding_attention | full_attention (gpt-oss alternates them); empty: model.sliding_window
+    # (when set) applies to every layer.
+    layer_types: list[str] = field(default_factory=list)
     # Dense layers among MoE layers by index (Qwen2/3-MoE's mlp_only_layers), on top of moe_every.
     mlp_only_layers: list[int] = field(default_factory=list)
     # A shared expert: a dense SwiGLU every token goes through, added to the routed experts' output
@@ -188,6 +209,12 @@ class ModelConfig:
     @property
     def head_size(self) -> int:
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+    def layer_window(self, layer_idx: int) -> int | None:
+        """The sliding window of layer ``layer_idx`` (None: full causal attention)."""
+        if self.layer_types and self.layer_types[layer_idx] == "full_attention":
+            return None
+        return self.sliding_window
 
     @property
     def rotary_dim(self) -> int:
@@ -300,6 +327,22 @@ class ModelConfig:
         )
         _require(self.init_std > 0, f"{prefix}.init_std", self.init_std, "must be > 0")
         _require(self.qk_norm in QK_NORMS, f"{prefix}.qk_norm", self.qk_norm, f"one of {', '.join(QK_NORMS)}")
+        types = self.layer_types
+        _require(
+            isinstance(types, (list, tuple))
+            and (not types or len(types) == self.num_layers)
+            and all(t in LAYER_TYPES for t in types),
+            f"{prefix}.layer_types",
+            types,
+            f"empty or one of {', '.join(LAYER_TYPES)} per layer ({self.num_layers})",
+        )
+        if any(t == "sliding_attention" for t in types):
+            _require(
+                self.sliding_window is not None,
+                f"{prefix}.sliding_window",
+                self.sliding_window,
+                "must be set: model.layer_types has sliding_attention layers",
+            )
         layers = self.mlp_only_layers
         _require(
             isinstance(layers, (list, tuple))

@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from moetrain import hf_deepseek
+from moetrain import hf_deepseek, hf_gpt_oss
 from moetrain.config import ModelConfig, MoEConfig
 
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
@@ -60,7 +60,8 @@ _LAYER_RENAMES = {
     "attention_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
     **{f"attention.{p}_proj.weight": f"self_attn.{p}_proj.weight" for p in "qkvo"},
-    **{f"attention.{p}_proj.bias": f"self_attn.{p}_proj.bias" for p in "qkv"},
+    **{f"attention.{p}_proj.bias": f"self_attn.{p}_proj.bias" for p in "qkvo"},  # o: gpt-oss
+    "attention.sinks": "self_attn.sinks",  # gpt-oss
     "attention.q_norm.weight": "self_attn.q_norm.weight",
     "attention.k_norm.weight": "self_attn.k_norm.weight",
     "ffn.router.gate.weight": "mlp.gate.weight",
@@ -119,6 +120,8 @@ def hf_architecture(cfg: ModelConfig) -> str:
     DeepSeek-V3 families (moetrain/hf_deepseek.py)."""
     if hf_deepseek.is_deepseek_style(cfg):
         return hf_deepseek.architecture(cfg)
+    if cfg.attention_sinks:
+        return hf_gpt_oss.architecture(cfg)
     every_layer_moe = len(cfg.moe_layer_ids) == cfg.num_layers
     if cfg.num_experts == 0:
         if cfg.attention_bias:
@@ -354,6 +357,7 @@ _TO_CONFIG = {
 
 for _arch in hf_deepseek.ARCHITECTURES:
     _TO_CONFIG[_arch] = hf_deepseek.to_hf_config
+_TO_CONFIG[hf_gpt_oss.ARCHITECTURE] = hf_gpt_oss.to_hf_config
 
 
 def to_hf_config(model_cfg: ModelConfig, tokenizer: Any | None = None):
@@ -376,8 +380,10 @@ def from_hf_config(hf_config: Any) -> ModelConfig:
     t = getattr(hf_config, "model_type", None)
     if t in hf_deepseek.DEEPSEEK_FAMILIES:
         return hf_deepseek.from_hf_config(hf_config)
+    if t == "gpt_oss":
+        return hf_gpt_oss.from_hf_config(hf_config)
     if t not in MOE_FAMILIES + DENSE_FAMILIES:
-        families = MOE_FAMILIES + hf_deepseek.DEEPSEEK_FAMILIES + DENSE_FAMILIES
+        families = MOE_FAMILIES + hf_deepseek.DEEPSEEK_FAMILIES + ("gpt_oss",) + DENSE_FAMILIES
         raise ValueError(f"model_type={t!r} is not supported: one of {', '.join(families)}")
     if getattr(hf_config, "hidden_act", "silu") != "silu":
         _unsupported(hf_config, f"hidden_act={hf_config.hidden_act!r} (only 'silu')")
@@ -469,6 +475,9 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], arch: str | None = None) ->
     out: dict[str, torch.Tensor] = {}
     experts: dict[int, dict[str, torch.Tensor]] = {}
     family = hf_deepseek.LAYER_RENAMES if arch in hf_deepseek.ARCHITECTURES else {}
+    gpt_oss = arch == hf_gpt_oss.ARCHITECTURE
+    if gpt_oss:
+        family = hf_gpt_oss.LAYER_RENAMES
     for name, t in state.items():
         if name in _TOP_RENAMES:
             out[_TOP_RENAMES[name]] = t
@@ -481,11 +490,16 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], arch: str | None = None) ->
             out[f"model.layers.{i}.{family[rest]}"] = t
         elif rest in _LAYER_RENAMES:
             out[f"model.layers.{i}.{_LAYER_RENAMES[rest]}"] = t
-        elif rest in ("ffn.experts.w1", "ffn.experts.v1", "ffn.experts.w2"):
+        elif rest in ("ffn.experts.w1", "ffn.experts.v1", "ffn.experts.w2") or (
+            gpt_oss and rest.startswith("ffn.experts.")
+        ):
             experts.setdefault(i, {})[rest.rsplit(".", 1)[1]] = t
         else:
             raise ValueError(f"unexpected parameter {name!r}: not a MoETransformer state dict")
     for i, w in sorted(experts.items()):
+        if gpt_oss:
+            out.update({f"model.layers.{i}.{k}": v for k, v in hf_gpt_oss.fuse_experts(w).items()})
+            continue
         if set(w) != {"w1", "v1", "w2"}:
             raise ValueError(f"layer {i}: experts need w1, v1 and w2, found {sorted(w)}")
         out[f"model.layers.{i}.mlp.experts.gate_up_proj"] = torch.cat([w["w1"], w["v1"]], dim=1)
@@ -513,14 +527,18 @@ class KeySpec:
     transpose: bool = False
 
 
-def hf_key_spec(name: str) -> KeySpec | None:
-    """Our tensor for a transformers tensor name (in memory or on disk, any family); None if unknown."""
+def hf_key_spec(name: str, cfg: ModelConfig | None = None) -> KeySpec | None:
+    """Our tensor for a transformers tensor name (in memory or on disk, any family); None if unknown.
+    ``cfg``: the model it is read into, where a family lays out a name of the others its own way
+    (gpt-oss's experts, moetrain/hf_gpt_oss.py)."""
     if name in _TOP_RENAMES_INV:
         return KeySpec(_TOP_RENAMES_INV[name])
     m = _HF_LAYER.match(name)
     if m is None:
         return None
     i, rest = int(m.group(1)), m.group(2).replace("block_sparse_moe.", "mlp.")
+    if cfg is not None and cfg.attention_sinks and (gpt := hf_gpt_oss.key_spec(rest)) is not None:
+        return KeySpec(f"layers.{i}.{gpt[0]}", gpt[1])
     if rest in _LAYER_RENAMES_INV:
         return KeySpec(f"layers.{i}.{_LAYER_RENAMES_INV[rest]}")
     if rest in hf_deepseek.LAYER_RENAMES_INV:
@@ -536,7 +554,9 @@ def hf_key_spec(name: str) -> KeySpec | None:
     return None
 
 
-def from_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def from_hf_state_dict(
+    state: dict[str, torch.Tensor], cfg: ModelConfig | None = None
+) -> dict[str, torch.Tensor]:
     """transformers weights (any family above) in our names (the inverse of ``to_hf_state_dict``).
 
     Accepts the in-memory names of transformers 5.x (``mlp.experts.gate_up_proj``) and the per-expert
@@ -545,10 +565,12 @@ def from_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     out: dict[str, torch.Tensor] = {}
     per_expert: dict[str, dict[int, torch.Tensor]] = {}
     for name, t in state.items():
-        spec = hf_key_spec(name)
+        spec = hf_key_spec(name, cfg)
         if spec is None:
             raise ValueError(f"unexpected parameter {name!r}: not a transformers model of a supported family")
-        if spec.part == "copy":
+        if spec.part in hf_gpt_oss.PARTS:
+            out.update(hf_gpt_oss.read_experts(spec.part, name, spec.ours, state.__getitem__, 0, None))
+        elif spec.part == "copy":
             out[spec.ours] = t
         elif spec.part == "gate_up":
             F = t.shape[1] // 2

@@ -55,6 +55,9 @@ ARCH_KEYS = (
     "tie_embeddings",
     "qk_norm",
     "attention_bias",
+    "attention_out_bias",
+    "attention_sinks",
+    "layer_types",
     "shared_expert_intermediate_size",
     "shared_expert_gate",
 )
@@ -65,6 +68,11 @@ ARCH_MOE_KEYS = (
     "topk_group",
     "routed_scaling_factor",
     "selection_bias",
+    "router_bias",
+    "expert_proj_bias",
+    "expert_activation",
+    "swiglu_alpha",
+    "swiglu_limit",
 )
 # Upcycling chooses the MoE here: these come from our config, not the dense checkpoint.
 UPCYCLE_OURS = ("num_experts", "top_k", "moe_every", "mlp_only_layers")
@@ -179,7 +187,13 @@ def resolve_pretrained(cfg: TrainConfig, overrides: list[str] | None = None) -> 
     for k in ARCH_MOE_KEYS:
         if upcycle and k == "normalize_top_k":
             continue  # ours: renormalised top-k keeps the dense function at step 0
-        if upcycle and k in ("n_group", "topk_group", "routed_scaling_factor", "selection_bias"):
+        if upcycle and k in (
+            "n_group",
+            "topk_group",
+            "routed_scaling_factor",
+            "selection_bias",
+            "router_bias",
+        ):
             continue  # the new router is ours to choose
         if f"model.moe.{k}" in given and not _same(given[f"model.moe.{k}"], getattr(src.moe, k)):
             raise ConfigError(
@@ -260,6 +274,7 @@ def check_weights(model_cfg: ModelConfig, folder: Path, upcycle: bool = False) -
     """Every tensor of the model is in the files with the right shape, and nothing else is there:
     one-line ``ConfigError`` naming the first tensor that is missing, unexpected or of the wrong
     shape. Reads the safetensors headers only."""
+    from moetrain import hf_gpt_oss
     from moetrain.hf import hf_key_spec
 
     expected = _expected_shapes(model_cfg)
@@ -269,7 +284,7 @@ def check_weights(model_cfg: ModelConfig, folder: Path, upcycle: bool = False) -
     seen_experts: dict[str, set[int]] = {}
     for path, name, shape in _entries(folder):
         where = f"{path.name}: {name}"
-        spec = hf_key_spec(name)
+        spec = hf_key_spec(name, model_cfg)
         if spec is None:
             raise ConfigError(f"{where} is unexpected: no tensor of this model corresponds to it")
         ours, want = spec.ours, None
@@ -296,6 +311,11 @@ def check_weights(model_cfg: ModelConfig, folder: Path, upcycle: bool = False) -
         elif spec.part == "down":
             want = (full[0], full[2], full[1])
             seen_experts.setdefault(ours, set()).update(range(E))
+        elif spec.part in hf_gpt_oss.PARTS:
+            want = hf_gpt_oss.file_shape(spec.part, name, full)
+            for part in hf_gpt_oss.filled(spec.part, ours):
+                seen.add(part)
+                seen_experts.setdefault(part, set()).update(range(E))
         else:
             if not 0 <= spec.expert < full[0]:
                 raise ConfigError(f"{where} is unexpected: the model has {full[0]} experts per layer")
@@ -331,16 +351,25 @@ def load_pretrained(
     every layout gets the same experts."""
     from safetensors import safe_open
 
+    from moetrain import hf_gpt_oss
     from moetrain.hf import hf_key_spec
 
     folder = Path(folder)
     params = {**dict(model.named_buffers()), **dict(model.named_parameters())}
     layers = {f"layers.{i}.ffn": b.ffn for i, b in enumerate(model.layers) if b.is_moe}
+    get_slice = _slice_reader(folder)
     for path in weight_files(folder):
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118
-                spec = hf_key_spec(name)
+                spec = hf_key_spec(name, model.cfg)
                 ours = spec.ours
+                if spec.part in hf_gpt_oss.PARTS:  # gpt-oss layouts and MXFP4: this rank's experts only
+                    lo, hi = _local_range(params[ours], layers[ours.rsplit(".experts.", 1)[0]])
+                    for target, t in hf_gpt_oss.read_experts(
+                        spec.part, name, ours, get_slice, lo, hi
+                    ).items():
+                        params[target].copy_(t)
+                    continue
                 target = _upcycle_target(ours) if upcycle else None
                 if target is not None and target.rsplit(".experts.", 1)[0] in layers:
                     _fill_experts(params[target], layers[target.rsplit(".experts.", 1)[0]], f.get_tensor(name),
@@ -364,6 +393,27 @@ def load_pretrained(
                     params[ours.replace(".w1", ".v1")].copy_(t[:, F:])
                 else:  # down: [El, H, F]
                     params[ours].copy_(f.get_slice(name)[lo:hi].transpose(1, 2))
+
+
+def _slice_reader(folder: Path):
+    """``get(name)``: the safetensors slice of a tensor of the folder, in whichever file holds it (MXFP4
+    scales may sit in another shard than their blocks)."""
+    from safetensors import safe_open
+
+    index = folder / WEIGHTS_INDEX
+    where = json.loads(index.read_text())["weight_map"] if index.is_file() else {}
+
+    class _Slice:  # opened per read: no file stays open
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def __getitem__(self, index):  # noqa: ANN001, ANN204
+            with safe_open(
+                str(folder / where.get(self.name, WEIGHTS_FILE)), framework="pt", device="cpu"
+            ) as f:
+                return f.get_slice(self.name)[index]
+
+    return _Slice
 
 
 def _fill_experts(param: torch.Tensor, layer: Any, dense: torch.Tensor, name: str, noise: float) -> None:

@@ -1,4 +1,4 @@
-"""Six families from transformers (Mixtral, Mistral, OLMoE, Qwen2-MoE, Qwen3-MoE, GLM-4.5): a tiny random model
+"""Seven families from transformers (Mixtral, Mistral, OLMoE, Qwen2-MoE, Qwen3-MoE, GLM-4.5, gpt-oss): a tiny random model
 saved with ``save_pretrained`` loads through ``model.init_from``'s path (config -> ours, weights checked
 by name, read per rank) and computes transformers' logits; exported back, transformers loads it as the
 same architecture with our logits, and greedy decoding agrees token for token."""
@@ -21,7 +21,7 @@ from moetrain.hf import from_hf_state_dict, hf_architecture, hf_model_from_state
 from moetrain.pretrained import load_pretrained, resolve_pretrained
 from moetrain.testing import HF_FAMILIES, assert_close_scaled, rounding_rel, tiny_hf_model
 
-FAMILIES = ["mixtral", "mistral", "olmoe", "qwen2_moe", "qwen3_moe", "glm4_moe"]
+FAMILIES = ["mixtral", "mistral", "olmoe", "qwen2_moe", "qwen3_moe", "glm4_moe", "gpt_oss"]
 B, T, VOCAB = 2, 16, 512
 # Same function, other kernels (transformers' expert loop vs our grouped_mm, eager vs SDPA attention):
 # logits agree to rounding, 64 ulps of their scale (~7.6e-6 relative; they are O(1), so well under
@@ -141,7 +141,43 @@ def test_glm4_moe_options_matter(saved) -> None:
 
 
 @pytest.mark.numerics
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "glm4_moe"])
+def test_gpt_oss_options_matter(saved) -> None:
+    """Negative control for gpt-oss: without the sinks, with one window for all layers, with the clamp at
+    7 (the fixture clamps at 0.1), with gate / up swapped (the interleaving) or without the experts'
+    biases, the logits move far outside the parity bound."""
+    folder, hf = saved["gpt_oss"]
+    with torch.no_grad():
+        want = hf(_ids()).logits
+    scale = want.abs().max().item()
+
+    def attn(m, **kw):
+        for b in m.layers:
+            for k, v in kw.items():
+                setattr(b.attention, k, v)
+
+    def experts(m, fn):
+        for layer in m.moe_layers:
+            fn(layer.experts)
+
+    def swap(e):
+        e.w1, e.v1 = e.v1, e.w1
+
+    for change in (
+        lambda m: attn(m, sinks=None),
+        lambda m: attn(m, sliding_window=None),
+        lambda m: experts(m, lambda e: setattr(e, "limit", 7.0)),
+        lambda m: experts(m, swap),
+        lambda m: experts(m, lambda e: e.w2_bias.zero_()),
+    ):
+        ours, _ = load_ours(folder)
+        with torch.no_grad():
+            change(ours)
+            diff = (ours(_ids()).logits - want).abs().max().item()
+        assert diff > 1e3 * LOGITS_REL * scale, diff
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "glm4_moe", "gpt_oss"])
 def test_expert_parallel_rank_reads_its_slice_of_a_sharded_checkpoint(tmp_path: Path, family: str) -> None:
     """A checkpoint in several files (index.json): each ep rank holds exactly its experts."""
     tiny_hf_model(family, tmp_path, max_shard_size="20KB")
@@ -153,7 +189,7 @@ def test_expert_parallel_rank_reads_its_slice_of_a_sharded_checkpoint(tmp_path: 
         ref = full.state_dict()
         for name, t in shard.state_dict().items():
             want = ref[name]
-            if name.endswith(("experts.w1", "experts.v1", "experts.w2")):
+            if name.rsplit(".", 1)[-1] in ("w1", "v1", "w2", "w1_bias", "v1_bias", "w2_bias"):
                 El = want.shape[0] // 2  # this rank's experts
                 want = want[El * rank : El * rank + El]
             assert torch.equal(t, want), name

@@ -127,6 +127,11 @@ def _ep_layer_class() -> type:
     return _EP_CLASS
 
 
+def _names(layer: nn.Module) -> tuple[str, ...]:
+    """The layer's per-expert parameters: w1, v1, w2 (and their biases where the experts have them)."""
+    return getattr(layer.experts, "param_names", EXPERT_PARAM_NAMES)
+
+
 def shard_experts(model: nn.Module, ep_rank: int, ep_size: int) -> None:
     """Keep experts ``[ep_rank * E/ep, (ep_rank + 1) * E/ep)`` of every MoE layer (no communication).
 
@@ -136,7 +141,7 @@ def shard_experts(model: nn.Module, ep_rank: int, ep_size: int) -> None:
     for layer in model.moe_layers:
         El = layer.num_experts // ep_size
         with torch.no_grad():
-            for name in EXPERT_PARAM_NAMES:
+            for name in _names(layer):
                 full = getattr(layer.experts, name)
                 shard = nn.Parameter(full.data[ep_rank * El : (ep_rank + 1) * El].clone())
                 setattr(layer.experts, name, shard)
@@ -188,7 +193,7 @@ def parallelize(model: nn.Module, cfg: TrainConfig, env: DistEnv) -> ExpertParal
     for layer in model.moe_layers:
         # Tagged here, after any materialisation (to_empty from meta makes new Parameter objects,
         # which would silently drop the tags: experts averaged over ranks that hold different ones).
-        for name in EXPERT_PARAM_NAMES:
+        for name in _names(layer):
             param = getattr(layer.experts, name)
             param.allreduce = False  # DeepSpeed: an expert param, reduced over its expert-DP group
             param.group_name = group_name
@@ -206,7 +211,7 @@ def _expert_param_names(model: nn.Module) -> list[str]:
     out = []
     for name, module in model.named_modules():
         if isinstance(module, MoELayer):
-            out += [f"{name}.experts.{p}" for p in EXPERT_PARAM_NAMES]
+            out += [f"{name}.experts.{p}" for p in _names(module)]
     return out
 
 

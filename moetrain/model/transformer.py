@@ -50,10 +50,12 @@ class Block(nn.Module):
             cfg.num_heads,
             cfg.num_kv_heads,
             cfg.head_size,
-            cfg.sliding_window,
+            cfg.layer_window(layer_idx),
             qk_norm=cfg.qk_norm,
             bias=cfg.attention_bias,
             norm_eps=cfg.norm_eps,
+            out_bias=cfg.attention_out_bias,
+            sinks=cfg.attention_sinks,
         )
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.is_moe = cfg.is_moe_layer(layer_idx)
@@ -130,7 +132,7 @@ class MoETransformer(nn.Module):
         for name, p in self.named_parameters():
             if p.is_meta:
                 continue
-            if name.endswith(".bias"):
+            if name.endswith((".bias", "_bias", ".sinks")):  # biases (experts' too), attention sinks
                 p.zero_()
                 continue
             if p.dim() == 1:

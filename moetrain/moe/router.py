@@ -60,6 +60,7 @@ class TopKRouter(nn.Module):
         topk_group: int = 1,
         routed_scaling_factor: float = 1.0,
         selection_bias: bool = False,
+        gate_bias: bool = False,
     ) -> None:
         super().__init__()
         if score_function not in SCORE_FUNCTIONS:
@@ -76,7 +77,7 @@ class TopKRouter(nn.Module):
             )
         self.n_group, self.topk_group = n_group, topk_group
         self.routed_scaling_factor = float(routed_scaling_factor)
-        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        self.gate = nn.Linear(hidden_size, num_experts, bias=gate_bias)  # gate_bias: gpt-oss
         self.expert_bias: torch.Tensor | None
         if self.bias_update_rate > 0 or selection_bias:
             # Full [E] on every rank (also under expert parallelism): not an expert parameter.

@@ -86,6 +86,13 @@ HF_FAMILIES = {
         "routed_scaling_factor": 2.5, "n_shared_experts": 1, "first_k_dense_replace": 1,
         "norm_topk_prob": True, "use_qk_norm": True, "attention_bias": True, "num_nextn_predict_layers": 0,
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}}),
+    # gpt-oss (moetrain/hf_gpt_oss.py): sinks, sliding / full layers (window 4 < the tests' 16 tokens),
+    # biases everywhere, clamped SwiGLU with interleaved gate / up; plain RoPE (YaRN: model.rope_scaling).
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", {
+        "num_hidden_layers": 3, "head_dim": 16, "intermediate_size": 32, "num_local_experts": 4,
+        "num_experts_per_tok": 2, "sliding_window": 4, "swiglu_limit": 0.1,  # small: the clamps act
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}),
     # dense sources of sparse upcycling
     "llama": ("LlamaConfig", "LlamaForCausalLM", {"intermediate_size": 48}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16, "intermediate_size": 48}),
@@ -107,7 +114,7 @@ def tiny_hf_model(family: str, folder: str | os.PathLike | None = None, seed: in
     model = getattr(transformers, model_cls)(hf_cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(".bias"):
+            if name.endswith((".bias", "_bias")):  # gpt-oss's experts: gate_up_proj_bias, down_proj_bias
                 p.normal_(0.0, 0.1)
             elif p.dim() == 1:
                 p.uniform_(0.5, 1.5)
