@@ -48,7 +48,9 @@ def _attention_params(cfg: ModelConfig) -> int:
     kv = 2 * h * cfg.num_kv_heads * hd
     o = cfg.num_heads * hd * h
     bias = (cfg.num_heads + 2 * cfg.num_kv_heads) * hd if cfg.attention_bias else 0
-    return q + kv + o + bias
+    bias += h if cfg.attention_out_bias else 0  # gpt-oss
+    sinks = cfg.num_heads if cfg.attention_sinks else 0
+    return q + kv + o + bias + sinks
 
 
 def _qk_norm_params(cfg: ModelConfig) -> int:
@@ -75,6 +77,8 @@ def count_params(model_cfg: ModelConfig) -> dict[str, Any]:
     moe_layers = len(cfg.moe_layer_ids)
     dense_layers = cfg.num_layers - moe_layers
     per_expert = 3 * h * cfg.ffn_hidden_size
+    if cfg.moe.expert_proj_bias:  # gpt-oss: gate, up [F] and down [H] biases
+        per_expert += 2 * cfg.ffn_hidden_size + h
 
     shared = {
         "embedding": v * h,
@@ -82,7 +86,7 @@ def count_params(model_cfg: ModelConfig) -> dict[str, Any]:
         "attention": cfg.num_layers * _attention_params(cfg),
         # attention_norm + ffn_norm (+ QK-norm) per layer, final norm
         "norms": (2 * cfg.num_layers + 1) * h + cfg.num_layers * _qk_norm_params(cfg),
-        "router": moe_layers * h * cfg.num_experts,
+        "router": moe_layers * (h + (1 if cfg.moe.router_bias else 0)) * cfg.num_experts,
         "shared_expert": moe_layers
         * (3 * h * cfg.shared_expert_intermediate_size + (h if cfg.shared_expert_gate else 0)),
         "dense_ffn": dense_layers * 3 * h * cfg.dense_ffn_size,
@@ -92,9 +96,14 @@ def count_params(model_cfg: ModelConfig) -> dict[str, Any]:
     total_breakdown["experts"] = moe_layers * cfg.num_experts * per_expert
     active_breakdown["experts"] = moe_layers * cfg.top_k * per_expert if moe_layers else 0
     total = sum(total_breakdown.values())
+    active = sum(active_breakdown.values())
     return {
         "total": total,
-        "active": sum(active_breakdown.values()),
+        "active": active,
+        # Publishers count active parameters differently: gpt-oss leaves out the input embedding (a
+        # lookup, no matmul), GLM-4.5 both embedding and LM head.
+        "active_without_input_embedding": active - total_breakdown["embedding"],
+        "active_without_embeddings": active - total_breakdown["embedding"] - total_breakdown["lm_head"],
         "total_breakdown": total_breakdown,
         "active_breakdown": active_breakdown,
         "expert_params": total_breakdown["experts"],
