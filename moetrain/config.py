@@ -158,6 +158,44 @@ class MoEConfig:
 
 
 @dataclass
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2/V3, moetrain/model/mla.py); off while kv_lora_rank is 0."""
+
+    kv_lora_rank: int = 0  # keys and values from one compressed latent of this size (0: GQA attention)
+    q_lora_rank: int | None = None  # queries through a low-rank latent too (None: a full q projection)
+    qk_rope_head_dim: int = 64  # the rotated part of each query / key head (one key part shared by all heads)
+    qk_nope_head_dim: int = 128  # the unrotated part
+    v_head_dim: int = 128
+    rope_interleave: bool = False  # the checkpoints' rotary dims in (even, odd) pairs (DeepSeek-V3: true)
+
+    @property
+    def enabled(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    def validate(self, prefix: str = "model.mla") -> None:
+        if not self.enabled:
+            _require(
+                self.kv_lora_rank == 0, f"{prefix}.kv_lora_rank", self.kv_lora_rank, "must be >= 0 (0 = off)"
+            )
+            return
+        for name in ("qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"):
+            v = getattr(self, name)
+            _require(isinstance(v, int) and v > 0, f"{prefix}.{name}", v, "must be a positive integer")
+        _require(
+            self.qk_rope_head_dim % 2 == 0,
+            f"{prefix}.qk_rope_head_dim",
+            self.qk_rope_head_dim,
+            "must be even",
+        )
+        _require(
+            self.q_lora_rank is None or self.q_lora_rank > 0,
+            f"{prefix}.q_lora_rank",
+            self.q_lora_rank,
+            "a positive integer or null (a full q projection)",
+        )
+
+
+@dataclass
 class ModelConfig:
     name: str = "custom"
     vocab_size: int = 8192
@@ -205,6 +243,7 @@ class ModelConfig:
     # the same up to floating-point summation order. Not a shape: a resume may change it.
     loss_chunk_tokens: int | None = None
     moe: MoEConfig = field(default_factory=MoEConfig)
+    mla: MLAConfig = field(default_factory=MLAConfig)  # multi-head latent attention instead of GQA
 
     @property
     def head_size(self) -> int:
@@ -218,7 +257,10 @@ class ModelConfig:
 
     @property
     def rotary_dim(self) -> int:
-        """Dims of each head that RoPE rotates (transformers: ``int(head_dim * partial_rotary_factor)``)."""
+        """Dims of each head that RoPE rotates (transformers: ``int(head_dim * partial_rotary_factor)``;
+        MLA: its qk_rope_head_dim)."""
+        if self.mla.enabled:
+            return self.mla.qk_rope_head_dim
         return int(self.head_size * self.partial_rotary_factor)
 
     @property
@@ -387,6 +429,14 @@ class ModelConfig:
             "must be >= 0 (0 = exact copies)",
         )
         self.moe.validate(f"{prefix}.moe")
+        self.mla.validate(f"{prefix}.mla")
+        if self.mla.enabled:
+            _require(
+                self.qk_norm == "none" and not self.attention_sinks and not self.attention_out_bias,
+                f"{prefix}.mla.kv_lora_rank",
+                self.mla.kv_lora_rank,
+                "MLA has no QK-norm, attention sinks or output bias here: turn those off",
+            )
 
 
 @dataclass

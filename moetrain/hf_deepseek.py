@@ -1,4 +1,5 @@
-"""moetrain <-> transformers for the DeepSeek-V3-router families: GLM-4.5 (Glm4MoeForCausalLM).
+"""moetrain <-> transformers for the DeepSeek-V3-router families: DeepSeek-V3 (DeepseekV3ForCausalLM,
+with multi-head latent attention: ``model.mla``, moetrain/model/mla.py) and GLM-4.5 (Glm4MoeForCausalLM).
 
 What they add to the decoder of moetrain/hf.py, as model options:
 
@@ -19,6 +20,8 @@ Tensor names beyond hf.py's mapping (in memory and on disk):
     layers.i.ffn.router.expert_bias          model.layers.i.mlp.gate.e_score_correction_bias
     layers.i.ffn.shared_expert.{w1,w3,w2}    model.layers.i.mlp.shared_experts.{gate,up,down}_proj
                                              ("shared_experts", plural; Qwen2-MoE's is "shared_expert")
+    layers.i.attention.<MLA>.weight          model.layers.i.self_attn.<MLA>.weight, <MLA> one of q_a_proj,
+                                             q_a_layernorm, q_b_proj, kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj
 
 Multi-token prediction layers of the checkpoints (``num_nextn_predict_layers``; transformers skips
 them on load too) are not loaded: see ``mtp_layer_ids``.
@@ -29,9 +32,10 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from moetrain.config import ModelConfig, MoEConfig
+from moetrain.config import MLAConfig, ModelConfig, MoEConfig
 
-DEEPSEEK_FAMILIES = ("glm4_moe",)
+DEEPSEEK_FAMILIES = ("glm4_moe", "deepseek_v3")
+MLA_MODULES = ("q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj")
 
 # Per-layer names only these families use (ours -> transformers').
 LAYER_RENAMES = {
@@ -39,9 +43,10 @@ LAYER_RENAMES = {
     "ffn.shared_expert.w1.weight": "mlp.shared_experts.gate_proj.weight",
     "ffn.shared_expert.w3.weight": "mlp.shared_experts.up_proj.weight",
     "ffn.shared_expert.w2.weight": "mlp.shared_experts.down_proj.weight",
+    **{f"attention.{m}.weight": f"self_attn.{m}.weight" for m in MLA_MODULES},
 }
 LAYER_RENAMES_INV = {v: k for k, v in LAYER_RENAMES.items()}
-ARCHITECTURES = ("Glm4MoeForCausalLM",)
+ARCHITECTURES = ("Glm4MoeForCausalLM", "DeepseekV3ForCausalLM")
 
 
 def _refuse(msg: str) -> None:
@@ -71,7 +76,9 @@ def leading_dense_layers(cfg: ModelConfig) -> int:
 
 def architecture(cfg: ModelConfig) -> str:
     """The class of a DeepSeek-style model (``is_deepseek_style``), or a one-line ``ValueError``."""
-    arch = "Glm4MoeForCausalLM"
+    arch = "DeepseekV3ForCausalLM" if cfg.mla.enabled else "Glm4MoeForCausalLM"
+    if cfg.mla.enabled and cfg.attention_bias:
+        _refuse(f"{arch} here has no attention biases; this model has model.attention_bias=true")
     leading_dense_layers(cfg)
     if cfg.shared_expert_intermediate_size % cfg.ffn_hidden_size:
         _refuse(
@@ -98,9 +105,9 @@ def _special_ids(tokenizer: Any | None) -> dict[str, Any]:
 
 def to_hf_config(cfg: ModelConfig, tokenizer: Any | None = None):
     """The transformers config of ``architecture(cfg)``."""
-    from transformers import Glm4MoeConfig
+    from transformers import DeepseekV3Config, Glm4MoeConfig
 
-    architecture(cfg)
+    arch = architecture(cfg)
     if cfg.moe.capacity_factor is not None:
         warnings.warn(
             f"model.moe.capacity_factor={cfg.moe.capacity_factor}: transformers runs dropless, so its "
@@ -109,8 +116,7 @@ def to_hf_config(cfg: ModelConfig, tokenizer: Any | None = None):
             stacklevel=3,
         )
     rope = {"rope_type": "default", "rope_theta": float(cfg.rope_theta)}
-    rope["partial_rotary_factor"] = float(cfg.partial_rotary_factor)
-    return Glm4MoeConfig(
+    common = dict(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,
         num_hidden_layers=cfg.num_layers,
@@ -121,11 +127,9 @@ def to_hf_config(cfg: ModelConfig, tokenizer: Any | None = None):
         max_position_embeddings=cfg.max_seq_len,
         initializer_range=cfg.init_std,
         rms_norm_eps=cfg.norm_eps,
-        rope_parameters=rope,
         tie_word_embeddings=cfg.tie_embeddings,
         attention_dropout=0.0,
         attention_bias=cfg.attention_bias,
-        use_qk_norm=cfg.qk_norm == "per_head",
         intermediate_size=cfg.dense_ffn_size,
         moe_intermediate_size=cfg.ffn_hidden_size,
         n_routed_experts=cfg.num_experts,
@@ -140,6 +144,22 @@ def to_hf_config(cfg: ModelConfig, tokenizer: Any | None = None):
         output_router_logits=False,
         **_special_ids(tokenizer),
     )
+    if arch == "DeepseekV3ForCausalLM":
+        mla = cfg.mla
+        del common["head_dim"]  # DeepseekV3Config sets it to qk_rope_head_dim
+        common["num_key_value_heads"] = cfg.num_heads
+        return DeepseekV3Config(
+            **common,
+            rope_parameters=rope,
+            q_lora_rank=mla.q_lora_rank,
+            kv_lora_rank=mla.kv_lora_rank,
+            qk_rope_head_dim=mla.qk_rope_head_dim,
+            qk_nope_head_dim=mla.qk_nope_head_dim,
+            v_head_dim=mla.v_head_dim,
+            rope_interleave=mla.rope_interleave,
+        )
+    rope["partial_rotary_factor"] = float(cfg.partial_rotary_factor)
+    return Glm4MoeConfig(**common, rope_parameters=rope, use_qk_norm=cfg.qk_norm == "per_head")
 
 
 def from_hf_config(hf_config: Any) -> ModelConfig:
@@ -167,13 +187,28 @@ def from_hf_config(hf_config: Any) -> ModelConfig:
         routed_scaling_factor=float(hf_config.routed_scaling_factor),
         selection_bias=True,
     )
+    extra: dict[str, Any] = {}
+    if t == "deepseek_v3":
+        if getattr(hf_config, "attention_bias", False):
+            raise ValueError("deepseek_v3: attention_bias=true is not supported")
+        head_dim = None
+        extra["mla"] = MLAConfig(
+            kv_lora_rank=hf_config.kv_lora_rank,
+            q_lora_rank=hf_config.q_lora_rank,
+            qk_rope_head_dim=hf_config.qk_rope_head_dim,
+            qk_nope_head_dim=hf_config.qk_nope_head_dim,
+            v_head_dim=hf_config.v_head_dim,
+            rope_interleave=bool(getattr(hf_config, "rope_interleave", False)),
+        )
     cfg = ModelConfig(
         name=getattr(hf_config, "_name_or_path", None) or t,
         vocab_size=hf_config.vocab_size,
         hidden_size=hf_config.hidden_size,
         num_layers=hf_config.num_hidden_layers,
         num_heads=hf_config.num_attention_heads,
-        num_kv_heads=hf_config.num_key_value_heads or hf_config.num_attention_heads,
+        num_kv_heads=(hf_config.num_key_value_heads or hf_config.num_attention_heads)
+        if t != "deepseek_v3"
+        else hf_config.num_attention_heads,
         head_dim=head_dim,
         ffn_hidden_size=hf_config.moe_intermediate_size,
         dense_ffn_hidden_size=hf_config.intermediate_size,
@@ -190,6 +225,7 @@ def from_hf_config(hf_config: Any) -> ModelConfig:
         attention_bias=bool(getattr(hf_config, "attention_bias", False)),
         shared_expert_intermediate_size=hf_config.n_shared_experts * hf_config.moe_intermediate_size,
         moe=moe,
+        **extra,
     )
     cfg.validate()
     return cfg

@@ -42,7 +42,22 @@ COMPONENTS = (
 # parameters
 
 
+def _mla_params(cfg: ModelConfig) -> int:
+    """Multi-head latent attention (moetrain/model/mla.py), its two latent norms included."""
+    m, h, n = cfg.mla, cfg.hidden_size, cfg.num_heads
+    qk = m.qk_nope_head_dim + m.qk_rope_head_dim
+    q = h * n * qk if m.q_lora_rank is None else h * m.q_lora_rank + m.q_lora_rank + m.q_lora_rank * n * qk
+    kv = (
+        h * (m.kv_lora_rank + m.qk_rope_head_dim)
+        + m.kv_lora_rank
+        + m.kv_lora_rank * n * (m.qk_nope_head_dim + m.v_head_dim)
+    )
+    return q + kv + n * m.v_head_dim * h
+
+
 def _attention_params(cfg: ModelConfig) -> int:
+    if cfg.mla.enabled:
+        return _mla_params(cfg)
     h, hd = cfg.hidden_size, cfg.head_size
     q = h * cfg.num_heads * hd
     kv = 2 * h * cfg.num_kv_heads * hd

@@ -58,6 +58,7 @@ ARCH_KEYS = (
     "attention_out_bias",
     "attention_sinks",
     "layer_types",
+    "mla",  # multi-head latent attention (DeepSeek-V3): the whole section
     "shared_expert_intermediate_size",
     "shared_expert_gate",
 )

@@ -1,4 +1,5 @@
-"""Seven families from transformers (Mixtral, Mistral, OLMoE, Qwen2-MoE, Qwen3-MoE, GLM-4.5, gpt-oss): a tiny random model
+"""Eight families from transformers (Mixtral, Mistral, OLMoE, Qwen2-MoE, Qwen3-MoE, GLM-4.5, gpt-oss,
+DeepSeek-V3): a tiny random model
 saved with ``save_pretrained`` loads through ``model.init_from``'s path (config -> ours, weights checked
 by name, read per rank) and computes transformers' logits; exported back, transformers loads it as the
 same architecture with our logits, and greedy decoding agrees token for token."""
@@ -21,7 +22,7 @@ from moetrain.hf import from_hf_state_dict, hf_architecture, hf_model_from_state
 from moetrain.pretrained import load_pretrained, resolve_pretrained
 from moetrain.testing import HF_FAMILIES, assert_close_scaled, rounding_rel, tiny_hf_model
 
-FAMILIES = ["mixtral", "mistral", "olmoe", "qwen2_moe", "qwen3_moe", "glm4_moe", "gpt_oss"]
+FAMILIES = ["mixtral", "mistral", "olmoe", "qwen2_moe", "qwen3_moe", "glm4_moe", "gpt_oss", "deepseek_v3"]
 B, T, VOCAB = 2, 16, 512
 # Same function, other kernels (transformers' expert loop vs our grouped_mm, eager vs SDPA attention):
 # logits agree to rounding, 64 ulps of their scale (~7.6e-6 relative; they are O(1), so well under
@@ -141,6 +142,33 @@ def test_glm4_moe_options_matter(saved) -> None:
 
 
 @pytest.mark.numerics
+def test_deepseek_v3_options_matter(saved) -> None:
+    """Negative control for DeepSeek-V3's attention: plain (not interleaved) rotary pairs, or the
+    latent norms at the model's eps instead of 1e-6, or the group limits off, move the logits."""
+    folder, hf = saved["deepseek_v3"]
+    with torch.no_grad():
+        want = hf(_ids()).logits
+    scale = want.abs().max().item()
+
+    def each(m, fn):
+        for b in m.layers:
+            fn(b.attention)
+
+    # The tiny model's attention is near uniform (0.02-std weights, 8 rotary dims), so the rotary layout
+    # moves the logits less than the other options: still 160x the parity bound.
+    for change, margin in (
+        (lambda m: each(m, lambda a: setattr(a, "interleave", False)), 100),
+        (lambda m: each(m, lambda a: setattr(a.kv_a_layernorm, "eps", 0.5)), 1e3),
+        (lambda m: [setattr(x.router, "n_group", 1) for x in m.moe_layers], 1e3),
+    ):
+        ours, _ = load_ours(folder)
+        with torch.no_grad():
+            change(ours)
+            diff = (ours(_ids()).logits - want).abs().max().item()
+        assert diff > margin * LOGITS_REL * scale, diff
+
+
+@pytest.mark.numerics
 def test_gpt_oss_options_matter(saved) -> None:
     """Negative control for gpt-oss: without the sinks, with one window for all layers, with the clamp at
     7 (the fixture clamps at 0.1), with gate / up swapped (the interleaving) or without the experts'
@@ -177,7 +205,7 @@ def test_gpt_oss_options_matter(saved) -> None:
 
 
 @pytest.mark.numerics
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "glm4_moe", "gpt_oss"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "glm4_moe", "gpt_oss", "deepseek_v3"])
 def test_expert_parallel_rank_reads_its_slice_of_a_sharded_checkpoint(tmp_path: Path, family: str) -> None:
     """A checkpoint in several files (index.json): each ep rank holds exactly its experts."""
     tiny_hf_model(family, tmp_path, max_shard_size="20KB")

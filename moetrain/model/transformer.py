@@ -19,6 +19,7 @@ from moetrain.config import ModelConfig
 from moetrain.model.attention import Attention, KVCache
 from moetrain.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
 from moetrain.model.lm_loss import linear_cross_entropy
+from moetrain.model.mla import MultiHeadLatentAttention
 from moetrain.moe import (
     MoELayer,
     RouterStats,
@@ -45,18 +46,11 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.attention_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.attention = Attention(
-            cfg.hidden_size,
-            cfg.num_heads,
-            cfg.num_kv_heads,
-            cfg.head_size,
-            cfg.layer_window(layer_idx),
-            qk_norm=cfg.qk_norm,
-            bias=cfg.attention_bias,
-            norm_eps=cfg.norm_eps,
-            out_bias=cfg.attention_out_bias,
-            sinks=cfg.attention_sinks,
-        )
+        self.attention: nn.Module
+        if cfg.mla.enabled:  # multi-head latent attention (DeepSeek-V3)
+            self.attention = MultiHeadLatentAttention(cfg.hidden_size, cfg.num_heads, cfg.mla)
+        else:
+            self.attention = self._gqa(cfg, layer_idx)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.is_moe = cfg.is_moe_layer(layer_idx)
         if self.is_moe:
@@ -71,6 +65,21 @@ class Block(nn.Module):
             )
         else:
             self.ffn = SwiGLU(cfg.hidden_size, cfg.dense_ffn_size)
+
+    @staticmethod
+    def _gqa(cfg: ModelConfig, layer_idx: int) -> Attention:
+        return Attention(
+            cfg.hidden_size,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_size,
+            cfg.layer_window(layer_idx),
+            qk_norm=cfg.qk_norm,
+            bias=cfg.attention_bias,
+            norm_eps=cfg.norm_eps,
+            out_bias=cfg.attention_out_bias,
+            sinks=cfg.attention_sinks,
+        )
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache | None = None

@@ -86,6 +86,14 @@ HF_FAMILIES = {
         "routed_scaling_factor": 2.5, "n_shared_experts": 1, "first_k_dense_replace": 1,
         "norm_topk_prob": True, "use_qk_norm": True, "attention_bias": True, "num_nextn_predict_layers": 0,
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}}),
+    # DeepSeek-V3: the same router, multi-head latent attention with a q latent and interleaved rotary dims.
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", {
+        "num_hidden_layers": 3, "num_key_value_heads": 4, "intermediate_size": 64, "moe_intermediate_size": 24,
+        "n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 4, "topk_group": 2,
+        "routed_scaling_factor": 2.5, "n_shared_experts": 1, "first_k_dense_replace": 1, "norm_topk_prob": True,
+        "q_lora_rank": 24, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 12, "v_head_dim": 10,
+        "rope_interleave": True, "num_nextn_predict_layers": 0,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}),
     # gpt-oss (moetrain/hf_gpt_oss.py): sinks, sliding / full layers (window 4 < the tests' 16 tokens),
     # biases everywhere, clamped SwiGLU with interleaved gate / up; plain RoPE (YaRN: model.rope_scaling).
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", {
