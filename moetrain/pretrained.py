@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -271,6 +272,16 @@ def _entries(folder: Path):
                 yield path, name, tuple(f.get_slice(name).get_shape())
 
 
+def _mtp_layer(name: str, folder: Path, num_layers: int) -> bool:
+    """Whether ``name`` belongs to a multi-token-prediction module (DeepSeek-V3, GLM-4.5 store them as
+    layers num_layers.. of their config's num_nextn_predict_layers); they are not loaded, as in transformers."""
+    m = re.match(r"^model\.layers\.(\d+)\.", name)
+    if m is None or int(m.group(1)) < num_layers:
+        return False
+    config = json.loads((folder / "config.json").read_text())
+    return int(m.group(1)) < num_layers + int(config.get("num_nextn_predict_layers") or 0)
+
+
 def check_weights(model_cfg: ModelConfig, folder: Path, upcycle: bool = False) -> None:
     """Every tensor of the model is in the files with the right shape, and nothing else is there:
     one-line ``ConfigError`` naming the first tensor that is missing, unexpected or of the wrong
@@ -284,6 +295,8 @@ def check_weights(model_cfg: ModelConfig, folder: Path, upcycle: bool = False) -
     seen: set[str] = set()
     seen_experts: dict[str, set[int]] = {}
     for path, name, shape in _entries(folder):
+        if _mtp_layer(name, folder, model_cfg.num_layers):
+            continue
         where = f"{path.name}: {name}"
         spec = hf_key_spec(name, model_cfg)
         if spec is None:
@@ -362,6 +375,8 @@ def load_pretrained(
     for path in weight_files(folder):
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118
+                if _mtp_layer(name, folder, model.cfg.num_layers):
+                    continue
                 spec = hf_key_spec(name, model.cfg)
                 ours = spec.ours
                 if spec.part in hf_gpt_oss.PARTS:  # gpt-oss layouts and MXFP4: this rank's experts only

@@ -332,3 +332,21 @@ def test_from_hf_state_dict_accepts_in_memory_names(saved) -> None:
         mapped = from_hf_state_dict(hf.state_dict())
         for k, v in ours.state_dict().items():
             assert torch.equal(mapped[k], v), (family, k)
+
+
+def test_multi_token_prediction_layers_are_skipped(saved, tmp_path: Path) -> None:
+    """DeepSeek-V3 / GLM-4.5 checkpoints hold their MTP module as layer num_hidden_layers (with names of
+    its own); init_from skips it, as transformers does, and still refuses any other extra tensor."""
+    folder, _ = saved["deepseek_v3"]
+    state = load_file(str(folder / "model.safetensors"))
+    n = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
+    state[f"model.layers.{n}.eh_proj.weight"] = torch.zeros(4, 8)
+    state[f"model.layers.{n}.self_attn.kv_b_proj.weight"] = torch.zeros(4, 8)
+    config = json.loads((folder / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
+    save_file(state, str(tmp_path / "model.safetensors"))
+    ours, _ = load_ours(tmp_path)
+    assert len(ours.layers) == n
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 0}))
+    with pytest.raises(ConfigError, match=f"model.layers.{n}"):
+        load_ours(tmp_path)
