@@ -59,8 +59,7 @@ def _label_scopes(trainer) -> list[tuple[object, str, str]]:
     model = trainer.model
     targets: list[tuple[object, str, str]] = [
         (model.embed, "forward", "embed"),
-        (model.lm_head, "forward", "lm_head+loss"),  # only runs when logits are asked for
-        (transformer_module, "linear_cross_entropy", "lm_head+loss"),
+        (model.lm_head, "forward", "lm_head+loss"),  # LMHead: logits, or with labels the fused loss
         (transformer_module, "load_balancing_loss", "router_losses"),
         (transformer_module, "router_z_loss", "router_losses"),
         (trainer.engine, "step", "optimizer"),

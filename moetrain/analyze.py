@@ -261,6 +261,9 @@ def resolve_data_paths(data: Any, cwd: Path | None) -> Any:
     if data.name not in DATA_SOURCES + DATA_LOADERS:
         data.name = fix_if_local(data.name)
     data.tokenizer = fix_if_local(data.tokenizer)
+    for source in data.sources or []:  # data.name=mixture: each source's own files
+        if isinstance(source, dict) and source.get("data_files") is not None:
+            source["data_files"] = fix(source["data_files"])
     return data
 
 

@@ -7,6 +7,7 @@ one-line ``ConfigError`` naming the field, the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,18 +17,20 @@ EXPERT_IMPLS = ("auto", "grouped_mm", "loop")
 AUX_LOSS_TYPES = ("switch", "mixtral")
 AUX_LOSS_SCOPES = ("micro_batch", "global_batch")
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
-# The experts' activation: silu(gate) * up, or gpt-oss's clamp(gate) * sigmoid(alpha clamp(gate)) * (clamp(up) + 1).
-EXPERT_ACTIVATIONS = ("swiglu", "clamped_swiglu")
-# model.layer_types entries (transformers' names): a layer attends within model.sliding_window or to all.
-LAYER_TYPES = ("sliding_attention", "full_attention")
 HOST_ALLOCATORS = ("retain", "system")  # parallel.host_allocator (trainer/host_memory.py)
 # Normalisation of queries and keys before RoPE: none (Mixtral, Mistral, Qwen2-MoE), one RMSNorm over
 # the whole q / k projection (OLMoE), or one per head over head_dim (Qwen3, Qwen3-MoE).
 QK_NORMS = ("none", "full", "per_head")
 # data.name values that are not Hugging Face Hub datasets: ours, and the `datasets` loaders for
 # local files (data.data_files).
-DATA_SOURCES = ("builtin", "fixture")
+DATA_SOURCES = ("builtin", "fixture", "mixture", "tokens")
 DATA_LOADERS = ("json", "text", "parquet", "csv", "arrow")
+# data.on_exhausted: a mixture source (or the single source) that has been read once is read again in
+# a new order (repeat) or ends the run with a checkpoint (stop).
+ON_EXHAUSTED = ("repeat", "stop")
+# data.token_dtype for headerless token files (.bin, OLMo-style raw .npy); .npy with a header and
+# Megatron .bin with an .idx carry their own.
+TOKEN_DTYPES = ("uint16", "uint32", "int32", "int64", "uint8")
 # How data.name=text cuts files into documents (blank-line separated paragraphs by default).
 TEXT_SPLITS = ("line", "paragraph", "file")
 # Common names for a loader's file type that are not loader names themselves.
@@ -68,12 +71,11 @@ class MoEConfig:
     # after every optimizer step, from the step's global loads. 0 = off (no bias in the model).
     bias_update_rate: float = 0.0
     seq_aux_loss_weight: float = 0.0  # DeepSeek-V3 sequence-wise balance loss weight (alpha); 0 = off
-    # Group-limited routing (DeepSeek-V3 node-limited routing; GLM-4.5): the experts form n_group equal
-    # groups; each token keeps the topk_group groups whose two best (bias-corrected) scores sum highest,
-    # then picks top_k experts inside them. n_group=1: plain top-k.
+    # Group-limited routing (DeepSeek-V3, GLM-4.5): experts in n_group groups, each token chooses within
+    # its topk_group best groups (by the sum of each group's two best scores). 1 / 1 = off.
     n_group: int = 1
     topk_group: int = 1
-    routed_scaling_factor: float = 1.0  # the routed experts' combine weights x this (DeepSeek-V3: 2.5)
+    routed_scaling_factor: float = 1.0  # multiplies the combine weights (DeepSeek-V3: 2.5)
     # Hold the expert-selection bias even with bias_update_rate=0 (a checkpoint's e_score_correction_bias,
     # kept as it is while fine-tuning); bias_update_rate > 0 implies it.
     selection_bias: bool = False
@@ -130,25 +132,13 @@ class MoEConfig:
             self.seq_aux_loss_weight,
             "must be >= 0",
         )
+        _require(self.n_group >= 1, f"{prefix}.n_group", self.n_group, "must be >= 1 (1 = no groups)")
         _require(
-            isinstance(self.n_group, int) and self.n_group >= 1,
-            f"{prefix}.n_group",
-            self.n_group,
-            "must be a positive integer (1 = no group-limited routing)",
-        )
-        _require(
-            isinstance(self.topk_group, int) and 1 <= self.topk_group <= self.n_group,
+            1 <= self.topk_group <= self.n_group,
             f"{prefix}.topk_group",
             self.topk_group,
             f"must be between 1 and n_group={self.n_group}",
         )
-        _require(
-            self.expert_activation in EXPERT_ACTIVATIONS,
-            f"{prefix}.expert_activation",
-            self.expert_activation,
-            f"one of {', '.join(EXPERT_ACTIVATIONS)}",
-        )
-        _require(self.swiglu_limit > 0, f"{prefix}.swiglu_limit", self.swiglu_limit, "must be > 0")
         _require(
             self.routed_scaling_factor > 0,
             f"{prefix}.routed_scaling_factor",
@@ -159,7 +149,8 @@ class MoEConfig:
 
 @dataclass
 class MLAConfig:
-    """Multi-head latent attention (DeepSeek-V2/V3, moetrain/model/mla.py); off while kv_lora_rank is 0."""
+    """Multi-head latent attention (DeepSeek-V2/V3, moetrain/model/mla.py); off while kv_lora_rank is 0.
+    Checked by moetrain/config_families.py."""
 
     kv_lora_rank: int = 0  # keys and values from one compressed latent of this size (0: GQA attention)
     q_lora_rank: int | None = None  # queries through a low-rank latent too (None: a full q projection)
@@ -172,26 +163,34 @@ class MLAConfig:
     def enabled(self) -> bool:
         return self.kv_lora_rank > 0
 
-    def validate(self, prefix: str = "model.mla") -> None:
-        if not self.enabled:
-            _require(
-                self.kv_lora_rank == 0, f"{prefix}.kv_lora_rank", self.kv_lora_rank, "must be >= 0 (0 = off)"
-            )
-            return
-        for name in ("qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"):
-            v = getattr(self, name)
-            _require(isinstance(v, int) and v > 0, f"{prefix}.{name}", v, "must be a positive integer")
+
+LORA_TARGETS = ("attention", "experts", "shared_expert", "router")
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA fine-tuning (moetrain/model/lora.py): the base frozen, adapters trained. rank 0 = off."""
+
+    rank: int = 0
+    alpha: float = 16.0  # the adapters' output is scaled by alpha / rank
+    dropout: float = 0.0  # on the adapters' input only
+    targets: list[str] = field(default_factory=lambda: ["attention", "experts"])
+
+    def validate(self, prefix: str = "model.lora") -> None:
         _require(
-            self.qk_rope_head_dim % 2 == 0,
-            f"{prefix}.qk_rope_head_dim",
-            self.qk_rope_head_dim,
-            "must be even",
+            type(self.rank) is int and self.rank >= 0,
+            f"{prefix}.rank",
+            self.rank,
+            "an integer >= 0 (0 = off)",
         )
+        _require(self.alpha > 0, f"{prefix}.alpha", self.alpha, "must be > 0")
+        _require(0 <= self.dropout < 1, f"{prefix}.dropout", self.dropout, "must be in [0, 1)")
+        bad = [t for t in self.targets if t not in LORA_TARGETS]
         _require(
-            self.q_lora_rank is None or self.q_lora_rank > 0,
-            f"{prefix}.q_lora_rank",
-            self.q_lora_rank,
-            "a positive integer or null (a full q projection)",
+            bool(self.targets) and not bad,
+            f"{prefix}.targets",
+            list(self.targets),
+            f"a non-empty list of {LORA_TARGETS}",
         )
 
 
@@ -211,6 +210,9 @@ class ModelConfig:
     moe_every: int = 1  # layer i is MoE iff num_experts > 0 and (i + 1) % moe_every == 0
     max_seq_len: int = 512
     rope_theta: float = 10000.0
+    # null = plain RoPE, or {rope_type: linear | dynamic | llama3 | yarn, <its fields>} named as in
+    # transformers' rope_parameters (moetrain/model/rope.py lists them).
+    rope_scaling: dict[str, Any] | None = None
     # RoPE on the first partial_rotary_factor * head_dim dims of each head, the rest unrotated (GLM-4.5: 0.5).
     partial_rotary_factor: float = 1.0
     sliding_window: int | None = None
@@ -243,6 +245,7 @@ class ModelConfig:
     # the same up to floating-point summation order. Not a shape: a resume may change it.
     loss_chunk_tokens: int | None = None
     moe: MoEConfig = field(default_factory=MoEConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     mla: MLAConfig = field(default_factory=MLAConfig)  # multi-head latent attention instead of GQA
 
     @property
@@ -277,30 +280,6 @@ class ModelConfig:
     @property
     def moe_layer_ids(self) -> list[int]:
         return [i for i in range(self.num_layers) if self.is_moe_layer(i)]
-
-    def _validate_groups(self, prefix: str) -> None:
-        n_group, topk_group = self.moe.n_group, self.moe.topk_group
-        if n_group == 1:
-            return
-        _require(
-            self.num_experts % n_group == 0,
-            f"{prefix}.moe.n_group",
-            n_group,
-            f"must divide num_experts={self.num_experts}",
-        )
-        per_group = self.num_experts // n_group
-        _require(
-            per_group >= 2,
-            f"{prefix}.moe.n_group",
-            n_group,
-            f"leaves {per_group} expert per group; groups are ranked by their two best scores (>= 2 per group)",
-        )
-        _require(
-            topk_group * per_group >= self.top_k,
-            f"{prefix}.moe.topk_group",
-            topk_group,
-            f"keeps {topk_group * per_group} experts, fewer than top_k={self.top_k}",
-        )
 
     def validate(self, prefix: str = "model") -> None:
         for name in (
@@ -348,7 +327,20 @@ class ModelConfig:
                 self.top_k,
                 f"must be between 1 and num_experts={self.num_experts}",
             )
-            self._validate_groups(prefix)
+            g = self.moe.n_group
+            if g > 1:
+                _require(
+                    self.num_experts % g == 0 and self.num_experts // g >= 2,
+                    f"{prefix}.moe.n_group",
+                    g,
+                    f"must divide num_experts={self.num_experts} into groups of >= 2 experts",
+                )
+                _require(
+                    self.top_k <= self.moe.topk_group * (self.num_experts // g),
+                    f"{prefix}.top_k",
+                    self.top_k,
+                    f"must be <= topk_group x experts per group = {self.moe.topk_group * (self.num_experts // g)}",
+                )
         if self.dense_ffn_hidden_size is not None:
             _require(
                 self.dense_ffn_hidden_size > 0,
@@ -361,30 +353,12 @@ class ModelConfig:
                 self.sliding_window > 0, f"{prefix}.sliding_window", self.sliding_window, "positive or null"
             )
         _require(self.rope_theta > 0, f"{prefix}.rope_theta", self.rope_theta, "must be > 0")
-        _require(
-            0 < self.partial_rotary_factor <= 1 and self.rotary_dim >= 2 and self.rotary_dim % 2 == 0,
-            f"{prefix}.partial_rotary_factor",
-            self.partial_rotary_factor,
-            f"must be in (0, 1] and rotate an even number of the head's {self.head_size} dims",
-        )
+        if self.rope_scaling is not None:
+            from moetrain.model.rope import validate_rope_scaling
+
+            validate_rope_scaling(self.rope_scaling, f"{prefix}.rope_scaling")
         _require(self.init_std > 0, f"{prefix}.init_std", self.init_std, "must be > 0")
         _require(self.qk_norm in QK_NORMS, f"{prefix}.qk_norm", self.qk_norm, f"one of {', '.join(QK_NORMS)}")
-        types = self.layer_types
-        _require(
-            isinstance(types, (list, tuple))
-            and (not types or len(types) == self.num_layers)
-            and all(t in LAYER_TYPES for t in types),
-            f"{prefix}.layer_types",
-            types,
-            f"empty or one of {', '.join(LAYER_TYPES)} per layer ({self.num_layers})",
-        )
-        if any(t == "sliding_attention" for t in types):
-            _require(
-                self.sliding_window is not None,
-                f"{prefix}.sliding_window",
-                self.sliding_window,
-                "must be set: model.layer_types has sliding_attention layers",
-            )
         layers = self.mlp_only_layers
         _require(
             isinstance(layers, (list, tuple))
@@ -429,14 +403,10 @@ class ModelConfig:
             "must be >= 0 (0 = exact copies)",
         )
         self.moe.validate(f"{prefix}.moe")
-        self.mla.validate(f"{prefix}.mla")
-        if self.mla.enabled:
-            _require(
-                self.qk_norm == "none" and not self.attention_sinks and not self.attention_out_bias,
-                f"{prefix}.mla.kv_lora_rank",
-                self.mla.kv_lora_rank,
-                "MLA has no QK-norm, attention sinks or output bias here: turn those off",
-            )
+        self.lora.validate(f"{prefix}.lora")
+        from moetrain.config_families import validate_family_options
+
+        validate_family_options(self, prefix)  # gpt-oss / DeepSeek-V3 / GLM-4.5 options
 
 
 @dataclass
@@ -455,6 +425,17 @@ class DataConfig:
     vocab_size: int = 8192  # of the builtin BPE
     data_dir: str | None = None  # None: $MOETRAIN_DATA_DIR or ~/.cache/moetrain
     max_documents: int | None = None  # cap on documents (quick experiments)
+    # data.name=mixture: a list of sources, each a mapping of the fields above (name, data_files,
+    # text_field, ...) plus weight (> 0, normalised) and domain (a unique name; metrics use it).
+    sources: list[Any] | None = None
+    on_exhausted: str = "repeat"  # repeat | stop (see ON_EXHAUSTED)
+    # Attention stays inside each EOS-terminated document of a packed block; positions restart at 0.
+    document_masking: bool = False
+    token_dtype: str | None = None  # data.name=tokens, headerless files only
+    weight: float = 1.0  # as a mixture source
+    domain: str | None = None  # as a mixture source (default: the source's name)
+    # Keep only the documents whose domain_field value is this (e.g. one domain of the builtin corpus).
+    select_domain: str | None = None
 
     def validate(self, prefix: str = "data") -> None:
         _require(bool(self.name), f"{prefix}.name", self.name, "must name a dataset ('builtin', 'json', ...)")
@@ -485,6 +466,77 @@ class DataConfig:
             self.vocab_size,
             "must be >= 300 (bytes + specials)",
         )
+        _require(
+            self.on_exhausted in ON_EXHAUSTED,
+            f"{prefix}.on_exhausted",
+            self.on_exhausted,
+            f"one of {', '.join(ON_EXHAUSTED)}",
+        )
+        _require(
+            self.token_dtype is None or self.token_dtype in TOKEN_DTYPES,
+            f"{prefix}.token_dtype",
+            self.token_dtype,
+            f"null (from the file) or one of {', '.join(TOKEN_DTYPES)}",
+        )
+        _require(
+            isinstance(self.weight, (int, float)) and self.weight > 0 and math.isfinite(self.weight),
+            f"{prefix}.weight",
+            self.weight,
+            "must be a positive number (a mixture source's share, normalised over the sources)",
+        )
+        if self.name == "tokens" and self.data_files is None:
+            raise ConfigError(
+                f"{prefix}.name=tokens needs {prefix}.data_files: token files (.npy, .bin), a glob, a "
+                "list, {train: ..., validation: ...} or a folder written by python -m moetrain.data.prepare"
+            )
+        if self.name == "mixture":
+            self.mixture_sources(prefix)
+        elif self.sources is not None:
+            raise ConfigError(
+                f"{prefix}.sources is set but {prefix}.name={self.name!r}: use {prefix}.name=mixture "
+                f"to train on the sources, or remove {prefix}.sources"
+            )
+
+    # Fields a mixture source takes from the mixture itself (one tokenizer, one block length).
+    SHARED_FIELDS = ("seq_len", "tokenizer", "vocab_size", "data_dir", "document_masking", "on_exhausted")
+
+    def mixture_sources(self, prefix: str = "data") -> list[DataConfig]:
+        """``data.sources`` as validated configs: each source's own fields, the shared ones from the
+        mixture, ``domain`` defaulting to the source's name. One-line errors name the source."""
+        if not isinstance(self.sources, (list, tuple)) or not self.sources:
+            raise ConfigError(
+                f"{prefix}.name=mixture needs {prefix}.sources: a non-empty list of sources, e.g. "
+                f"[{{name: json, data_files: a.jsonl, weight: 0.7, domain: web}}, ...]"
+            )
+        shared = {k: getattr(self, k) for k in self.SHARED_FIELDS}
+        out: list[DataConfig] = []
+        for i, raw in enumerate(self.sources):
+            where = f"{prefix}.sources[{i}]"
+            if not isinstance(raw, dict):
+                raise ConfigError(f"{where} must be a mapping with name, weight, domain, ... (got {raw!r})")
+            for key in self.SHARED_FIELDS:
+                if key in raw and raw[key] != shared[key]:
+                    raise ConfigError(
+                        f"{where}.{key} is invalid: every source shares the mixture's {prefix}.{key} "
+                        f"({shared[key]!r}); set it on {prefix} instead"
+                    )
+            if raw.get("name") in ("mixture", None) or "sources" in raw:
+                raise ConfigError(f"{where}.name={raw.get('name')!r} is invalid: a source is not a mixture")
+            if "weight" not in raw:
+                raise ConfigError(f"{where}.weight is missing: give each source a positive weight")
+            src = _build(DataConfig, {**raw, **shared}, where)
+            src.validate(where)
+            if src.domain is None:
+                src.domain = os.path.basename(str(src.name).rstrip("/")) or f"source{i}"
+            out.append(src)
+        domains = [s.domain for s in out]
+        dupes = sorted({d for d in domains if domains.count(d) > 1})
+        if dupes:
+            raise ConfigError(
+                f"{prefix}.sources: domain {dupes[0]!r} is used by more than one source; give each "
+                "source its own domain (metrics are logged per domain)"
+            )
+        return out
 
 
 def _edit_distance_at_most_one(a: str, b: str) -> bool:
@@ -554,7 +606,10 @@ class OptimConfig:
 @dataclass
 class ParallelConfig:
     ep_size: int = 1
+    # 3 partitions the weights too (experts over their expert-data-parallel group), docs/EXPERT_PARALLEL.md
     zero_stage: int = 0
+    # ZeRO 1-3: fp32 master weights and AdamW state in host memory, stepped there (DeepSpeed ZeRO-Offload)
+    offload_optimizer: bool = False
     dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     activation_checkpointing: bool = False
     # torch.compile each transformer block (inductor; experts and token exchange stay eager). Needs a
@@ -569,7 +624,21 @@ class ParallelConfig:
 
     def validate(self, prefix: str = "parallel") -> None:
         _require(self.ep_size >= 1, f"{prefix}.ep_size", self.ep_size, "must be >= 1")
-        _require(self.zero_stage in (0, 1, 2), f"{prefix}.zero_stage", self.zero_stage, "one of 0, 1, 2")
+        _require(
+            self.zero_stage in (0, 1, 2, 3), f"{prefix}.zero_stage", self.zero_stage, "one of 0, 1, 2, 3"
+        )
+        _require(
+            not self.offload_optimizer or self.zero_stage >= 1,
+            f"{prefix}.offload_optimizer",
+            self.offload_optimizer,
+            "needs parallel.zero_stage=1, 2 or 3 (ZeRO-0 keeps no partition to offload)",
+        )
+        _require(
+            not (self.compile and self.zero_stage == 3),
+            f"{prefix}.compile",
+            self.compile,
+            "not supported with parallel.zero_stage=3 (ZeRO-3 gathers weights in module hooks); use 0, 1 or 2",
+        )
         _require(
             self.dtype in ("auto", "fp32", "bf16"), f"{prefix}.dtype", self.dtype, "one of auto, fp32, bf16"
         )
@@ -634,6 +703,15 @@ class TrainerConfig:
     on_nonfinite: str = "skip"
     max_skipped_steps: int = 3  # more skips than this within skip_window steps = diverged: stop
     skip_window: int = 100
+    # Older checkpoints hold pickles; only the restricted unpickler reads them unless this is true
+    # (for a checkpoint you made yourself: a pickle can run code). New checkpoints hold none.
+    trust_checkpoint_code: bool = False
+    async_checkpoint: bool = True  # a save blocks only while staging to host memory; files in background
+    on_save_error: str = (
+        "stop"  # stop (one line, latest intact) | continue (retry at the next checkpoint step)
+    )
+    max_failed_saves: int = 3  # continue: stop after this many failed saves in a row
+    force_unlock: bool = False  # take the run-dir lock even if another process holds it
 
     def validate(self, prefix: str = "trainer") -> None:
         _require(self.max_steps > 0, f"{prefix}.max_steps", self.max_steps, "must be > 0")
@@ -666,6 +744,13 @@ class TrainerConfig:
         )
         _require(self.max_skipped_steps >= 0, f"{prefix}.max_skipped_steps", self.max_skipped_steps, ">= 0")
         _require(self.skip_window >= 1, f"{prefix}.skip_window", self.skip_window, ">= 1")
+        _require(
+            self.on_save_error in ("continue", "stop"),
+            f"{prefix}.on_save_error",
+            self.on_save_error,
+            "continue | stop",
+        )
+        _require(self.max_failed_saves >= 1, f"{prefix}.max_failed_saves", self.max_failed_saves, ">= 1")
 
 
 @dataclass
@@ -757,6 +842,18 @@ def _check_type(value: Any, annotation: Any, where: str) -> Any:
     return (
         float(value) if "float" in options and "int" not in options and not isinstance(value, bool) else value
     )
+
+
+def training_dtype(name: str) -> str:
+    """``fp32`` or ``bf16`` for ``parallel.dtype``: ``auto`` is bf16 on a CUDA device that supports it,
+    fp32 otherwise. The one rule, used by the trainer (trainer/engine.py) and by plan."""
+    if name in ("fp32", "bf16"):
+        return name
+    if name != "auto":
+        raise ConfigError(f"parallel.dtype={name!r} is invalid: one of auto, fp32, bf16")
+    import torch
+
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
 
 
 def check_world_size(parallel: ParallelConfig, world_size: int, *, module: str = "moetrain.train") -> None:

@@ -34,8 +34,8 @@ from typing import Any
 import torch
 import yaml
 
-from moetrain.checkpoint import read_model_config, resolve_checkpoint
-from moetrain.checkpoint.model_file import MODEL_FILE, TOKENIZER_DIR
+from moetrain.checkpoint import read_model_config, read_model_state, resolve_checkpoint
+from moetrain.checkpoint.model_file import TOKENIZER_DIR
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -49,7 +49,7 @@ def _load_tokenizer(folder: Path) -> Any | None:
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(folder / TOKENIZER_DIR))
+    return AutoTokenizer.from_pretrained(str(folder / TOKENIZER_DIR), trust_remote_code=False)
 
 
 def prepare_tokenizer(tokenizer: Any, max_seq_len: int) -> Any:
@@ -125,6 +125,24 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
 BIAS_SUFFIX = ".ffn.router.expert_bias"
 
 
+def _honour_ties(model_cfg: Any, state: dict[str, torch.Tensor], folder: Path) -> Any:
+    """A tied model's file holds the embedding once and the export ties it (``tie_word_embeddings``).
+    A file that holds its own, different head though the config ties it (written while the tie was
+    lost, before 2026-12-05) was trained untied: exported untied, with a warning, so its logits stay."""
+    from moetrain.model.transformer import declared_ties, untied_in_state
+
+    broken = untied_in_state(state, declared_ties(model_cfg))
+    if not broken:
+        return model_cfg
+    warnings.warn(
+        f"{folder}: {broken[0]} differs from the tensor it is tied to (written while the tie was "
+        "lost): exported untied (tie_word_embeddings=false), as it was trained",
+        UserWarning,
+        stacklevel=3,
+    )
+    return dataclasses.replace(model_cfg, tie_embeddings=False)
+
+
 def export(
     checkpoint: str | Path,
     out_dir: str | Path,
@@ -132,15 +150,17 @@ def export(
     force: bool = False,
     dtype: str | None = None,
     drop_expert_bias: bool = False,
+    adapter: bool = False,
 ) -> dict[str, Any]:
     """Write the transformers folder for ``checkpoint`` to ``out_dir``; return a summary dict.
 
     ``dtype`` (fp32 | bf16 | fp16) casts the weights; None keeps the checkpoint's dtype.
     ``drop_expert_bias`` exports a model trained with aux-loss-free balancing without its
     expert-selection bias (a warning says so: the exported routing differs); without it such a
-    checkpoint is refused.
+    checkpoint is refused. A LoRA checkpoint (``model.lora.rank`` > 0) is merged into its base (the
+    base it refers to is checked first); ``adapter`` writes a PEFT adapter folder instead
+    (moetrain/peft_adapter.py).
     """
-    from safetensors.torch import load_file
     from transformers import GenerationConfig
 
     from moetrain.hf import hf_architecture, hf_model_from_state
@@ -160,7 +180,22 @@ def export(
             model_cfg, moe=dataclasses.replace(model_cfg.moe, bias_update_rate=0.0, selection_bias=False)
         )
     arch = hf_architecture(model_cfg)  # refuses what transformers cannot hold, before any heavy work
-    state = load_file(str(folder / MODEL_FILE))
+    state = read_model_state(folder)
+    if adapter and not model_cfg.lora.rank:
+        raise ExportError(
+            f"--adapter: {folder} is not a LoRA checkpoint (model.lora.rank=0); export it without --adapter"
+        )
+    if model_cfg.lora.rank:
+        return _export_lora(
+            folder,
+            out_dir,
+            model_cfg,
+            state,
+            force=force,
+            dtype=dtype,
+            adapter=adapter,
+            drop_expert_bias=drop_expert_bias,
+        )
     if dropping_bias:
         biases = {k: state.pop(k) for k in [k for k in state if k.endswith(BIAS_SUFFIX)]}
         largest = max((float(b.abs().max()) for b in biases.values()), default=0.0)
@@ -170,6 +205,7 @@ def export(
             "logits differ from the trained model's",
             stacklevel=2,
         )
+    model_cfg = _honour_ties(model_cfg, state, folder)
     if dtype is not None:
         state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
     tokenizer = _load_tokenizer(folder)
@@ -209,6 +245,66 @@ def export(
     }
 
 
+def _export_lora(
+    folder: Path,
+    out_dir: Path,
+    model_cfg: Any,
+    adapters: dict[str, torch.Tensor],
+    *,
+    force: bool,
+    dtype: str | None,
+    adapter: bool,
+    drop_expert_bias: bool,
+) -> dict[str, Any]:
+    """A LoRA checkpoint: its adapters merged into the base it refers to (written as any checkpoint
+    is), or with ``adapter`` a PEFT adapter folder for that base."""
+    from moetrain.checkpoint.base_ref import KEY, base_state, check_base
+    from moetrain.checkpoint.manager import read_trainer_state
+    from moetrain.config import LoRAConfig
+    from moetrain.model.lora import merge_lora
+
+    ref = read_trainer_state(folder).get(KEY)
+    if not ref:
+        raise ExportError(
+            f"{folder} is a LoRA checkpoint without a base reference ({KEY} in trainer_state.json)"
+        )
+    check_base(ref, folder)
+    base = base_state(ref, model_cfg)
+    if adapter:
+        if "path" not in ref:
+            raise ExportError(
+                "--adapter needs a transformers base folder (model.init_from); this run's base is a random "
+                "init: export the merged model instead (without --adapter)"
+            )
+        from moetrain.peft_adapter import write_peft_adapter
+
+        tmp = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.tmp-", dir=out_dir.parent))
+        try:
+            info = write_peft_adapter(model_cfg, base, adapters, tmp, ref["path"])
+            _normal_modes(tmp)
+            _check_out_dir(out_dir, force)
+            _move_into_place(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return {"checkpoint": str(folder), "out_dir": str(out_dir), "adapter": True, **info}
+    merged = merge_lora({**base, **adapters}, model_cfg.lora)
+    merged_dir = Path(tempfile.mkdtemp(prefix="moetrain-lora-merged-"))
+    try:  # a plain checkpoint folder of the merged weights, exported as every checkpoint is
+        from moetrain.checkpoint.model_file import read_config, save_model_file
+        from moetrain.config import to_dict
+
+        config = read_config(folder)
+        config["model"] = to_dict(dataclasses.replace(model_cfg, lora=LoRAConfig()))
+        save_model_file(merged, merged_dir, config)
+        if (folder / TOKENIZER_DIR).is_dir():
+            shutil.copytree(folder / TOKENIZER_DIR, merged_dir / TOKENIZER_DIR)
+        summary = export(merged_dir, out_dir, force=force, dtype=dtype, drop_expert_bias=drop_expert_bias)
+    finally:
+        shutil.rmtree(merged_dir, ignore_errors=True)
+    return {**summary, "checkpoint": str(folder), "merged_lora": True}
+
+
 def _first_line(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
     return lines[0] if lines else type(e).__name__
@@ -232,6 +328,11 @@ def main(argv: list[str] | None = None) -> int:
         help="export a model trained with aux-loss-free balancing without its expert-selection bias "
         "(transformers' MoEs have none; the exported routing then differs, and a warning says so)",
     )
+    parser.add_argument(
+        "--adapter",
+        action="store_true",
+        help="a LoRA run: write a PEFT adapter folder for its base model instead of merged weights",
+    )
     args = parser.parse_args(argv)
     from transformers.utils import logging as hf_logging
 
@@ -245,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                 force=args.force,
                 dtype=args.dtype,
                 drop_expert_bias=args.drop_expert_bias,
+                adapter=args.adapter,
             )
         for w in caught:
             if w.filename.endswith(("moetrain/hf.py", "moetrain/export.py")):
@@ -254,6 +356,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, yaml.YAMLError) as e:  # ConfigError / CheckpointError are ValueErrors
         print(f"error: {_first_line(e)}", file=sys.stderr)
         return 2
+    if summary.get("adapter"):
+        print(
+            f"exported {summary['checkpoint']} -> {summary['out_dir']} (PEFT LoRA adapter, rank "
+            f"{summary['rank']}, {summary['modules']} adapted weights; load with "
+            "peft.PeftModel.from_pretrained(base, OUT))"
+        )
+        return 0
     experts = f"{summary['num_experts']} experts top-{summary['top_k']}, " if summary["num_experts"] else ""
     print(
         f"exported {summary['checkpoint']} -> {summary['out_dir']} ({summary['architecture']}, "

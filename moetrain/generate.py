@@ -167,8 +167,13 @@ def generate_text(
     if is_hf_folder(path):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-        model = AutoModelForCausalLM.from_pretrained(str(path)).to(dev).eval()
+        # Never code or pickles from the folder: no remote code, safetensors weights only.
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        model = (
+            AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=False, use_safetensors=True)
+            .to(dev)
+            .eval()
+        )
         ids = torch.tensor([encode_prompt(tokenizer, prompt)], device=dev)
         eos = None if ignore_eos else model.generation_config.eos_token_id
         pad = model.generation_config.pad_token_id

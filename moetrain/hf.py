@@ -36,7 +36,7 @@ Which class a model exports to follows from its options (``hf_architecture``); w
 express is refused with a one-line ``ValueError``: dense layers between Mixtral/OLMoE MoE layers,
 un-renormalised top-k in Mixtral, sigmoid router scores, the aux-loss-free expert-selection bias
 (``moetrain.export --drop-expert-bias`` exports without it, with a warning). On import: activations
-other than SiLU, scaled RoPE variants, and family options we do not implement (OLMoE's clip_qkv,
+other than SiLU, RoPE scalings other than linear / dynamic / llama3 / yarn (model/rope.py), and family options we do not implement (OLMoE's clip_qkv,
 Qwen's per-layer sliding windows, biases on the output projection).
 """
 
@@ -51,6 +51,7 @@ import torch
 
 from moetrain import hf_deepseek, hf_gpt_oss
 from moetrain.config import ModelConfig, MoEConfig
+from moetrain.model.rope import rope_parameters_for_hf, rope_scaling_from_hf
 
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -100,8 +101,9 @@ def _check_router(cfg: ModelConfig, arch: str) -> None:
         )
     if cfg.moe.n_group > 1 or cfg.moe.routed_scaling_factor != 1.0:
         _refuse(
-            f"transformers' {arch} has no group-limited routing or routed scaling; this model has "
-            f"model.moe.n_group={cfg.moe.n_group}, routed_scaling_factor={cfg.moe.routed_scaling_factor}"
+            f"transformers' {arch} has no group-limited routing nor routed_scaling_factor; this model uses "
+            f"model.moe.n_group={cfg.moe.n_group}, routed_scaling_factor={cfg.moe.routed_scaling_factor}, so its "
+            "exported routing and logits would differ"
         )
     if cfg.moe.bias_update_rate > 0 or cfg.moe.selection_bias:
         _refuse(
@@ -200,7 +202,7 @@ def _common_config(cfg: ModelConfig, tokenizer: Any | None) -> dict[str, Any]:
         "max_position_embeddings": cfg.max_seq_len,
         "initializer_range": cfg.init_std,
         "rms_norm_eps": cfg.norm_eps,
-        "rope_parameters": {"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
+        "rope_parameters": rope_parameters_for_hf(cfg.rope_theta, cfg.rope_scaling),
         "sliding_window": cfg.sliding_window,
         "tie_word_embeddings": cfg.tie_embeddings,
         "attention_dropout": 0.0,
@@ -388,8 +390,7 @@ def from_hf_config(hf_config: Any) -> ModelConfig:
     if getattr(hf_config, "hidden_act", "silu") != "silu":
         _unsupported(hf_config, f"hidden_act={hf_config.hidden_act!r} (only 'silu')")
     rope = dict(getattr(hf_config, "rope_parameters", None) or {})
-    if rope.get("rope_type", "default") != "default":
-        _unsupported(hf_config, f"rope_type={rope['rope_type']!r} (only 'default' RoPE)")
+    rope_scaling = rope_scaling_from_hf(rope, t)
     theta = rope.get("rope_theta", getattr(hf_config, "rope_theta", None) or hf_config.default_theta)
     head_dim = getattr(hf_config, "head_dim", None)
     if head_dim == hf_config.hidden_size // hf_config.num_attention_heads:
@@ -451,6 +452,7 @@ def from_hf_config(hf_config: Any) -> ModelConfig:
         top_k=top_k,
         max_seq_len=hf_config.max_position_embeddings,
         rope_theta=float(theta),
+        rope_scaling=rope_scaling,
         sliding_window=window,
         norm_eps=hf_config.rms_norm_eps,
         tie_embeddings=bool(hf_config.tie_word_embeddings),

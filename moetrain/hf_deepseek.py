@@ -13,6 +13,7 @@ What they add to the decoder of moetrain/hf.py, as model options:
     first_k_dense_replace = k         mlp_only_layers = [0, ..., k-1] (dense FFN of intermediate_size)
     use_qk_norm (GLM)                 qk_norm=per_head
     partial_rotary_factor (GLM)       partial_rotary_factor
+    rope_parameters (yarn: DeepSeek-V3) rope_scaling (moetrain/model/rope.py; MLA: mscale_all_dim scales the softmax)
     attention_bias (GLM: q, k, v)     attention_bias
 
 Tensor names beyond hf.py's mapping (in memory and on disk):
@@ -33,6 +34,7 @@ import warnings
 from typing import Any
 
 from moetrain.config import MLAConfig, ModelConfig, MoEConfig
+from moetrain.model.rope import rope_parameters_for_hf, rope_scaling_from_hf
 
 DEEPSEEK_FAMILIES = ("glm4_moe", "deepseek_v3")
 MLA_MODULES = ("q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj")
@@ -115,7 +117,7 @@ def to_hf_config(cfg: ModelConfig, tokenizer: Any | None = None):
             UserWarning,
             stacklevel=3,
         )
-    rope = {"rope_type": "default", "rope_theta": float(cfg.rope_theta)}
+    rope = rope_parameters_for_hf(cfg.rope_theta, cfg.rope_scaling)
     common = dict(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,
@@ -170,8 +172,8 @@ def from_hf_config(hf_config: Any) -> ModelConfig:
     if getattr(hf_config, "hidden_act", "silu") != "silu":
         raise ValueError(f"{t}: hidden_act={hf_config.hidden_act!r} is not supported (only 'silu')")
     rope = dict(getattr(hf_config, "rope_parameters", None) or {})
-    if rope.get("rope_type", "default") != "default":
-        raise ValueError(f"{t}: rope_type={rope['rope_type']!r} is not supported (only 'default' RoPE)")
+    partial_rotary_factor = float(rope.pop("partial_rotary_factor", 1.0))  # ours: a model option (GLM)
+    rope_scaling = rope_scaling_from_hf(rope, t)  # DeepSeek-V3's long-context checkpoints: YaRN
     head_dim = getattr(hf_config, "head_dim", None)
     if head_dim == hf_config.hidden_size // hf_config.num_attention_heads:
         head_dim = None
@@ -217,7 +219,8 @@ def from_hf_config(hf_config: Any) -> ModelConfig:
         mlp_only_layers=list(range(min(k_dense, hf_config.num_hidden_layers))),
         max_seq_len=hf_config.max_position_embeddings,
         rope_theta=float(rope.get("rope_theta", 10000.0)),
-        partial_rotary_factor=float(rope.get("partial_rotary_factor", 1.0)),
+        rope_scaling=rope_scaling,
+        partial_rotary_factor=partial_rotary_factor,
         norm_eps=hf_config.rms_norm_eps,
         tie_embeddings=bool(hf_config.tie_word_embeddings),
         init_std=hf_config.initializer_range,

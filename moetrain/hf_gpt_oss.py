@@ -6,6 +6,7 @@ What gpt-oss adds to the decoder of moetrain/hf.py, as model options:
     attention_bias (q, k, v and o)      attention_bias, attention_out_bias
     self_attn.sinks                     attention_sinks (a learned sink logit per head)
     layer_types, sliding_window         layer_types, sliding_window
+    rope_parameters (yarn)              rope_scaling (moetrain/model/rope.py)
     router bias; softmax of the top-k   moe.router_bias; softmax + normalize_top_k (the same weights)
     expert biases                       moe.expert_proj_bias
     swiglu_alpha, swiglu_limit          moe.expert_activation=clamped_swiglu, moe.swiglu_alpha, moe.swiglu_limit
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 
 from moetrain.config import ModelConfig, MoEConfig
+from moetrain.model.rope import rope_parameters_for_hf, rope_scaling_from_hf
 
 ARCHITECTURE = "GptOssForCausalLM"
 
@@ -219,7 +221,7 @@ def to_hf_config(cfg: ModelConfig, tokenizer: Any | None = None):
         num_local_experts=cfg.num_experts,
         num_experts_per_tok=cfg.top_k,
         max_position_embeddings=cfg.max_seq_len,
-        rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
+        rope_parameters=rope_parameters_for_hf(cfg.rope_theta, cfg.rope_scaling),
         sliding_window=cfg.sliding_window,
         layer_types=types,
         rms_norm_eps=cfg.norm_eps,
@@ -239,11 +241,6 @@ def from_hf_config(hf_config: Any) -> ModelConfig:
     """Our ``ModelConfig`` for a gpt-oss config (Mixtral's balance loss at ``router_aux_loss_coef``, as
     transformers trains it; no z-loss)."""
     rope = dict(getattr(hf_config, "rope_parameters", None) or {})
-    if rope.get("rope_type", "default") != "default":
-        raise ValueError(
-            f"gpt_oss: rope_type={rope['rope_type']!r} is not supported yet (only 'default' RoPE; YaRN comes "
-            "with model.rope_scaling)"
-        )
     types = list(hf_config.layer_types or [])
     window = hf_config.sliding_window if "sliding_attention" in types else None
     if types and all(t == "sliding_attention" for t in types):
@@ -263,6 +260,7 @@ def from_hf_config(hf_config: Any) -> ModelConfig:
         top_k=hf_config.num_experts_per_tok,
         max_seq_len=hf_config.max_position_embeddings,
         rope_theta=float(rope.get("rope_theta", hf_config.default_theta)),
+        rope_scaling=rope_scaling_from_hf(rope, "gpt_oss"),  # the released checkpoints: YaRN, factor 32
         sliding_window=window,
         layer_types=types,
         norm_eps=hf_config.rms_norm_eps,

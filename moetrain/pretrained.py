@@ -50,6 +50,7 @@ ARCH_KEYS = (
     "mlp_only_layers",
     "max_seq_len",
     "rope_theta",
+    "rope_scaling",
     "partial_rotary_factor",
     "sliding_window",
     "norm_eps",
@@ -153,7 +154,9 @@ def source_model_config(source: Path, key: str) -> ModelConfig:
     from moetrain.hf import from_hf_config
 
     try:
-        return from_hf_config(AutoConfig.from_pretrained(str(source), local_files_only=True))
+        return from_hf_config(
+            AutoConfig.from_pretrained(str(source), local_files_only=True, trust_remote_code=False)
+        )
     except (ValueError, OSError, KeyError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ConfigError(f"{key}={str(source)!r}: {first}") from None
@@ -409,6 +412,7 @@ def load_pretrained(
                     params[ours.replace(".w1", ".v1")].copy_(t[:, F:])
                 else:  # down: [El, H, F]
                     params[ours].copy_(f.get_slice(name)[lo:hi].transpose(1, 2))
+    model.tie_weights()  # a tied head was filled through its embedding (one tensor); keep it one
 
 
 def _slice_reader(folder: Path):

@@ -38,6 +38,8 @@ def check_launch(cfg: TrainConfig) -> None:
     check_world_size(cfg.parallel, world_size)
     if not cfg.parallel.check_memory:
         return
+    import torch
+
     from moetrain.plan import check_memory_fits, machine_memory, resolve_dtype
 
     machine = machine_memory(int(launch["LOCAL_RANK"]), int(launch.get("LOCAL_WORLD_SIZE", "1")))
@@ -51,6 +53,11 @@ def check_launch(cfg: TrainConfig) -> None:
         dtype=resolve_dtype(cfg.parallel.dtype),
         available=machine[0],
         machine=machine[1],
+        offload_optimizer=cfg.parallel.offload_optimizer,
+        micro_batch_size=cfg.optim.micro_batch_size,
+        seq_len=cfg.data.seq_len,
+        activation_checkpointing=cfg.parallel.activation_checkpointing,
+        host_is_device=not torch.cuda.is_available(),
     )
 
 
@@ -78,6 +85,7 @@ def main(raw: DictConfig) -> int:
             print(note, flush=True)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     from moetrain.checkpoint.model_file import CheckpointError
+    from moetrain.checkpoint.save_errors import SaveFailure
     from moetrain.data import DataError
     from moetrain.distributed.env import LaunchError
     from moetrain.trainer import Trainer
@@ -86,7 +94,13 @@ def main(raw: DictConfig) -> int:
     try:
         code = Trainer(cfg, run_dir).run()
     except (ConfigError, CheckpointError, DataError, LaunchError, FileNotFoundError) as e:
+        if getattr(e, "reported_by_rank0", False) and int(os.environ.get("RANK", "0")) != 0:
+            sys.exit(2)  # the same error on every rank: one line (rank 0's) is enough
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except SaveFailure as e:  # a failed save the policy (or the last save) says stops the run
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
     except TrainingDiverged as e:  # numeric fault beyond trainer.on_nonfinite's policy
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(3)

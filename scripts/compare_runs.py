@@ -34,7 +34,7 @@ def starved_experts(record: dict, threshold: float = 0.1) -> int:
 
 def summary_row(name: str, records: list[dict]) -> str:
     vals = [r["val_loss"] for r in records if r.get("val_loss") is not None]
-    tps = statistics.median(r["tokens_per_sec"] for r in records)
+    tps = statistics.median(r["tokens_per_sec"] for r in records if "tokens_per_sec" in r)  # not step 0
     last = records[-1]
     imb = last.get("moe/max_imbalance")
     return (

@@ -9,7 +9,11 @@ reports the difference. ``MOETRAIN_TEST_BUG`` picks the bug; the trainer is othe
   with the gradient of a *different* expert on the other rank (what happens when expert params are
   reduced like dense ones; see docs/ARCHITECTURE.md, "Expert parallelism");
 - ``expert-grad-over-ep``: each expert gradient is scaled by 1/ep_size (MegaBlocks' own scaling
-  applied on top of DeepSpeed's, which already yields the global mean).
+  applied on top of DeepSpeed's, which already yields the global mean);
+- ``zero3-untagged-experts`` (with ``parallel.zero_stage=3``): the expert parameters keep DeepSpeed's
+  default "replicated" ZeRO-3 placement instead of their expert-data-parallel group, so ZeRO-3
+  partitions them over all ranks and averages gradients of different experts (what
+  ``moetrain.distributed.zero3.prepare_zero3`` prevents).
 
 Run like ``python -m moetrain.train`` (torchrun passes the same arguments); the moetrain package must be
 importable (``moetrain.testing.offline_env`` puts the repository on PYTHONPATH).
@@ -20,10 +24,30 @@ from __future__ import annotations
 import os
 import sys
 
-BUGS = ("wrong-expert-group", "expert-grad-over-ep")
+BUGS = ("wrong-expert-group", "expert-grad-over-ep", "zero3-untagged-experts")
+
+
+def _install_zero3(bug: str) -> None:
+    import moetrain.distributed.zero3 as zero3
+
+    prepare = zero3.prepare_zero3
+
+    def broken_prepare(model, ep):
+        assert ep.enabled, "the negative control needs parallel.ep_size > 1"
+        prepare(model, ep)
+        for layer in model.moe_layers:
+            for p in layer.experts.parameters():
+                p.ds_zero_placement_family = "replicated"
+                del p.ds_zero_partition_group_name
+        print(f"negative control: injected bug {bug!r}", flush=True)
+
+    zero3.prepare_zero3 = broken_prepare
 
 
 def _install(bug: str) -> None:
+    if bug.startswith("zero3-"):
+        _install_zero3(bug)
+        return
     import torch.distributed as dist
 
     import moetrain.trainer.loop as loop

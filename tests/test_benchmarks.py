@@ -106,3 +106,20 @@ def test_layer_benchmark_runs_and_prints_the_gemm_floor():
     )
     assert sum("| dense |" in line for line in lines) == 1  # "dense" in --variants is not a second row
     assert any("no_such_variant | n/a: unknown variant" in line for line in lines)
+
+
+def test_document_masking_benchmark_runs(tmp_path: Path):
+    out = tmp_path / "masking.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH_DIR / "bench_document_masking.py"),
+            *("--model", "mixtral_tiny", "--vocab", "512", "--seq-len", "32", "--batch", "2"),
+            *("--doc-len", "8", "--repeats", "1", "--json", str(out)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "masked/causal: step" in proc.stdout and out.is_file()

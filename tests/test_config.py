@@ -313,3 +313,19 @@ def test_parallel_values_are_type_checked():
     with pytest.raises(ConfigError, match="parallel.backend is not a known option"):
         parallel_config_from_dict({"backend": "nccl"})
     assert parallel_config_from_dict({"ep_size": 4, "zero_stage": 1}).ep_size == 4
+
+
+def test_zero3_and_offload_are_validated():
+    for stage in (1, 2, 3):
+        parallel_config_from_dict({"zero_stage": stage, "offload_optimizer": True}).validate()
+    with pytest.raises(ConfigError) as err:
+        parallel_config_from_dict({"zero_stage": 4}).validate()
+    assert str(err.value) == "parallel.zero_stage=4 is invalid: one of 0, 1, 2, 3"
+    with pytest.raises(
+        ConfigError, match=r"parallel.offload_optimizer=True is invalid: needs parallel.zero_stage"
+    ):
+        parallel_config_from_dict({"offload_optimizer": True}).validate()
+    with pytest.raises(
+        ConfigError, match=r"parallel.compile=True is invalid: not supported with parallel.zero_stage=3"
+    ):
+        parallel_config_from_dict({"zero_stage": 3, "compile": True}).validate()

@@ -56,19 +56,29 @@ def load_ours(folder: Path, ep_rank: int = 0, ep_size: int = 1, overrides: list[
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """family -> (folder, transformers model)."""
+    """family -> (folder, transformers model); (family, tied) -> the same with or without tied embeddings
+    (every family allows both)."""
     out = {}
     for fam in FAMILIES:
-        folder = tmp_path_factory.mktemp(fam)
-        out[fam] = (folder, tiny_hf_model(fam, folder))
+        for tie in (False, True):
+            folder = tmp_path_factory.mktemp(f"{fam}-tied" if tie else fam)
+            out[(fam, tie)] = (folder, tiny_hf_model(fam, folder, tie_word_embeddings=tie))
+        out[fam] = out[(fam, False)]
     return out
 
 
+def _assert_tie(model, tie: bool) -> None:  # noqa: ANN001
+    assert (model.lm_head.weight is model.embed.weight) == tie  # one tensor, or two
+
+
 @pytest.mark.numerics
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_init_from_computes_transformers_logits(saved, family: str) -> None:
-    folder, hf = saved[family]
+def test_init_from_computes_transformers_logits(saved, family: str, tie: bool) -> None:
+    folder, hf = saved[(family, tie)]
     ours, cfg = load_ours(folder)
+    _assert_tie(ours, tie)
+    assert cfg.model.tie_embeddings == tie
     assert hf_architecture(cfg.model) == HF_FAMILIES[family][1]  # exports as what it came from
     with torch.no_grad():
         a, b = ours(_ids()).logits, hf(_ids()).logits
@@ -103,6 +113,14 @@ def test_family_options_matter(saved) -> None:
     with torch.no_grad():
         diff = (ours(_ids()).logits - hf(_ids()).logits).abs().max().item()
     assert diff > 1e-3, diff
+
+
+def _plain_rope(m) -> None:  # noqa: ANN001
+    """The loaded model's RoPE without its model.rope_scaling (YaRN in the gpt-oss / DeepSeek-V3 fixtures)."""
+    from moetrain.model.rope import RotaryEmbedding
+
+    assert m.cfg.rope_scaling and m.cfg.rope_scaling["rope_type"] == "yarn"  # what init_from read
+    m.rope = RotaryEmbedding(m.rope.head_dim, m.cfg.max_seq_len, m.cfg.rope_theta)
 
 
 @pytest.mark.numerics
@@ -143,8 +161,9 @@ def test_glm4_moe_options_matter(saved) -> None:
 
 @pytest.mark.numerics
 def test_deepseek_v3_options_matter(saved) -> None:
-    """Negative control for DeepSeek-V3's attention: plain (not interleaved) rotary pairs, or the
-    latent norms at the model's eps instead of 1e-6, or the group limits off, move the logits."""
+    """Negative control for DeepSeek-V3's attention: plain (not interleaved) rotary pairs, the latent
+    norms at the model's eps instead of 1e-6, the group limits off, plain RoPE instead of YaRN or the
+    softmax scale without YaRN's mscale^2 move the logits."""
     folder, hf = saved["deepseek_v3"]
     with torch.no_grad():
         want = hf(_ids()).logits
@@ -160,6 +179,11 @@ def test_deepseek_v3_options_matter(saved) -> None:
         (lambda m: each(m, lambda a: setattr(a, "interleave", False)), 100),
         (lambda m: each(m, lambda a: setattr(a.kv_a_layernorm, "eps", 0.5)), 1e3),
         (lambda m: [setattr(x.router, "n_group", 1) for x in m.moe_layers], 1e3),
+        (_plain_rope, 100),  # the fixture's YaRN tables
+        (
+            lambda m: each(m, lambda a: setattr(a, "softmax_scale", (a.nope + a.rope) ** -0.5)),
+            100,
+        ),  # no mscale^2
     ):
         ours, _ = load_ours(folder)
         with torch.no_grad():
@@ -172,7 +196,7 @@ def test_deepseek_v3_options_matter(saved) -> None:
 def test_gpt_oss_options_matter(saved) -> None:
     """Negative control for gpt-oss: without the sinks, with one window for all layers, with the clamp at
     7 (the fixture clamps at 0.1), with gate / up swapped (the interleaving) or without the experts'
-    biases, the logits move far outside the parity bound."""
+    biases, or with plain RoPE instead of YaRN, the logits move far outside the parity bound."""
     folder, hf = saved["gpt_oss"]
     with torch.no_grad():
         want = hf(_ids()).logits
@@ -190,18 +214,21 @@ def test_gpt_oss_options_matter(saved) -> None:
     def swap(e):
         e.w1, e.v1 = e.v1, e.w1
 
-    for change in (
-        lambda m: attn(m, sinks=None),
-        lambda m: attn(m, sliding_window=None),
-        lambda m: experts(m, lambda e: setattr(e, "limit", 7.0)),
-        lambda m: experts(m, swap),
-        lambda m: experts(m, lambda e: e.w2_bias.zero_()),
+    # The tiny model's attention is near uniform (0.02-std weights), so the rotary tables move the logits
+    # less than the other options: still 30x the parity bound.
+    for change, margin in (
+        (lambda m: attn(m, sinks=None), 1e3),
+        (lambda m: attn(m, sliding_window=None), 1e3),
+        (lambda m: experts(m, lambda e: setattr(e, "limit", 7.0)), 1e3),
+        (lambda m: experts(m, swap), 1e3),
+        (lambda m: experts(m, lambda e: e.w2_bias.zero_()), 1e3),
+        (_plain_rope, 30),  # the fixture's YaRN
     ):
         ours, _ = load_ours(folder)
         with torch.no_grad():
             change(ours)
             diff = (ours(_ids()).logits - want).abs().max().item()
-        assert diff > 1e3 * LOGITS_REL * scale, diff
+        assert diff > margin * LOGITS_REL * scale, diff
 
 
 @pytest.mark.numerics
@@ -230,16 +257,20 @@ def _greedy_hf(hf, ids: torch.Tensor, n: int) -> torch.Tensor:
 
 
 @pytest.mark.numerics
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_export_loads_as_the_source_architecture(saved, family: str, tmp_path: Path) -> None:
-    folder, _ = saved[family]
+def test_export_loads_as_the_source_architecture(saved, family: str, tie: bool, tmp_path: Path) -> None:
+    folder, _ = saved[(family, tie)]
     ours, cfg = load_ours(folder)
     with torch.no_grad():  # trained weights differ from the source: move them off the saved values
         for p in ours.parameters():
             p.add_(0.01 * torch.randn_like(p))
+    _assert_tie(ours, tie)
     hf_model_from_state(cfg.model, ours.state_dict()).save_pretrained(str(tmp_path))
-    arch = json.loads((tmp_path / "config.json").read_text())["architectures"]
-    assert arch == [HF_FAMILIES[family][1]]
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["architectures"] == [HF_FAMILIES[family][1]]
+    assert config["tie_word_embeddings"] == tie
+    assert ("lm_head.weight" in load_file(str(tmp_path / "model.safetensors"))) == (not tie)  # stored once
     back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
     assert type(back).__name__ == HF_FAMILIES[family][1]
     with torch.no_grad():

@@ -34,12 +34,14 @@ ROUTER_KEYS = ("loss", "lm_loss", "aux_loss", "z_loss")
 _FOLDERS: dict[str, Path] = {}
 
 
-def _folder(family: str, tmp_path_factory) -> Path:
-    if family not in _FOLDERS:
-        folder = tmp_path_factory.mktemp(f"hf-{family}")
-        tiny_hf_model(family, folder, max_shard_size="40KB")  # sharded: the index path is exercised
-        _FOLDERS[family] = folder
-    return _FOLDERS[family]
+def _folder(family: str, tmp_path_factory, tie: bool = False) -> Path:
+    key = f"{family}-tied" if tie else family
+    if key not in _FOLDERS:
+        folder = tmp_path_factory.mktemp(f"hf-{key}")
+        # sharded: the index path is exercised
+        tiny_hf_model(family, folder, max_shard_size="40KB", tie_word_embeddings=tie)
+        _FOLDERS[key] = folder
+    return _FOLDERS[key]
 
 
 def _args(key: str, folder: Path, *extra: str) -> list[str]:
@@ -142,3 +144,80 @@ def test_contradicting_shape_override_exits_2_with_one_line(tmp_path_factory, tm
     assert proc.returncode == 2, describe(proc)
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert proc.stderr.startswith(f"error: {message}") and "Traceback" not in proc.stderr
+
+
+def _source_val_loss(folder: Path, run_dir: Path) -> float:
+    """transformers' loss of the source model on the run's validation blocks (as the trainer weighs them)."""
+    import torch
+    import torch.nn.functional as F
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    from moetrain.config import train_config_from_dict
+    from moetrain.data import ValidationLoader, build_data
+
+    saved = yaml.safe_load((run_dir / "checkpoints" / "step_00000001" / "config.yaml").read_text())
+    cfg = train_config_from_dict(saved)
+    data = build_data(cfg.data)
+    loader = ValidationLoader(data.validation, 4, num_batches=cfg.trainer.eval_batches)
+    hf = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    total = n = 0.0
+    with torch.no_grad():
+        for batch in loader:
+            logits = hf(batch["input_ids"]).logits
+            loss = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
+            total += float(loss) * batch["labels"].numel()
+            n += batch["labels"].numel()
+    return total / n
+
+
+@pytest.mark.multiprocess
+@pytest.mark.numerics
+def test_a_tied_pretrained_start_proves_itself_on_one_and_two_ranks(tmp_path_factory, tmp_path) -> None:
+    """A tied Mixtral: validation loss at step 0 (banner and metrics.jsonl) equals transformers' loss of
+    the source on the same blocks, on 1 process and at ep_size=2; the checkpoint holds the tied matrix
+    once; after one step at a negligible LR the export computes the source's logits."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from moetrain.export import export
+    from moetrain.testing import metric_by_step, rounding_rel
+
+    folder = _folder("mixtral", tmp_path_factory, tie=True)
+    args = tiny(f"model.init_from={folder}", "trainer.max_steps=1", "optim.lr=1e-12", "optim.warmup_steps=0")
+    one = cached_run(*args, name="init-mixtral-tied-1").check()
+    two = cached_run(*args, *EP2, nproc=2, name="init-mixtral-tied-2").check()
+    want = _source_val_loss(folder, one.run_dir)
+    for run in (one, two):
+        assert "step 0 (loaded weights, before training): val_loss" in run.proc.stdout
+        got = metric_by_step(run.run_dir, "val_loss")[0]
+        assert abs(got - want) <= rounding_rel(64) * want, (got, want)
+        ckpt = run.run_dir / "checkpoints" / "step_00000001" / "model.safetensors"
+        with safe_open(str(ckpt), "pt") as f:
+            assert "embed.weight" in f.keys() and "lm_head.weight" not in f.keys()  # noqa: SIM118
+    export(one.run_dir, tmp_path / "hf")
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        src = AutoModelForCausalLM.from_pretrained(str(folder)).eval()(ids).logits
+        back = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+        assert back.lm_head.weight is back.model.embed_tokens.weight
+        assert (back(ids).logits - src).abs().max() <= 1e-4
+
+
+def test_a_start_worse_than_uniform_stops_with_one_line(tmp_path_factory, tmp_path) -> None:
+    """Weights that do not compute the source's function (here: a head scaled 30x, as a head left at
+    another init would) stop the run before its first step, in one line."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "broken"
+    tiny_hf_model("mistral", folder)
+    state = load_file(str(folder / "model.safetensors"))
+    state["lm_head.weight"] = state["lm_head.weight"] * 30 + torch.randn_like(state["lm_head.weight"])
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    proc = run_train(tmp_path / "run", *tiny(f"model.init_from={folder}", "trainer.max_steps=1"), timeout=180)
+    assert proc.returncode == 2, describe(proc)
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: the weights did not load as the source model"), describe(proc)
+    assert "step 0 (loaded weights, before training): val_loss" in proc.stdout

@@ -45,18 +45,23 @@ def upcycle(folder: Path, ep_rank: int = 0, ep_size: int = 1, **model: object):
 
 @pytest.fixture(scope="module")
 def dense(tmp_path_factory):
+    """family -> (folder, model); (family, tied) -> with or without tied embeddings."""
     out = {}
     for fam in DENSE:
-        folder = tmp_path_factory.mktemp(fam)
-        out[fam] = (folder, tiny_hf_model(fam, folder))
+        for tie in (False, True):
+            folder = tmp_path_factory.mktemp(f"{fam}-tied" if tie else fam)
+            out[(fam, tie)] = (folder, tiny_hf_model(fam, folder, tie_word_embeddings=tie))
+        out[fam] = out[(fam, False)]
     return out
 
 
 @pytest.mark.numerics
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("family", list(DENSE))
-def test_step0_logits_equal_the_dense_model(dense, family: str, tmp_path: Path) -> None:
-    folder, hf = dense[family]
+def test_step0_logits_equal_the_dense_model(dense, family: str, tie: bool, tmp_path: Path) -> None:
+    folder, hf = dense[(family, tie)]
     ours, cfg = upcycle(folder)
+    assert (ours.lm_head.weight is ours.embed.weight) == tie == cfg.model.tie_embeddings
     assert (cfg.model.num_experts, cfg.model.top_k, len(ours.moe_layers)) == (4, 2, 2)
     layer = ours.moe_layers[0]
     assert torch.equal(layer.experts.w1[0], layer.experts.w1[3])  # copies ...
@@ -67,7 +72,8 @@ def test_step0_logits_equal_the_dense_model(dense, family: str, tmp_path: Path) 
     # exported as the MoE of its family, which transformers loads with the same function
     assert hf_architecture(cfg.model) == DENSE[family]
     hf_model_from_state(cfg.model, ours.state_dict()).save_pretrained(str(tmp_path))
-    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [DENSE[family]]
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (config["architectures"], config["tie_word_embeddings"]) == ([DENSE[family]], tie)
     back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
     with torch.no_grad():
         assert_close_scaled(back(_ids()).logits, b, f"exported upcycled {family}", rel=LOGITS_REL)

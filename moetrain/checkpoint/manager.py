@@ -1,8 +1,8 @@
-"""Saving and restoring whole training state, atomically.
+"""The checkpoints folder: publishing a completed checkpoint, ``latest``, walk-back, ``keep_last``.
 
 Layout of one checkpoint (``checkpoints/step_00000100/``): see ``moetrain/checkpoint/__init__.py``.
-Every rank writes into ``checkpoints/.tmp-step_00000100/``; after a barrier rank 0 hashes every file
-into ``manifest.json`` (written last, fsynced), renames the folder to its final name and only then
+Every rank writes into ``checkpoints/.tmp-step_00000100/`` (checkpoint/checkpointer.py); rank 0
+writes ``manifest.json`` (last, fsynced), renames the folder to its final name and only then
 rewrites ``latest`` (tmp file + rename). An interruption at any point (kill -9 included) leaves the
 previous checkpoint as ``latest`` and never a half-written one under a final name; a checkpoint
 damaged later fails its manifest and ``latest_intact`` walks back past it.
@@ -12,19 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from safetensors.torch import save_file
-
-from moetrain.checkpoint.integrity import fsync_dir, verify, write_manifest
-from moetrain.checkpoint.model_file import LATEST, TOKENIZER_DIR, CheckpointError, save_model_file
-from moetrain.checkpoint.optimizer_state import FILE as OPTIMIZER_FILE
-from moetrain.distributed import barrier
+from moetrain.checkpoint.integrity import fsync_dir, verify
+from moetrain.checkpoint.model_file import LATEST, CheckpointError
 
 STATE_FILE = "trainer_state.json"
 
@@ -34,7 +27,7 @@ STATE_FILE = "trainer_state.json"
 FAULT_ENV = "MOETRAIN_TEST_KILL_IN_SAVE"
 
 
-def _fault_point(name: str, step: int) -> None:
+def fault_point(name: str, step: int) -> None:
     if os.environ.get(FAULT_ENV) == f"{name}@{step}":
         import signal
 
@@ -45,78 +38,27 @@ def step_dirname(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def rng_state() -> dict[str, Any]:
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
 class CheckpointManager:
     def __init__(self, root: Path, rank: int, keep_last: int) -> None:
         self.root = root
         self.rank = rank
         self.keep_last = keep_last
 
-    # ---- saving -------------------------------------------------------------------------------
-    def save(
-        self,
-        *,
-        step: int,
-        model_state: dict[str, torch.Tensor] | None,
-        optimizer_state: dict[str, torch.Tensor] | None,
-        config: dict[str, Any],
-        trainer_state: dict[str, Any],
-        rank_state: dict[str, Any],
-        tokenizer: Any | None,
-    ) -> Path:
-        """Collective: every rank calls it. ``model_state`` and ``optimizer_state`` (layout-free, all
-        experts; see checkpoint/optimizer_state.py) are needed on rank 0 only."""
+    # ---- publishing (rank 0, after every rank's files and the manifest are in ``tmp``) -------------
+    def publish(self, tmp: Path, step: int) -> Path:
+        """Rename ``tmp`` to its final name, then move ``latest`` to it (tmp file + rename), then
+        prune: at every moment ``latest`` names a complete checkpoint."""
         final = self.root / step_dirname(step)
-        tmp = self.root / f".tmp-{step_dirname(step)}"
-        if self.rank == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob(".tmp-*"):
-                shutil.rmtree(stale, ignore_errors=True)
-            tmp.mkdir()
-        barrier()
-        (tmp / "rank_state").mkdir(exist_ok=True)
-        torch.save({**rank_state, "rng": rng_state()}, tmp / "rank_state" / f"rank_{self.rank:05d}.pt")
-        _fault_point("files", step)
-        if self.rank == 0:
-            assert model_state is not None
-            save_model_file(model_state, tmp, config)
-            if optimizer_state:
-                save_file(optimizer_state, str(tmp / OPTIMIZER_FILE), metadata={"producer": "moetrain"})
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
-            (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
-        barrier()
-        if self.rank == 0:
-            write_manifest(tmp)  # last: a folder with a manifest is complete
-            _fault_point("manifest", step)
-            if final.exists():  # re-saving a step (e.g. a resumed run stopping where it started)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fault_point("renamed", step)
-            pointer = self.root / f".{LATEST}.tmp"
-            pointer.write_text(final.name)
-            os.replace(pointer, self.root / LATEST)
-            fsync_dir(self.root)
-            self._prune(keep=final)
-        barrier()
+        fault_point("manifest", step)
+        if final.exists():  # re-saving a step (e.g. a resumed run stopping where it started)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fault_point("renamed", step)
+        pointer = self.root / f".{LATEST}.tmp"
+        pointer.write_text(final.name)
+        os.replace(pointer, self.root / LATEST)
+        fsync_dir(self.root)
+        self._prune(keep=final)
         return final
 
     def discard_partial(self) -> None:
@@ -166,10 +108,3 @@ def read_trainer_state(folder: Path) -> dict[str, Any]:
             f"{folder} has no {STATE_FILE}: not a training checkpoint (pass a step_* folder)"
         )
     return json.loads(path.read_text())
-
-
-def read_rank_state(folder: Path, rank: int) -> dict[str, Any] | None:
-    path = folder / "rank_state" / f"rank_{rank:05d}.pt"
-    if not path.is_file():
-        return None
-    return torch.load(path, map_location="cpu", weights_only=False)

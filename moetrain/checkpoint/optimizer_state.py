@@ -8,6 +8,7 @@ of weights and state) are not written at all.
 
 Where that state lives depends on the engine:
 - ZeRO-0 fp32: a plain torch optimizer; the module's parameters are the master weights.
+- ZeRO-3 (offloaded or not): fp32 partitions per parameter group; checkpoint/zero3_state.py.
 - ZeRO-1/2 (any dtype) and bf16 at ZeRO-0: DeepSpeed keeps flat fp32 partitions per param group and
   links every module parameter to its fragment (``param._hp_mapping``); ``safe_get_full_*`` /
   ``safe_set_full_*`` read and write a parameter's full fp32 value through those links (reading is
@@ -19,24 +20,24 @@ Where that state lives depends on the engine:
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from moetrain.checkpoint import zero3_state
+
 FILE = "optimizer.safetensors"
-LEGACY_FILE = "optimizer_full.pt"  # torch.save'd dict of the same content (ZeRO-0 checkpoints, 2026-11)
 
 
 class OptimizerView:
     """Per-parameter, full-tensor access to a DeepSpeed engine's fp32 master weights and optimizer state.
 
-    Three kinds of holder: ``plain`` (ZeRO-0 fp32: the torch optimizer, the parameters are the
+    Four kinds of holder: ``plain`` (ZeRO-0 fp32: the torch optimizer, the parameters are the
     masters), ``fragments`` (ZeRO-1/2 and DeepSpeed's BF16_Optimizer: flat fp32 partitions reached
     through ``param._hp_mapping``) and ``paired`` (bf16 at ZeRO-0 in DeepSpeed 0.19:
-    FP16_UnfusedOptimizer, one fp32 copy per parameter in ``fp32_groups``).
-    """
+    FP16_UnfusedOptimizer, one fp32 copy per parameter in ``fp32_groups``); and ``zero3`` (ZeRO-3,
+    partitioned parameters: ``checkpoint/zero3_state.py``)."""
 
     def __init__(self, model: nn.Module, optimizer: Any) -> None:
         self.model = model
@@ -44,6 +45,8 @@ class OptimizerView:
         self._masters: dict[int, torch.Tensor] = {}
         if not type(optimizer).__module__.startswith("deepspeed"):
             self.kind, self.base = "plain", optimizer
+        elif zero3_state.is_zero3_optimizer(optimizer):
+            self.kind, self.base = "zero3", optimizer.optimizer
         elif hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
             self.kind, self.base = "fragments", optimizer.optimizer
             if self.base.state:
@@ -55,7 +58,7 @@ class OptimizerView:
         else:
             raise TypeError(
                 f"checkpointing does not know DeepSpeed's {type(optimizer).__name__}; "
-                "fix: use parallel.zero_stage 0, 1 or 2 with the default optimizer settings"
+                "fix: use parallel.zero_stage 0, 1, 2 or 3 with the default optimizer settings"
             )
 
     def _relink(self) -> None:
@@ -71,6 +74,8 @@ class OptimizerView:
 
     # ---- reading (collective for the fragments kind) ---------------------------------------------------
     def master(self, p: nn.Parameter) -> torch.Tensor:
+        if self.kind == "zero3":
+            return zero3_state.get_master(p)
         if self.kind == "fragments":
             from deepspeed.utils import safe_get_full_fp32_param
 
@@ -84,6 +89,8 @@ class OptimizerView:
         return []
 
     def state(self, p: nn.Parameter, key: str) -> torch.Tensor:
+        if self.kind == "zero3":
+            return zero3_state.get_state(p, key)
         if self.kind == "fragments":
             from deepspeed.utils import safe_get_full_optimizer_state
 
@@ -98,6 +105,9 @@ class OptimizerView:
     # ---- writing (local: each rank writes its own fragment) --------------------------------------------
     def prepare_state(self, keys: list[str], step: float) -> None:
         """Create zeroed optimizer state (as the optimizer's first step would) so it can be filled."""
+        if self.kind == "zero3":
+            zero3_state.prepare_state(self.optimizer, keys, step)
+            return
         for group in self.base.param_groups:
             on_device = group.get("fused") or group.get("capturable")
             for t in group["params"]:
@@ -111,7 +121,9 @@ class OptimizerView:
 
     @torch.no_grad()
     def set_master(self, p: nn.Parameter, value: torch.Tensor) -> None:
-        if self.kind == "fragments":
+        if self.kind == "zero3":
+            zero3_state.set_master(p, value)
+        elif self.kind == "fragments":
             from deepspeed.utils import safe_set_full_fp32_param
 
             safe_set_full_fp32_param(p, value.to(device=p.device, dtype=torch.float32))
@@ -121,63 +133,11 @@ class OptimizerView:
 
     @torch.no_grad()
     def set_state(self, p: nn.Parameter, key: str, value: torch.Tensor) -> None:
-        if self.kind == "fragments":
+        if self.kind == "zero3":
+            zero3_state.set_state(p, key, value)
+        elif self.kind == "fragments":
             from deepspeed.utils import safe_set_full_optimizer_state
 
             safe_set_full_optimizer_state(p, value.to(device=p.device, dtype=torch.float32), key)
         else:
             self.base.state[self._holder(p)][key].copy_(value)
-
-
-def read_legacy_state(folder: Path) -> dict[str, torch.Tensor] | None:
-    """Checkpoints written before optimizer.safetensors: the same content in a torch.save'd dict."""
-    path = folder / LEGACY_FILE
-    if not path.is_file():
-        return None
-    out: dict[str, torch.Tensor] = {}
-    for name, entry in torch.load(path, map_location="cpu", weights_only=False).items():
-        out[f"step/{name}"] = torch.tensor(entry["step"])
-        for key in ("exp_avg", "exp_avg_sq"):
-            out[f"{key}/{name}"] = entry[key]
-    return out
-
-
-def load_training_state(model: nn.Module, view: OptimizerView, folder: Path, ep: Any) -> bool:
-    """Fill the module, the fp32 master weights and the optimizer state from a checkpoint's
-    layout-free files, this rank's experts only. Returns False when the checkpoint holds no
-    optimizer state (the optimizer then starts fresh; the caller decides whether that is an error)."""
-    from moetrain.distributed.expert_parallel import load_model_file_shard, read_layout_free
-
-    weights = load_model_file_shard(model, folder / "model.safetensors", ep)
-    params = list(model.named_parameters())
-    for name, p in params:  # bf16 / ZeRO: the fp32 masters take the file's values, not rounded copies
-        view.set_master(p, weights[name])
-    del weights
-    path = folder / FILE
-    if path.is_file():
-        state = read_layout_free(path, model, ep)
-    else:
-        state = read_legacy_state(folder)
-        if state is None:
-            return False
-        if ep.enabled:
-            state = _legacy_shard(state, model, ep)
-    keys = sorted({k.split("/", 1)[0] for k in state} - {"step"})
-    view.prepare_state(keys, float(state[f"step/{params[0][0]}"]))
-    for name, p in params:
-        for key in keys:
-            view.set_state(p, key, state[f"{key}/{name}"])
-    return True
-
-
-def _legacy_shard(state: dict[str, torch.Tensor], model: nn.Module, ep: Any) -> dict[str, torch.Tensor]:
-    from moetrain.distributed.expert_parallel import _expert_param_names
-
-    experts = set(_expert_param_names(model))
-    out = {}
-    for k, t in state.items():
-        if k.split("/", 1)[1] in experts and t.dim() > 0:
-            El = t.shape[0] // ep.ep_size
-            t = t[ep.ep_rank * El : (ep.ep_rank + 1) * El]
-        out[k] = t
-    return out

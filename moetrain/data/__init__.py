@@ -1,8 +1,10 @@
 """moetrain's data pipeline: corpus -> tokenizer -> packed blocks -> resumable batches.
 
     bundle = build_data(cfg.data)
-    train = ResumableLoader(bundle.train, batch_size, rank, world_size, seed)
-    val = ValidationLoader(bundle.validation, batch_size, rank, world_size, num_batches)
+    train, validation = build_loaders(bundle, cfg.data, batch_size, rank=rank, world_size=world_size)
+
+``train`` is a ResumableLoader (one source, token files) or a MixtureLoader (data.name=mixture);
+``validation`` maps each mixture source's domain (or ``""``) to a ValidationLoader.
 
 Multi-process runs: every cache entry (corpus, tokenizer, tokenised arrays) is built in a temporary
 directory and renamed into place, so concurrent builders are safe. To avoid duplicated work, pass
@@ -19,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from moetrain.config import DataConfig
 from moetrain.data.errors import DataError
-from moetrain.data.loader import ResumableLoader, ValidationLoader
+from moetrain.data.loader import BlockDataset, ResumableLoader, ValidationLoader
+from moetrain.data.mixture import MixtureLoader
 from moetrain.data.packing import PackedDataset
 
 if TYPE_CHECKING:
@@ -28,51 +31,76 @@ if TYPE_CHECKING:
 __all__ = [
     "DataBundle",
     "DataError",
+    "MixtureLoader",
     "PackedDataset",
     "ResumableLoader",
     "ValidationLoader",
     "build_data",
+    "build_loaders",
 ]
 
 
 @dataclass
 class DataBundle:
     tokenizer: PreTrainedTokenizerFast
-    train: PackedDataset  # dataset[i] -> (LongTensor[seq_len + 1], domain id)
-    validation: PackedDataset
+    train: BlockDataset  # get_batch(indices) -> (LongTensor[B, seq_len + 1], domain ids [B])
+    validation: BlockDataset
     domains: list[str]  # domain id -> name
     stats: dict[str, Any] = field(default_factory=dict)
+    # data.name=mixture: each source's blocks (domain i = source i) and its normalised weight
+    train_sources: list[BlockDataset] | None = None
+    validation_sources: list[BlockDataset] | None = None
+    weights: list[float] | None = None
+
+    @property
+    def is_mixture(self) -> bool:
+        return self.weights is not None
 
 
 def build_data(
     cfg: DataConfig, *, main_process: bool = True, barrier: Callable[[], None] | None = None
 ) -> DataBundle:
-    """Load (building and caching on first use) the tokenizer and packed train/validation blocks.
+    """Load (building and caching on first use) the tokenizer and the train/validation blocks.
 
     ``main_process`` prints progress; with ``barrier`` the other processes wait until it is done.
     """
     # Imported here so that `import moetrain.data` stays cheap (no datasets/transformers).
-    from moetrain.data.datasets import load_documents, tokenize_and_pack
-    from moetrain.data.tokenizer import load_or_train_tokenizer, tokenizer_fingerprint
+    from moetrain.data.sources import build_mixture, build_text, build_tokens
 
     cfg.validate()
     if barrier is not None and not main_process:
         barrier()  # wait for the main process to fill the caches
     start = time.perf_counter()
-    docs = load_documents(cfg, verbose=main_process)
-    load_seconds = time.perf_counter() - start
-    t0 = time.perf_counter()
-    texts = (t for batch in docs.train.iter(batch_size=1000) for t in batch[docs.text_field])
-    tokenizer = load_or_train_tokenizer(cfg, texts, corpus_key=docs.key, verbose=main_process)
-    tokenizer_seconds = time.perf_counter() - t0
-    packed, stats = tokenize_and_pack(docs, tokenizer, cfg, tokenizer_fingerprint(tokenizer))
+    build = {"mixture": build_mixture, "tokens": build_tokens}.get(cfg.name, build_text)
+    bundle = build(cfg, main_process)
     if barrier is not None and main_process:
         barrier()
-    stats.update(
-        source=docs.key,
-        load_seconds=round(load_seconds, 3),
-        tokenizer_seconds=round(tokenizer_seconds, 3),
-        total_seconds=round(time.perf_counter() - start, 3),
-        vocab_size=len(tokenizer),
-    )
-    return DataBundle(tokenizer, packed["train"], packed["validation"], docs.domains, stats)
+    bundle.stats["total_seconds"] = round(time.perf_counter() - start, 3)
+    return bundle
+
+
+def build_loaders(
+    bundle: DataBundle,
+    cfg: DataConfig,
+    batch_size: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    eval_batches: int | None = None,
+) -> tuple[ResumableLoader | MixtureLoader, dict[str, ValidationLoader]]:
+    """The training loader and the validation loaders: one per source of a mixture (by domain), else
+    one under the key ``""``. With ``cfg.document_masking`` batches carry ``document_ids``."""
+    eos_id = bundle.tokenizer.eos_token_id if cfg.document_masking else None
+    if bundle.is_mixture:
+        assert bundle.train_sources is not None and bundle.validation_sources is not None
+        train: ResumableLoader | MixtureLoader = MixtureLoader(
+            bundle.train_sources, bundle.weights, bundle.domains, batch_size, rank, world_size, seed, eos_id
+        )
+        validation = {
+            domain: ValidationLoader(v, batch_size, rank, world_size, eval_batches, eos_id=eos_id)
+            for domain, v in zip(bundle.domains, bundle.validation_sources)
+        }
+        return train, validation
+    train = ResumableLoader(bundle.train, batch_size, rank, world_size, seed, eos_id=eos_id)
+    return train, {"": ValidationLoader(bundle.validation, batch_size, rank, world_size, eval_batches, eos_id=eos_id)}

@@ -177,6 +177,26 @@ def _carve_validation(
     return train.select(np.flatnonzero(~is_val)), train.select(np.flatnonzero(is_val))
 
 
+def _select_domain(
+    train: datasets.Dataset, validation: datasets.Dataset, cfg: DataConfig
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    field, wanted = cfg.domain_field, str(cfg.select_domain)
+    if field is None or field not in train.column_names:
+        raise DataError(
+            f"select_domain={wanted!r} needs a domain column: dataset {cfg.name!r} has no column "
+            f"{field!r} (set domain_field)"
+        )
+    keep = lambda batch: [str(d) == wanted for d in batch[field]]  # noqa: E731
+    selected = train.filter(keep, batched=True), validation.filter(keep, batched=True)
+    if len(selected[0]) == 0:
+        found = sorted({str(d) for d in train.unique(field)})
+        raise DataError(
+            f"select_domain={wanted!r}: no document of dataset {cfg.name!r} has that {field!r}; "
+            f"available: {', '.join(found[:10])}"
+        )
+    return selected
+
+
 def load_documents(cfg: DataConfig, *, verbose: bool = True) -> Documents:
     cache_dir = resolve_data_dir(cfg.data_dir) / "hf"
     dsd, key, validation_split = _load(cfg, cache_dir, verbose)
@@ -197,6 +217,8 @@ def load_documents(cfg: DataConfig, *, verbose: bool = True) -> Documents:
         validation = _split(dsd, validation_split, cfg.name).filter(non_empty, batched=True)
     else:
         train, validation = _carve_validation(train, cfg.validation_fraction, cfg.name)
+    if cfg.select_domain is not None:
+        train, validation = _select_domain(train, validation, cfg)
     if cfg.max_documents is not None:
         train = train.select(range(min(cfg.max_documents, len(train))))
     domain_field = cfg.domain_field if cfg.domain_field in train.column_names else None
@@ -217,6 +239,12 @@ def load_documents(cfg: DataConfig, *, verbose: bool = True) -> Documents:
 # Tokenising and packing
 
 
+def tokenized_cache(docs: Documents, cfg: DataConfig, tokenizer_fp: str) -> tuple[Path, str]:
+    """Where the tokenised splits of ``docs`` are cached, and the key (their fingerprint prefix)."""
+    key = _cache_key(docs, cfg, tokenizer_fp)
+    return resolve_data_dir(cfg.data_dir) / "tokenized" / key, key
+
+
 def _cache_key(docs: Documents, cfg: DataConfig, tokenizer_fp: str) -> str:
     parts = [
         TOKENIZED_VERSION,
@@ -232,6 +260,8 @@ def _cache_key(docs: Documents, cfg: DataConfig, tokenizer_fp: str) -> str:
     ]
     if cfg.name == "text":  # the other sources' keys stay as they were (existing caches keep working)
         parts.append(cfg.text_split)
+    if cfg.select_domain is not None:
+        parts.append(["select_domain", cfg.select_domain])
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
 
 
@@ -241,6 +271,7 @@ def tokenize(
     tokenizer: PreTrainedTokenizerBase,
     cache_file: Path,
     fingerprint: str,
+    num_proc: int | None = None,
 ) -> datasets.Dataset:
     """Per document: ``input_ids`` (with EOS appended) and ``domain_id``; cached in ``cache_file``."""
     backend = tokenizer.backend_tokenizer  # 2-3x faster than the transformers __call__
@@ -268,6 +299,8 @@ def tokenize(
         features=features,
         cache_file_name=str(cache_file),
         new_fingerprint=fingerprint,
+        num_proc=num_proc,
+        desc=f"tokenizing {cache_file.stem}" if num_proc else None,
     )
 
 
@@ -285,8 +318,7 @@ def tokenize_and_pack(
     docs: Documents, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, tokenizer_fp: str
 ) -> tuple[dict[str, PackedDataset], dict[str, Any]]:
     """Packed train/validation sets and their statistics."""
-    key = _cache_key(docs, cfg, tokenizer_fp)
-    cache_dir = resolve_data_dir(cfg.data_dir) / "tokenized" / key
+    cache_dir, key = tokenized_cache(docs, cfg, tokenizer_fp)
     packed: dict[str, PackedDataset] = {}
     stats: dict[str, Any] = {"documents": {}, "tokens": {}, "blocks": {}, "tokens_per_domain": {}}
     start = time.perf_counter()

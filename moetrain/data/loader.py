@@ -26,8 +26,20 @@ class BlockDataset(Protocol):
     def get_batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
-def _to_batch(blocks_BL: torch.Tensor, domain_B: torch.Tensor) -> Batch:
-    return {"input_ids": blocks_BL[:, :-1], "labels": blocks_BL[:, 1:], "domain": domain_B}
+def document_ids(input_ids_BT: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Per token, the index of its document within the block (int32 [B, T]): 0 for the (possibly
+    partial) first document, +1 after every EOS. An EOS belongs to the document it ends."""
+    is_eos = (input_ids_BT == eos_id).to(torch.int32)
+    return torch.cumsum(is_eos, dim=1, dtype=torch.int32) - is_eos
+
+
+def to_batch(blocks_BL: torch.Tensor, domain_B: torch.Tensor, eos_id: int | None = None) -> Batch:
+    """Inputs and labels of a block (shifted by one), its domain, and with ``eos_id`` (document
+    masking) the ``document_ids`` of the inputs."""
+    batch = {"input_ids": blocks_BL[:, :-1], "labels": blocks_BL[:, 1:], "domain": domain_B}
+    if eos_id is not None:
+        batch["document_ids"] = document_ids(batch["input_ids"], eos_id)
+    return batch
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -45,6 +57,7 @@ class ResumableLoader:
         world_size: int = 1,
         seed: int = 0,
         drop_last: bool = True,
+        eos_id: int | None = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
@@ -56,6 +69,7 @@ class ResumableLoader:
         self.world_size = world_size
         self.seed = seed
         self.drop_last = drop_last
+        self.eos_id = eos_id  # set: batches carry document_ids (data.document_masking)
         self.epoch = 0
         self.position = 0  # batches already yielded in this epoch
         self._shard: torch.Tensor | None = None  # this rank's indices for self.epoch
@@ -97,7 +111,16 @@ class ResumableLoader:
         start = self.position * self.batch_size
         indices = self._shard[start : start + self.batch_size]
         self.position += 1
-        return _to_batch(*self.dataset.get_batch(indices))
+        return to_batch(*self.dataset.get_batch(indices), self.eos_id)
+
+    def exhausted_within(self, micro_batches: int) -> str | None:
+        """What would run out (None: nothing) if ``micro_batches`` more were drawn: the first epoch."""
+        if self.epoch > 0 or self.position + micro_batches > self.len_per_epoch:
+            return "the training data"
+        return None
+
+    def epochs(self) -> dict[str, int]:
+        return {}
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": int(self.epoch), "position": int(self.position), "seed": int(self.seed)}
@@ -124,9 +147,11 @@ class ValidationLoader:
         rank: int = 0,
         world_size: int = 1,
         num_batches: int | None = None,
+        eos_id: int | None = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+        self.eos_id = eos_id
         shard_size = len(dataset) // world_size
         if shard_size == 0:
             raise DataError(f"{len(dataset)} validation blocks are too few for {world_size} rank(s)")
@@ -144,4 +169,4 @@ class ValidationLoader:
     def __iter__(self) -> Iterator[Batch]:
         for b in range(self.num_batches):
             indices = self.indices[b * self.batch_size : (b + 1) * self.batch_size]
-            yield _to_batch(*self.dataset.get_batch(indices))
+            yield to_batch(*self.dataset.get_batch(indices), self.eos_id)

@@ -82,7 +82,7 @@ def load_or_train_tokenizer(
     """
     if cfg.tokenizer is not None:
         try:
-            tok = AutoTokenizer.from_pretrained(cfg.tokenizer)
+            tok = AutoTokenizer.from_pretrained(cfg.tokenizer, trust_remote_code=False)
         except Exception as e:  # hub/network/missing-file errors come in many types
             raise DataError(f"could not load tokenizer {cfg.tokenizer!r}: {_first_line(e)}") from e
         if tok.eos_token_id is None:

@@ -2,6 +2,7 @@
 ``parallelize`` applies expert parallelism to a built model from the outside (torchtitan-style)."""
 
 from moetrain.distributed.comm import (
+    all_gather_object,
     all_reduce_max,
     all_reduce_mean,
     all_reduce_sum,
@@ -20,6 +21,7 @@ from moetrain.distributed.env import (
 )
 
 __all__ = [
+    "all_gather_object",
     "DistEnv",
     "LaunchError",
     "all_reduce_max",

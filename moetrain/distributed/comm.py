@@ -86,6 +86,15 @@ def broadcast_object(obj: Any, src: int = 0, group: Any = None) -> Any:
     return box[0]
 
 
+def all_gather_object(obj: Any, group: Any = None) -> list[Any]:
+    """Every rank's small picklable ``obj`` (messages, digests), on every rank, in rank order."""
+    if not initialized() or world_size(group) == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
 def gather_to_first(
     t: torch.Tensor, group: Any, out_device: torch.device | str = "cpu"
 ) -> torch.Tensor | None:

@@ -11,29 +11,24 @@ layer into ``ExpertParallelMoELayer``: our ``MoELayer`` that also satisfies Deep
 The all-to-all backward passes gradients unscaled, so no extra scaling is applied anywhere.
 
 Checkpoints never use DeepSpeed's engine files (its MoE writer only understands its own expert module
-names): the model and the optimizer state are gathered into layout-free files with all experts in
-global order (``full_state_dict``, ``full_optimizer_state``) and read back shard by shard
-(``read_layout_free``), which is what makes resharding possible. ``load_engine_state`` only reads
-checkpoints written before that.
+names): moetrain/checkpoint/ stores every expert under its global index, each rank writing and
+reading only its own (checkpoint/layout.py), which is what makes resharding possible.
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from moetrain.checkpoint.layout import EXPERT_PARAM_NAMES  # noqa: F401  (re-exported: zero3, tests)
 from moetrain.config import TrainConfig
-from moetrain.distributed.comm import gather_to_first
 from moetrain.distributed.env import DistEnv
 from moetrain.moe import MoELayer
-
-EXPERT_PARAM_NAMES = ("w1", "v1", "w2")
 
 
 @dataclass
@@ -127,11 +122,6 @@ def _ep_layer_class() -> type:
     return _EP_CLASS
 
 
-def _names(layer: nn.Module) -> tuple[str, ...]:
-    """The layer's per-expert parameters: w1, v1, w2 (and their biases where the experts have them)."""
-    return getattr(layer.experts, "param_names", EXPERT_PARAM_NAMES)
-
-
 def shard_experts(model: nn.Module, ep_rank: int, ep_size: int) -> None:
     """Keep experts ``[ep_rank * E/ep, (ep_rank + 1) * E/ep)`` of every MoE layer (no communication).
 
@@ -141,7 +131,7 @@ def shard_experts(model: nn.Module, ep_rank: int, ep_size: int) -> None:
     for layer in model.moe_layers:
         El = layer.num_experts // ep_size
         with torch.no_grad():
-            for name in _names(layer):
+            for name in layer.experts.param_names:  # w1, v1, w2 (+ their biases: gpt-oss)
                 full = getattr(layer.experts, name)
                 shard = nn.Parameter(full.data[ep_rank * El : (ep_rank + 1) * El].clone())
                 setattr(layer.experts, name, shard)
@@ -163,6 +153,7 @@ def build_model(cfg: TrainConfig, device: torch.device, ep_rank: int = 0, ep_siz
     if ep_size > 1:
         shard_experts(model, ep_rank, ep_size)
     model.to_empty(device=device)
+    model.tie_weights()  # to_empty made one new Parameter per module: the tied head is the embedding again
     model.reset_parameters()
     return model
 
@@ -193,8 +184,7 @@ def parallelize(model: nn.Module, cfg: TrainConfig, env: DistEnv) -> ExpertParal
     for layer in model.moe_layers:
         # Tagged here, after any materialisation (to_empty from meta makes new Parameter objects,
         # which would silently drop the tags: experts averaged over ranks that hold different ones).
-        for name in _names(layer):
-            param = getattr(layer.experts, name)
+        for param in layer.experts.parameters():  # the fused weights, and LoRA adapters if any
             param.allreduce = False  # DeepSpeed: an expert param, reduced over its expert-DP group
             param.group_name = group_name
         if getattr(layer.experts, "first_expert", 0) != ep_rank * El:
@@ -205,126 +195,3 @@ def parallelize(model: nn.Module, cfg: TrainConfig, env: DistEnv) -> ExpertParal
         layer.enable_expert_tensor_parallelism = False
     model.has_expert_parallel_params = True
     return ExpertParallelInfo(True, ep_size, ep_rank, group, group_name)
-
-
-def _expert_param_names(model: nn.Module) -> list[str]:
-    out = []
-    for name, module in model.named_modules():
-        if isinstance(module, MoELayer):
-            out += [f"{name}.experts.{p}" for p in _names(module)]
-    return out
-
-
-def _gather_named(items, env: DistEnv, ep: ExpertParallelInfo) -> dict[str, torch.Tensor] | None:
-    """``(name, is_expert, get)`` triples -> full tensors on rank 0's host (None elsewhere).
-
-    ``get()`` is called on every rank in the same order (it may itself be collective, e.g. DeepSpeed's
-    fp32 master read). Expert tensors are gathered over rank 0's expert-parallel group (the other
-    groups hold replicas of the same experts) one at a time, straight to host memory: no rank ever
-    holds every expert on its device, and the other ranks hold nothing extra.
-    """
-    in_first_group = ep.enabled and 0 in dist.get_process_group_ranks(ep.group)
-    out: dict[str, torch.Tensor] | None = {} if env.rank == 0 else None
-    for name, is_expert, get in items:
-        t = get()
-        if ep.enabled and is_expert:
-            if in_first_group:
-                full = gather_to_first(t, ep.group, out_device="cpu")
-                if out is not None:
-                    out[name] = full
-        elif out is not None:
-            out[name] = t.detach().to("cpu", copy=True)
-    return out
-
-
-def full_state_dict(
-    model: nn.Module, env: DistEnv, ep: ExpertParallelInfo, master: Any = None
-) -> dict[str, torch.Tensor] | None:
-    """Every parameter and buffer with all experts in global order, on the host of rank 0 (None
-    elsewhere). ``master(param)``, when given, supplies a parameter's value (the optimizer's fp32
-    master weight) instead of the module's own copy. A tied parameter is stored once, under its
-    first name (loaders re-tie ``lm_head.weight``)."""
-    expert_names = set(_expert_param_names(model))
-    seen: set[int] = set()
-    items = []
-    for name, t in model.state_dict(keep_vars=True).items():
-        if id(t) in seen:
-            continue
-        seen.add(id(t))
-        is_param = isinstance(t, nn.Parameter)
-        get = (lambda t=t: master(t)) if (master is not None and is_param) else (lambda t=t: t.detach())
-        items.append((name, name in expert_names, get))
-    return _gather_named(items, env, ep)
-
-
-def full_optimizer_state(
-    model: nn.Module, view: Any, env: DistEnv, ep: ExpertParallelInfo
-) -> dict[str, torch.Tensor] | None:
-    """The optimizer state of ``view`` (an ``OptimizerView``) as ``<key>/<parameter name>`` tensors
-    with all experts in global order, plus ``step/<name>``, on the host of rank 0."""
-    expert_names = set(_expert_param_names(model))
-    keys = view.state_keys()
-    items = []
-    for name, p in model.named_parameters():
-        for key in keys:
-            items.append((f"{key}/{name}", name in expert_names, lambda p=p, key=key: view.state(p, key)))
-    out = _gather_named(items, env, ep)
-    if out is not None and keys:
-        for name, _ in model.named_parameters():  # one tensor each: safetensors refuses shared storage
-            out[f"step/{name}"] = torch.tensor(view.step_count())
-    return out
-
-
-def read_layout_free(path: Path, model: nn.Module, ep: ExpertParallelInfo) -> dict[str, torch.Tensor]:
-    """Read a layout-free safetensors file (model or optimizer state), keeping only this rank's
-    experts (``safe_open(...).get_slice``): host memory follows the shard, never the whole model.
-    A key names its parameter after the last ``/`` (``exp_avg/layers.0.ffn.experts.w1``)."""
-    from safetensors import safe_open
-
-    expert_names = set(_expert_param_names(model)) if ep.enabled else set()
-    out: dict[str, torch.Tensor] = {}
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
-            sl = f.get_slice(key)
-            if key.rsplit("/", 1)[-1] in expert_names and sl.get_shape():  # (step/<name> is a scalar)
-                El = sl.get_shape()[0] // ep.ep_size
-                out[key] = sl[ep.ep_rank * El : (ep.ep_rank + 1) * El]
-            else:
-                out[key] = f.get_tensor(key)
-    return out
-
-
-def load_model_file_shard(model: nn.Module, path: Path, ep: ExpertParallelInfo) -> dict[str, torch.Tensor]:
-    """Load a layout-free ``model.safetensors`` (this rank's experts only); returns what was read
-    (full precision: a bf16 module gets rounded copies, the optimizer's fp32 masters take the file's)."""
-    sd = read_layout_free(path, model, ep)
-    if getattr(model, "cfg", None) is not None and model.cfg.tie_embeddings:
-        sd.setdefault("lm_head.weight", sd["embed.weight"])
-    model.load_state_dict(sd, strict=True)
-    return sd
-
-
-# ---- engine state for sharded runs ----------------------------------------------------------------
-def load_engine_state(engine: Any, folder: Path, rank: int) -> None:
-    """Checkpoints written before 2026-11-25 by ZeRO-1/2 or bf16 runs: per-rank engine files."""
-    # map_location: each rank's file holds tensors of that rank's GPU; load everything to the host
-    # first (DeepSpeed and load_state_dict copy onto this rank's device).
-    state = torch.load(folder / f"rank_{rank:05d}.pt", map_location="cpu", weights_only=False)
-    engine.module.load_state_dict(state["module"], strict=True)
-    opt = engine.optimizer
-    if type(opt).__module__.startswith("deepspeed.runtime.zero"):
-        # ZeRO-1/2 index the list by data-parallel rank (and may merge partitions): give it every rank's.
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        all_states = [
-            state["optimizer"]
-            if r == rank
-            else torch.load(folder / f"rank_{r:05d}.pt", map_location="cpu", weights_only=False)["optimizer"]
-            for r in range(world)
-        ]
-        opt.load_state_dict(all_states, load_optimizer_states=True, load_from_fp32_weights=True)
-    else:
-        opt.load_state_dict(state["optimizer"])
-    if state["lr_scheduler"] is not None and engine.lr_scheduler is not None:
-        engine.lr_scheduler.load_state_dict(state["lr_scheduler"])
-    engine.global_steps = state["global_steps"]
-    engine.global_samples = state["global_samples"]

@@ -39,14 +39,14 @@ def _causal_mask(q_len: int, kv_len: int, window: int | None, device: torch.devi
 
 
 def attention_with_sinks(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks_N: torch.Tensor, window: int | None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks_N: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
-    """Causal attention whose softmax has one more logit per head, ``sinks_N[h]``, that takes
-    probability mass and adds no value (gpt-oss): ``softmax([q k^T / sqrt(d), sink])[:, :-1] v``.
-    Written out as transformers' eager gpt-oss attention does (SDPA has no sink); q, k, v [B, N, T, D]."""
+    """Attention whose softmax has one more logit per head, ``sinks_N[h]``, that takes probability
+    mass and adds no value (gpt-oss): ``softmax([q k^T / sqrt(d), sink])[:, :-1] v``. Written out as
+    transformers' eager gpt-oss attention does (SDPA has no sink); q, k, v [B, N, T, D]; ``mask``
+    boolean, True = attend, broadcast to [B, N, T, kv_len] (causal / sliding-window / documents)."""
     B, N, T, D = q.shape
     scores = (q @ k.transpose(-1, -2)) * D**-0.5
-    mask = _causal_mask(T, k.shape[2], window, q.device)
     scores = scores.masked_fill(~mask, float("-inf"))
     sink = sinks_N.to(scores.dtype).view(1, N, 1, 1).expand(B, N, T, 1)
     logits = torch.cat([scores, sink], dim=-1)
@@ -96,7 +96,10 @@ class Attention(nn.Module):
         x_BTH: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         cache: KVCache | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``mask``: a boolean [B, 1, T, T] attention mask replacing the causal / sliding-window one
+        (document masking, model/documents.py); not with a cache."""
         B, T, _ = x_BTH.shape
         q, k = self.q_proj(x_BTH), self.k_proj(x_BTH)
         if self.qk_norm == "full":
@@ -118,7 +121,11 @@ class Attention(nn.Module):
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         window_active = self.sliding_window is not None and kv_len > self.sliding_window
         if self.sinks is not None:
-            out = attention_with_sinks(q, k, v, self.sinks, self.sliding_window)
+            if mask is None:
+                mask = _causal_mask(T, kv_len, self.sliding_window, x_BTH.device)
+            out = attention_with_sinks(q, k, v, self.sinks, mask)
+        elif mask is not None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         elif kv_len == T and not window_active:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:

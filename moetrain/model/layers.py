@@ -1,10 +1,14 @@
-"""Small building blocks: RMSNorm, rotary embeddings, the dense SwiGLU FFN."""
+"""Small building blocks: RMSNorm, applying rotary embeddings (tables: model/rope.py), the dense SwiGLU FFN."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from moetrain.model.rope import RotaryEmbedding
+
+__all__ = ["RMSNorm", "RotaryEmbedding", "SwiGLU", "apply_rotary"]
 
 
 class RMSNorm(nn.Module):
@@ -20,31 +24,6 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
-
-
-class RotaryEmbedding(nn.Module):
-    """RoPE in the rotate-half layout (transformers' convention, so weights copy 1:1)."""
-
-    def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
-        super().__init__()
-        self.head_dim, self.theta = head_dim, theta
-        self.register_buffer("inv_freq", torch.empty(head_dim // 2), persistent=False)
-        self.max_seq_len = max_seq_len
-        self.reset_parameters()
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Recomputed after a meta-device build is materialised (``to_empty`` leaves garbage)."""
-        d = self.head_dim
-        if self.inv_freq.is_meta:
-            return
-        arange = torch.arange(0, d, 2, dtype=torch.float32)
-        self.inv_freq.copy_(1.0 / (self.theta ** (arange / d)))
-
-    def forward(self, positions_T: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs_TD2 = torch.outer(positions_T.float(), self.inv_freq)
-        emb_TD = torch.cat((freqs_TD2, freqs_TD2), dim=-1)
-        return emb_TD.cos().to(dtype), emb_TD.sin().to(dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

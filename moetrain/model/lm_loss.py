@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 # Tokens per chunk: about 16M logits (64 MiB in fp32), at least 512 rows. Large on purpose: a chunk's
 # GEMMs lose efficiency as it shrinks (the weight gradient's reduction runs over its rows). Inside
@@ -109,3 +110,16 @@ def linear_cross_entropy(
     return _LinearCrossEntropy.apply(
         h_NH.contiguous(), weight_VH, labels_N.contiguous(), ignore_index, rows, want_grad
     )
+
+
+class LMHead(nn.Linear):
+    """The output projection: ``head(h)`` gives logits, ``head(h, labels)`` the fused loss
+    (:func:`linear_cross_entropy`). One module owns the weight for both uses, so wrappers that gather
+    a weight in its module's hooks (DeepSpeed ZeRO-3, FSDP) find it used inside its own forward."""
+
+    def forward(  # type: ignore[override]
+        self, h: torch.Tensor, labels: torch.Tensor | None = None, chunk_rows: int | None = None
+    ) -> torch.Tensor:
+        if labels is None:
+            return super().forward(h)
+        return linear_cross_entropy(h, self.weight, labels, ignore_index=-100, chunk_rows=chunk_rows)

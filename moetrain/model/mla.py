@@ -4,7 +4,7 @@
     c, k_r = kv_a_proj_with_mqa(x)                      c: the kv latent [kv_lora_rank], k_r: [rope], shared by the heads
     k_n, v = kv_b_proj(RMSNorm(c))                      [N heads x (nope + v)]
     k      = [k_n, RoPE(k_r)],  q = [q_nope, RoPE(q_rope)]
-    out    = o_proj(softmax(q k^T * scale) v),  scale = (nope + rope)^-1/2
+    out    = o_proj(softmax(q k^T * scale) v),  scale = (nope + rope)^-1/2 (x mscale^2 under YaRN)
 
 Names are transformers' DeepseekV3Attention's, so weights copy 1:1; its latent norms use eps 1e-6
 whatever rms_norm_eps says (as transformers builds them). ``rope_interleave``: the checkpoint's rotary
@@ -19,11 +19,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moetrain.config import MLAConfig
+from moetrain.config import MLAConfig, ModelConfig
 from moetrain.model.attention import KVCache, _causal_mask
 from moetrain.model.layers import RMSNorm, apply_rotary
+from moetrain.model.rope import yarn_softmax_mscale
 
 LATENT_NORM_EPS = 1e-6  # DeepseekV3RMSNorm's default, which transformers uses for q_a / kv_a norms
+
+
+def mla_softmax_scale(cfg: ModelConfig) -> float:
+    """``(nope + rope)^-1/2``, times ``mscale^2`` for a YaRN ``model.rope_scaling`` with ``mscale_all_dim``
+    (DeepSeek-V3's long-context checkpoints; transformers' ``yarn_apply_mscale``)."""
+    qk = cfg.mla.qk_nope_head_dim + cfg.mla.qk_rope_head_dim
+    return qk**-0.5 * yarn_softmax_mscale(cfg.rope_scaling) ** 2
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -53,8 +61,13 @@ class MultiHeadLatentAttention(nn.Module):
         return apply_rotary(x, cos, sin)
 
     def forward(
-        self, x_BTH: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache | None = None
+        self,
+        x_BTH: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: KVCache | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``mask``: a boolean [B, 1, T, T] mask replacing the causal one (document masking)."""
         B, T, _ = x_BTH.shape
         N = self.num_heads
         if hasattr(self, "q_proj"):
@@ -74,7 +87,9 @@ class MultiHeadLatentAttention(nn.Module):
         if cache is not None:
             k, v = cache.append(k, v)
         kv_len = k.shape[2]
-        if kv_len == T:
+        if mask is not None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
+        elif kv_len == T:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
         else:
             mask = _causal_mask(T, kv_len, None, x_BTH.device)

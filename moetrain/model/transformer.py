@@ -17,9 +17,10 @@ from torch.utils.checkpoint import checkpoint
 
 from moetrain.config import ModelConfig
 from moetrain.model.attention import Attention, KVCache
+from moetrain.model.documents import document_mask, document_positions
 from moetrain.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
-from moetrain.model.lm_loss import linear_cross_entropy
-from moetrain.model.mla import MultiHeadLatentAttention
+from moetrain.model.lm_loss import LMHead
+from moetrain.model.mla import MultiHeadLatentAttention, mla_softmax_scale
 from moetrain.moe import (
     MoELayer,
     RouterStats,
@@ -46,9 +47,12 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.attention_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.window = cfg.layer_window(layer_idx)  # None: full causal attention
         self.attention: nn.Module
         if cfg.mla.enabled:  # multi-head latent attention (DeepSeek-V3)
-            self.attention = MultiHeadLatentAttention(cfg.hidden_size, cfg.num_heads, cfg.mla)
+            self.attention = MultiHeadLatentAttention(
+                cfg.hidden_size, cfg.num_heads, cfg.mla, softmax_scale=mla_softmax_scale(cfg)
+            )
         else:
             self.attention = self._gqa(cfg, layer_idx)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
@@ -82,9 +86,13 @@ class Block(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache | None = None
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: KVCache | None = None,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, RouterStats | None]:
-        x = x + self.attention(self.attention_norm(x), rope, cache)
+        x = x + self.attention(self.attention_norm(x), rope, cache, mask)
         h = self.ffn_norm(x)
         if self.is_moe:
             y, stats = self.ffn(h)
@@ -101,6 +109,30 @@ def _normal(shape: torch.Size, std: float, seed: int) -> torch.Tensor:
     return torch.empty(shape).normal_(0.0, std, generator=torch.Generator().manual_seed(seed))
 
 
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """alias name -> source name of ``model``'s tied parameters (``MoETransformer.tied_weights``; {} for
+    a model without ties). Checkpoints store only the sources; loaders restore the aliases."""
+    model = getattr(model, "module", model)  # a DeepSpeed engine
+    return dict(getattr(model, "tied_weights", None) or {})
+
+
+def declared_ties(cfg: ModelConfig) -> dict[str, str]:
+    """The ``tied_weights`` a model of ``cfg`` declares (built on the meta device: costs nothing)."""
+    with torch.device("meta"):
+        return tied_aliases(MoETransformer(cfg))
+
+
+def drop_aliases(state: dict[str, torch.Tensor], tied: dict[str, str]) -> dict[str, torch.Tensor]:
+    """``state`` without the alias keys of ``tied`` (what a checkpoint or export file stores)."""
+    return {k: v for k, v in state.items() if k not in tied}
+
+
+def untied_in_state(state: dict[str, torch.Tensor], tied: dict[str, str]) -> list[str]:
+    """Aliases that ``state`` holds as a tensor of their own, different from their source: a file
+    written while the tie was broken (moetrain before 2026-12-05 lost it in the meta-device build)."""
+    return [a for a, s in tied.items() if a in state and s in state and not torch.equal(state[a], state[s])]
+
+
 class MoETransformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -108,10 +140,15 @@ class MoETransformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.embed.weight
-        self.rope = RotaryEmbedding(cfg.rotary_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # Tied parameters, declared once: alias name -> source name. Every path that makes or replaces
+        # parameters (meta build + to_empty, loading, export) calls tie_weights(), which makes the alias
+        # the *same* Parameter object as its source: named_parameters() yields it once (one optimizer
+        # entry, gradients from both uses summed), and files store it once, under the source name.
+        self.tied_weights: dict[str, str] = {"lm_head.weight": "embed.weight"} if cfg.tie_embeddings else {}
+        self.tie_weights()
+        # RoPE on cfg.rotary_dim dims of each head (partial RoPE: GLM-4.5; MLA: its rotated part).
+        self.rope = RotaryEmbedding(cfg.rotary_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
         self.activation_checkpointing = False
         # parallel.compile: torch.compile'd callables over self.layers (model/compile.py); a plain
         # list, not modules, so names and state dicts do not change. Used without a KV cache only.
@@ -124,6 +161,13 @@ class MoETransformer(nn.Module):
         # empty after every update). See after_optimizer_step.
         self._bias_counts_LE: torch.Tensor | None = None
         self.reset_parameters()
+
+    def tie_weights(self) -> None:
+        """Make every alias of ``tied_weights`` its source's Parameter object again (``to_empty``,
+        ``load_state_dict(assign=True)`` and the like make one new Parameter per module). Idempotent."""
+        for alias, source in self.tied_weights.items():
+            owner, _, attr = alias.rpartition(".")
+            setattr(self.get_submodule(owner), attr, self.get_parameter(source))
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -172,19 +216,33 @@ class MoETransformer(nn.Module):
         labels_BT: torch.Tensor | None = None,
         caches: list[KVCache] | None = None,
         return_logits: bool = False,
+        document_ids_BT: torch.Tensor | None = None,
     ) -> ModelOutput:
-        T = input_ids_BT.shape[1]
+        """``document_ids_BT`` (data.document_masking): per token, its document in the packed block;
+        attention then stays inside each document and positions restart (model/documents.py)."""
+        B, T = input_ids_BT.shape
         start = caches[0].length if caches else 0
         x = self.embed(input_ids_BT)
-        positions = torch.arange(start, start + T, device=input_ids_BT.device)
-        rope = self.rope(positions, x.dtype)
+        mask: dict[int | None, torch.Tensor] | None = None
+        if document_ids_BT is None:
+            positions = torch.arange(start, start + T, device=input_ids_BT.device)
+            rope = self.rope(positions, x.dtype)
+        else:
+            if caches:
+                raise ValueError("document_ids_BT is for training and evaluation, not with a KV cache")
+            document_ids_BT = document_ids_BT.to(input_ids_BT.device)
+            cos, sin = self.rope(document_positions(document_ids_BT).reshape(-1), x.dtype)
+            rope = (cos.view(B, 1, T, -1), sin.view(B, 1, T, -1))  # per sequence: broadcast over heads
+            # One mask per distinct window (model.layer_types mixes sliding and full layers).
+            mask = {w: document_mask(document_ids_BT, w) for w in {b.window for b in self.layers}}
         stats: list[RouterStats] = []
         blocks = self.compiled_blocks if self.compiled_blocks is not None and caches is None else self.layers
         for i, block in enumerate(blocks):
+            mask_i = mask[self.layers[i].window] if mask is not None else None
             if self.activation_checkpointing and self.training and caches is None:
-                x, s = checkpoint(block, x, rope, use_reentrant=False)
+                x, s = checkpoint(block, x, rope, None, mask_i, use_reentrant=False)
             else:
-                x, s = block(x, rope, caches[i] if caches else None)
+                x, s = block(x, rope, caches[i] if caches else None, mask_i)
             if s is not None:
                 stats.append(s)
         if self.training and stats and self.cfg.moe.bias_update_rate > 0:
@@ -194,12 +252,8 @@ class MoETransformer(nn.Module):
         out = ModelOutput(logits=logits, router_stats=stats)
         if labels_BT is not None:
             # The head and the loss in one pass over token chunks: no [B*T, V] logits (model/lm_loss.py).
-            out.lm_loss = linear_cross_entropy(
-                h.reshape(-1, h.shape[-1]),
-                self.lm_head.weight,
-                labels_BT.reshape(-1),
-                ignore_index=-100,
-                chunk_rows=self.cfg.loss_chunk_tokens,
+            out.lm_loss = self.lm_head(
+                h.reshape(-1, h.shape[-1]), labels_BT.reshape(-1), chunk_rows=self.cfg.loss_chunk_tokens
             )
             moe = self.cfg.moe
             out.aux_loss = load_balancing_loss(

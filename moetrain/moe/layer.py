@@ -88,9 +88,9 @@ class MoELayer(nn.Module):
             cfg.jitter_eps,
             cfg.score_function,
             cfg.bias_update_rate,
-            n_group=cfg.n_group,
-            topk_group=cfg.topk_group,
-            routed_scaling_factor=cfg.routed_scaling_factor,
+            cfg.n_group,
+            cfg.topk_group,
+            cfg.routed_scaling_factor,
             selection_bias=cfg.selection_bias,
             gate_bias=cfg.router_bias,
         )

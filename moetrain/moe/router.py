@@ -13,12 +13,11 @@ counts of the whole step over all data-parallel ranks (``MoETransformer.after_op
 so every rank holds the same b. ``selection_bias`` holds b without updating it (a DeepSeek-V3 / GLM-4.5
 checkpoint's ``e_score_correction_bias``).
 
-Group-limited routing (DeepSeek-V3's node-limited routing, GLM-4.5; ``n_group`` > 1): the E experts
-form ``n_group`` groups of E / n_group consecutive ids; a token ranks the groups by the sum of the
-two best selection scores (scores + b) inside each, keeps the best ``topk_group`` groups and picks its
-top-k experts among theirs. transformers' DeepseekV3TopkRouter computes the same thing. Every step is
-row-wise (topk, a sum of two values), so a token's choice does not depend on its batch. The combine
-weights (renormalised when asked) are multiplied by ``routed_scaling_factor``.
+Group-limited routing (DeepSeek-V3's node-limited choice, GLM-4.5; ``n_group`` / ``topk_group``): the
+experts form ``n_group`` equal groups of consecutive ids; each token keeps the ``topk_group`` groups with
+the largest sum of their two best (bias-corrected) scores and chooses its top-k inside them.
+``routed_scaling_factor`` multiplies the combine weights after renormalisation. Both as transformers'
+DeepseekV3TopkRouter. Every step is row-wise, so a token's choice does not depend on its batch.
 """
 
 from __future__ import annotations
@@ -55,7 +54,6 @@ class TopKRouter(nn.Module):
         jitter_eps: float = 0.0,
         score_function: str = "softmax",
         bias_update_rate: float = 0.0,
-        *,
         n_group: int = 1,
         topk_group: int = 1,
         routed_scaling_factor: float = 1.0,
@@ -71,10 +69,6 @@ class TopKRouter(nn.Module):
         self.normalize_top_k, self.jitter_eps = normalize_top_k, jitter_eps
         self.score_function = score_function
         self.bias_update_rate = float(bias_update_rate)
-        if num_experts % n_group or not 1 <= topk_group <= n_group:
-            raise ValueError(
-                f"n_group={n_group} must divide num_experts={num_experts}, topk_group={topk_group} <= it"
-            )
         self.n_group, self.topk_group = n_group, topk_group
         self.routed_scaling_factor = float(routed_scaling_factor)
         self.gate = nn.Linear(hidden_size, num_experts, bias=gate_bias)  # gate_bias: gpt-oss
@@ -118,13 +112,14 @@ class TopKRouter(nn.Module):
             # benchmarks/results/combine_router_entropy_epyc-avx512bf16_2026-12-02.md).
             scores_NE = probs_NE = F.softmax(logits_NE, dim=-1)
         logsumexp_N = torch.logsumexp(logits_NE, dim=-1)
-        if self.expert_bias is None and self.n_group == 1:
-            weights_NK, expert_ids_NK = torch.topk(scores_NE, self.top_k, dim=-1)
-        else:  # the bias and the groups choose; the weights stay the unbiased scores
+        if self.n_group > 1:
             choice_NE = scores_NE if self.expert_bias is None else scores_NE + self.expert_bias.float()
-            if self.n_group > 1:
-                choice_NE = self._limit_to_groups(choice_NE)
-            _, expert_ids_NK = torch.topk(choice_NE, self.top_k, dim=-1)
+            _, expert_ids_NK = torch.topk(self._within_best_groups(choice_NE), self.top_k, dim=-1)
+            weights_NK = scores_NE.gather(-1, expert_ids_NK)
+        elif self.expert_bias is None:
+            weights_NK, expert_ids_NK = torch.topk(scores_NE, self.top_k, dim=-1)
+        else:  # the bias chooses; the weights stay the unbiased scores
+            _, expert_ids_NK = torch.topk(scores_NE + self.expert_bias.float(), self.top_k, dim=-1)
             weights_NK = scores_NE.gather(-1, expert_ids_NK)
         if self.normalize_top_k:
             weights_NK = weights_NK / weights_NK.sum(dim=-1, keepdim=True)
@@ -137,14 +132,15 @@ class TopKRouter(nn.Module):
                 entropy = (logsumexp_N - (probs_NE * logits_NE).sum(-1)).mean()
         return Routing(weights_NK.to(x_NH.dtype), expert_ids_NK, probs_NE, logsumexp_N, entropy)
 
-    def _limit_to_groups(self, choice_NE: torch.Tensor) -> torch.Tensor:
-        """Selection scores with every expert outside the token's ``topk_group`` best groups at -inf."""
+    def _within_best_groups(self, choice_NE: torch.Tensor) -> torch.Tensor:
+        """``choice_NE`` with the experts outside each token's ``topk_group`` best groups at -inf; a
+        group's score is the sum of its two best experts' scores."""
         N, E = choice_NE.shape
-        grouped_NGe = choice_NE.view(N, self.n_group, E // self.n_group)
-        group_scores_NG = grouped_NGe.topk(2, dim=-1).values.sum(dim=-1)
-        keep_NK = torch.topk(group_scores_NG, self.topk_group, dim=-1).indices
-        keep_NG = torch.zeros_like(group_scores_NG, dtype=torch.bool).scatter_(1, keep_NK, True)
-        return grouped_NGe.masked_fill(~keep_NG.unsqueeze(-1), float("-inf")).view(N, E)
+        grouped_NGS = choice_NE.view(N, self.n_group, E // self.n_group)
+        group_scores_NG = grouped_NGS.topk(2, dim=-1)[0].sum(dim=-1)
+        best_NG = torch.topk(group_scores_NG, self.topk_group, dim=-1, sorted=False)[1]
+        keep_NG = torch.zeros_like(group_scores_NG, dtype=torch.bool).scatter_(1, best_NG, True)
+        return grouped_NGS.masked_fill(~keep_NG[..., None], float("-inf")).view(N, E)
 
     @torch.no_grad()
     def update_bias(self, load_E: torch.Tensor) -> None:

@@ -59,9 +59,9 @@ def equivalence_mismatches(
 ) -> list[str]:
     """Everything in which run ``actual`` is not the same training as run ``expected`` (the bounds above):
     the per-step metrics ``keys`` (and ``grad_norm``) over ``steps``, ``val_loss`` at ``val_steps``, and
-    the ``model.safetensors`` of both runs' ``weights_step`` checkpoints, expert by expert. Returns the
+    the weights of both runs' ``weights_step`` checkpoints, expert by expert. Returns the
     failures; empty when the runs are the same training."""
-    from safetensors.torch import load_file
+    from moetrain.checkpoint import read_model_state
 
     da, de = _run_dir(actual), _run_dir(expected)
     steps = list(steps)
@@ -76,11 +76,11 @@ def equivalence_mismatches(
         ga, ge = metric_by_step(da, "grad_norm"), metric_by_step(de, "grad_norm")
         bad += metric_mismatches(ga, ge, "grad_norm", steps, rel=GRAD_NORM_REL)
     if weights_step is not None:
-        file = Path("checkpoints") / f"step_{weights_step:08d}" / "model.safetensors"
+        folder = Path("checkpoints") / f"step_{weights_step:08d}"
         lr = peak_lr(de)
         bad += weight_mismatches(
-            load_file(str(da / file)),
-            load_file(str(de / file)),
+            read_model_state(da / folder),
+            read_model_state(de / folder),
             rel=rounding_rel(WEIGHT_REL_ULPS),
             max_update=WEIGHT_MAX_LR * lr,
             rms_update=WEIGHT_RMS_LR * lr,

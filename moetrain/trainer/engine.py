@@ -13,17 +13,14 @@ from typing import Any
 
 import torch
 
-from moetrain.config import TrainConfig
+from moetrain.config import TrainConfig, training_dtype
 from moetrain.moe.experts import onednn_runs_cpu_gemm
 from moetrain.trainer.schedule import lr_multiplier
 
 
 def resolve_dtype(name: str) -> torch.dtype:
-    if name == "auto":
-        return (
-            torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-        )
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+    """``parallel.dtype`` as a torch dtype, by the rule plan uses too (config.training_dtype)."""
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[training_dtype(name)]
 
 
 def slow_dtype_warning(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -69,7 +66,7 @@ def deepspeed_config(
         # ZeRO-0: the loop clips with the exact global norm (DeepSpeed's fp32 path averages per-rank
         # norms, which is not the global norm once experts are sharded). ZeRO-1/2: DeepSpeed clips.
         "gradient_clipping": o.grad_clip if p.zero_stage > 0 else 0.0,
-        "zero_optimization": {"stage": p.zero_stage},
+        "zero_optimization": zero_config(p.zero_stage, p.offload_optimizer, device, cfg.model.hidden_size),
         "bf16": {"enabled": resolve_dtype(p.dtype) == torch.bfloat16},
         # Gradients are summed across ranks in fp32 even in bf16 runs (DeepSpeed's default would
         # reduce in the model dtype: 8 mantissa bits for a sum over every data-parallel rank).
@@ -100,6 +97,34 @@ def deepspeed_config(
             user.pop(key, None)
         ds = _merge(ds, user)
     return ds
+
+
+def zero_config(
+    stage: int, offload_optimizer: bool, device: torch.device | str, hidden_size: int
+) -> dict[str, Any]:
+    """DeepSpeed's ``zero_optimization`` block. Offload: the fp32 masters and AdamW state live in host
+    memory and the step runs there, with the same torch AdamW (``torch_adam``) as without offload:
+    DeepSpeedCPUAdam would JIT-compile an op first (docs/EXPERT_PARALLEL.md has the timings).
+
+    ZeRO-3 buffers follow the model (the sizes transformers' DeepSpeed integration derives from the
+    hidden size) instead of DeepSpeed's fixed defaults (5e8-element reduce bucket, 5e7 prefetch):
+    those buffers, and weights kept gathered between uses, outweighed the partitioned state of a
+    small model. Parameters below 10 x
+    hidden elements (norms) stay gathered; everything else is partitioned, as plan counts it."""
+    out: dict[str, Any] = {"stage": stage}
+    if stage == 3:
+        out.update(
+            reduce_bucket_size=hidden_size * hidden_size,
+            stage3_prefetch_bucket_size=int(0.9 * hidden_size * hidden_size),
+            stage3_param_persistence_threshold=10 * hidden_size,
+            # release gathered weights after use (DeepSpeed's 1e9 defaults keep the whole model gathered)
+            stage3_max_live_parameters=4 * hidden_size * hidden_size,
+            stage3_max_reuse_distance=4 * hidden_size * hidden_size,
+        )
+    if offload_optimizer:
+        # pinned host buffers speed up the GPU <-> host copies; on a CPU run there is nothing to copy
+        out["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.device(device).type == "cuda"}
+    return out
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:

@@ -21,11 +21,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from moetrain.checkpoint.integrity import verify
-from moetrain.checkpoint.manager import CheckpointManager, read_rank_state, read_trainer_state, set_rng_state
-from moetrain.checkpoint.model_file import CheckpointError, resolve_checkpoint
-from moetrain.checkpoint.optimizer_state import FILE as OPTIMIZER_FILE
-from moetrain.checkpoint.optimizer_state import OptimizerView, load_training_state
+from moetrain.checkpoint.base_ref import KEY as BASE_KEY
+from moetrain.checkpoint.checkpointer import Checkpointer
+from moetrain.checkpoint.model_file import CheckpointError
+from moetrain.checkpoint.optimizer_state import OptimizerView
+from moetrain.checkpoint.resume import choose, restore
+from moetrain.checkpoint.run_lock import RunLock
+from moetrain.checkpoint.save_errors import SavePolicy, disk_check
+from moetrain.checkpoint.size import checkpoint_bytes
 from moetrain.config import ConfigError, TrainConfig
 from moetrain.distributed import (
     DistEnv,
@@ -36,18 +39,13 @@ from moetrain.distributed import (
     broadcast_object,
     init_distributed,
 )
-from moetrain.distributed.expert_parallel import (
-    build_model,
-    full_optimizer_state,
-    full_state_dict,
-    load_engine_state,
-    parallelize,
-)
+from moetrain.distributed.expert_parallel import build_model, parallelize
 from moetrain.model.compile import compile_blocks, compile_unavailable_reason
 from moetrain.tracking import CollapseDetector, MetricsFile, RoutingAccumulator, WandbRun, routing_metrics
 from moetrain.trainer.engine import build_engine, resolve_dtype, slow_dtype_warning
 from moetrain.trainer.guards import NonFiniteGuard, StopRequest, TrainingDiverged
 from moetrain.trainer.host_memory import configure_host_allocator
+from moetrain.trainer.pretrained_start import check_pretrained_start
 
 # Dense bf16 peak TFLOP/s for MFU on known accelerators; unknown devices (and CPUs) log TFLOP/s only.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
@@ -105,6 +103,12 @@ def _run_log() -> logging.Logger:
         if not log.handlers:
             log.addHandler(logging.NullHandler())
     return log
+
+
+def _documents(batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor | None:
+    """The batch's per-token document ids (data.document_masking), on ``device``; None without."""
+    ids = batch.get("document_ids")
+    return None if ids is None else ids.to(device, non_blocking=True)
 
 
 def seed_everything(seed: int) -> None:
@@ -178,7 +182,7 @@ class Trainer:
             _run_log().info(msg)
 
     def _build_data(self) -> None:
-        from moetrain.data import ResumableLoader, ValidationLoader, build_data
+        from moetrain.data import build_data, build_loaders
 
         # Rank 0 builds (download, tokenizer, packing caches); the others then read the cache.
         if self.is_main:
@@ -200,21 +204,17 @@ class Trainer:
             )
             self.cfg.model.vocab_size = padded
         o, env = self.cfg.optim, self.env
-        self.train_loader = ResumableLoader(
-            self.data.train,
+        # eval_batches spread evenly over each validation split, so every domain is in the eval
+        self.train_loader, self.val_loaders = build_loaders(
+            self.data,
+            self.cfg.data,
             o.micro_batch_size,
             rank=env.rank,
             world_size=env.world_size,
             seed=self.cfg.trainer.seed,
+            eval_batches=self.cfg.trainer.eval_batches,
         )
-        # eval_batches spread evenly over the whole validation split, so every domain is in the eval
-        self.val_loader = ValidationLoader(
-            self.data.validation,
-            o.micro_batch_size,
-            rank=env.rank,
-            world_size=env.world_size,
-            num_batches=self.cfg.trainer.eval_batches,
-        )
+        self._epochs_logged = self.train_loader.epochs()
 
     def _build_model(self) -> None:
         seed_everything(self.cfg.trainer.seed)  # same init on every rank
@@ -229,8 +229,19 @@ class Trainer:
             load_pretrained(
                 model, m.init_from or m.upcycle_from, upcycle=bool(m.upcycle_from), noise=m.upcycle_noise
             )
+        self.lora_base = None
+        if m.lora.rank:  # freeze the base, add the adapters (this rank's experts' only)
+            from moetrain.checkpoint.base_ref import base_reference
+            from moetrain.model.lora import apply_lora
+
+            apply_lora(model, m.lora)
+            self.lora_base = base_reference(m.init_from, self.cfg.trainer.seed)
         model.activation_checkpointing = self.cfg.parallel.activation_checkpointing
         self.ep = parallelize(model, self.cfg, self.env)
+        if self.cfg.parallel.zero_stage == 3:  # DeepSpeed's ZeRO-3 expert contract (distributed/zero3.py)
+            from moetrain.distributed.zero3 import prepare_zero3
+
+            prepare_zero3(model, self.ep)
         if self.cfg.parallel.compile:  # after parallelize: the all-to-all exchanges stay eager too
             compile_blocks(model)
         self.model = model
@@ -277,6 +288,14 @@ class Trainer:
             + (f" | {stats['tokens']} tokens" if "tokens" in stats else ""),
             flush=True,
         )
+        if self.data.is_mixture:
+            parts = [
+                f"{d} {w:.3f} ({len(t)} blocks)"
+                for d, w, t in zip(self.data.domains, self.data.weights, self.data.train_sources)
+            ]
+            print(f"  mixture: {', '.join(parts)} | data.on_exhausted={c.data.on_exhausted}", flush=True)
+        if c.data.document_masking:
+            print("  document masking: attention inside each document, positions restart", flush=True)
         if c.parallel.compile:
             print(
                 "  compile: each block through torch.compile (inductor), experts and token exchange "
@@ -290,140 +309,56 @@ class Trainer:
                 flush=True,
             )
 
-    # ---- checkpoint / resume ----------------------------------------------------------------------
+    # ---- checkpoint / resume (moetrain/checkpoint/ owns both; the loop only calls it) ------------
     def _config_for_checkpoint(self) -> dict[str, Any]:
         return dataclasses.asdict(self.cfg)  # vocab_size as actually built (may follow the tokenizer)
 
-    def _resume_target(self) -> Path | None:
-        r = self.cfg.trainer.resume
-        if r is None:
-            return None
-        if r == "auto":
-            latest = self.ckpt.latest_intact(warn=self._log)
-            if latest is None:
-                folder = self.run_dir / "checkpoints"
-                damaged = folder.is_dir() and any(folder.glob("step_*"))
-                self._log(
-                    "trainer.resume=auto: "
-                    + (
-                        "no intact checkpoint (see warnings above)"
-                        if damaged
-                        else "no checkpoint in this run dir yet"
-                    )
-                    + ", starting from scratch"
-                )
-            return latest
-        try:
-            folder = resolve_checkpoint(r)
-        except CheckpointError as e:
-            raise CheckpointError(f"trainer.resume={r!r}: {e}") from None
-        problem = verify(folder)
-        if problem is not None:  # an explicit choice is never silently replaced by another checkpoint
-            raise CheckpointError(f"trainer.resume={r!r} is damaged: {problem}")
-        return folder
-
-    SHAPE_KEYS = (
-        "vocab_size",
-        "hidden_size",
-        "num_layers",
-        "num_heads",
-        "num_kv_heads",
-        "head_dim",
-        "ffn_hidden_size",
-        "dense_ffn_hidden_size",
-        "num_experts",
-        "moe_every",
-        "mlp_only_layers",
-        "tie_embeddings",
-        "qk_norm",
-        "attention_bias",
-        "shared_expert_intermediate_size",
-        "shared_expert_gate",
-    )
-
-    def _check_same_shape(self, folder: Path) -> None:
-        """A checkpoint of another model shape: one line naming the fields, not DeepSpeed's pages
-        of size-mismatch errors."""
-        from moetrain.checkpoint.model_file import read_config
-
-        saved = (read_config(folder) or {}).get("model", {})
-        ours = dataclasses.asdict(self.cfg.model)
-        diff = [
-            f"model.{k}: {saved[k]} -> {ours[k]}"
-            for k in self.SHAPE_KEYS
-            if k in saved and saved[k] != ours[k]
-        ]
-        if diff:
-            raise CheckpointError(
-                f"checkpoint {folder} has another model shape ({', '.join(diff)}); fix: resume with the "
-                "checkpoint's model settings, or start a new run (another hydra.run.dir)"
-            )
-
-    def _resume(self, folder: Path) -> None:
-        self._check_same_shape(folder)
-        state = read_trainer_state(folder)
-        same_layout = (
-            state.get("ep_size") == self.cfg.parallel.ep_size
-            and state.get("world_size") == self.env.world_size
+    def _open_run_dir(self) -> tuple[str | None, bool]:
+        """Before any expensive work, on rank 0, agreed by all: take the run-dir lock, check the
+        disk can hold the checkpoints asked for, choose the checkpoint to resume (checked once)."""
+        c = self.cfg.trainer
+        sizes = checkpoint_bytes(
+            self.cfg.model, ep_size=self.cfg.parallel.ep_size, world_size=self.env.world_size
         )
-        if same_layout and (folder / "engine").is_dir():  # written before 2026-11-25 by ZeRO-1/2 or bf16
-            if self.ep.enabled:
-                load_engine_state(self.engine, folder / "engine", self.env.rank)
-            else:
-                self.engine.load_checkpoint(
-                    str(folder), tag="engine", load_optimizer_states=True, load_lr_scheduler_states=True
+        self.checkpointer = Checkpointer(
+            root=self.run_dir / "checkpoints",
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+            ep_size=self.cfg.parallel.ep_size,
+            keep_last=c.keep_last,
+            policy=SavePolicy(c.on_save_error, c.max_failed_saves, sizes["total"]),
+            async_save=c.async_checkpoint,
+            log=self._log,
+        )
+        answer: tuple = (None, False, None)
+        if self.is_main:
+            try:
+                for line in self.lock.acquire(force=c.force_unlock):
+                    self._log(line)
+                for line in disk_check(self.run_dir / "checkpoints", sizes["total"], c):
+                    self._log(line)
+                answer = choose(
+                    c.resume,
+                    self.checkpointer.manager,
+                    self.run_dir,
+                    trust=c.trust_checkpoint_code,
+                    log=self._log,
                 )
-        else:
-            # The layout-free files: fp32 master weights and optimizer state with all experts in
-            # global order, each rank reading its own shard; the same path for every ZeRO stage,
-            # dtype and layout, so a resume at another ep_size / world size is exact too.
-            restored = load_training_state(self.model, self._optimizer_view(), folder, self.ep)
-            if not restored and same_layout:
-                raise CheckpointError(f"{folder} has no {OPTIMIZER_FILE}: optimizer state missing")
-            if not same_layout:
-                self._log(
-                    f"note: checkpoint saved with ep_size={state.get('ep_size')} world={state.get('world_size')}, "
-                    f"resuming with ep_size={self.cfg.parallel.ep_size} world={self.env.world_size}: "
-                    + (
-                        "weights and optimizer state resharded"
-                        if restored
-                        else "weights resharded; warning: optimizer state reinitialised (this older "
-                        "checkpoint has per-rank engine files only)"
-                    )
-                )
-            self.engine.global_steps = state["step"]
-            with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended here
-                warnings.simplefilter("ignore")
-                for _ in range(state["step"]):  # keep the LR schedule where it was
-                    self.scheduler.step()
-        saved_max = state.get("max_steps")
-        if saved_max is not None and saved_max != self.cfg.trainer.max_steps:
-            self._log(
-                f"note: checkpoint saved with trainer.max_steps={saved_max}, resuming with "
-                f"{self.cfg.trainer.max_steps}: warmup and cosine decay now follow "
-                f"{self.cfg.trainer.max_steps} (lr at step {state['step']}: {self.scheduler.get_last_lr()[0]:.3g})"
-            )
-        self.step = state["step"]
-        self.tokens_seen = state["tokens_seen"]
-        rank_state = read_rank_state(folder, self.env.rank) if same_layout else None
-        if rank_state is not None:
-            self.train_loader.load_state_dict(rank_state["loader"])
-            set_rng_state(rank_state["rng"])
-        else:
-            self.train_loader.load_state_dict(state["loader"])
-        self._log(f"resumed from {folder} at step {self.step}")
+            except CheckpointError as e:
+                answer = (None, False, str(e))
+        target, verify_files, problem = broadcast_object(answer)
+        if problem is not None:
+            err = CheckpointError(problem)
+            err.reported_by_rank0 = True  # type: ignore[attr-defined]
+            raise err
+        return target, verify_files
 
     def _optimizer_view(self) -> OptimizerView:
         return OptimizerView(self.model, self.engine.optimizer)
 
-    def _save(self) -> Path | None:
-        """Collective. Never from non-finite weights; a failed write (disk full, permissions) is
-        reported in one line, leaves every older checkpoint in place and the run goes on."""
-        if any_rank(not self._weights_finite()):
-            self._log(
-                f"error: step {self.step}: weights are not finite; checkpoint NOT written (older ones kept)"
-            )
-            return None
+    def _save(self, final: bool = False) -> Path | None:
+        """Collective. Never from non-finite weights; a failed write is one line and
+        ``trainer.on_save_error`` decides (checkpoint/save_errors.py)."""
         trainer_state = {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
@@ -432,32 +367,24 @@ class Trainer:
             "max_steps": self.cfg.trainer.max_steps,
             "skipped_steps": self.nonfinite.total_skipped,
             "loader": self.train_loader.state_dict(),
+            **({BASE_KEY: self.lora_base} if self.lora_base else {}),  # LoRA: the base by reference
         }
-        # Collective, in the same order on every rank: fp32 master weights, then optimizer state.
-        view = self._optimizer_view()
-        model_state = full_state_dict(self.model, self.env, self.ep, master=view.master)
-        optimizer_state = full_optimizer_state(self.model, view, self.env, self.ep)
-        try:
-            path = self.ckpt.save(
-                step=self.step,
-                model_state=model_state,
-                optimizer_state=optimizer_state,
-                config=self._config_for_checkpoint(),
-                trainer_state=trainer_state,
-                rank_state={"loader": self.train_loader.state_dict()},
-                tokenizer=self.data.tokenizer,
-            )
-        except OSError as e:
-            self.ckpt.discard_partial()
-            self._failed_saves += 1
-            self._log(f"error: checkpoint at step {self.step} failed ({e}); older checkpoints kept")
-            return None
-        self._log(f"checkpoint saved: {path}")
-        return path
+        return self.checkpointer.save(
+            self.step,
+            model=self.model,
+            view=self._optimizer_view(),
+            weights_finite=self._weights_finite(),
+            trainer_state=trainer_state,
+            loader_state=self.train_loader.state_dict(),
+            config=self._config_for_checkpoint(),
+            tokenizer=self.data.tokenizer,
+            final=final,
+        )
 
     @torch.no_grad()
     def _weights_finite(self) -> bool:
-        flags = [torch.isfinite(p).all() for p in self.model.parameters()]
+        # ZeRO-3: a parameter's data is empty outside the forward; its partition is ds_tensor
+        flags = [torch.isfinite(getattr(p, "ds_tensor", p)).all() for p in self.model.parameters()]
         return bool(torch.stack(flags).all()) if flags else True
 
     # ---- one step ---------------------------------------------------------------------------------
@@ -472,7 +399,7 @@ class Trainer:
             batch = next(self.train_loader)
             ids = batch["input_ids"].to(self.env.device, non_blocking=True)
             labels = batch["labels"].to(self.env.device, non_blocking=True)
-            out = self.engine(ids, labels)
+            out = self.engine(ids, labels, document_ids_BT=_documents(batch, self.env.device))
             if self.step + 1 in self._nan_steps:  # test hook: a numeric fault at a chosen step
                 out.loss = out.loss * float("nan")
             self.engine.backward(out.loss)
@@ -580,18 +507,47 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        """``val_loss`` over every validation token; with a mixture also ``val_loss/<domain>``."""
         self.engine.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=self.env.device)
-        for batch in self.val_loader:
-            out = self.engine(batch["input_ids"].to(self.env.device), batch["labels"].to(self.env.device))
-            n = batch["labels"].numel()
-            total += torch.stack([out.lm_loss.detach().double() * n, total.new_tensor(float(n))])
+        sums = torch.zeros(len(self.val_loaders), 2, dtype=torch.float64, device=self.env.device)
+        for i, loader in enumerate(self.val_loaders.values()):
+            for batch in loader:
+                dev = self.env.device
+                out = self.engine(
+                    batch["input_ids"].to(dev),
+                    batch["labels"].to(dev),
+                    document_ids_BT=_documents(batch, dev),
+                )
+                n = batch["labels"].numel()
+                sums[i] += torch.stack([out.lm_loss.detach().double() * n, sums.new_tensor(float(n))])
         self.engine.train()
-        total = all_reduce_sum(total).cpu()
+        sums = all_reduce_sum(sums).cpu()
+        total = sums.sum(dim=0)
         if total[1] == 0:
             return {}
         val = float(total[0] / total[1])
-        return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
+        record = {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
+        for domain, (loss_sum, n) in zip(self.val_loaders, sums.tolist()):
+            if domain and n:
+                record[f"val_loss/{domain}"] = loss_sum / n
+        return record
+
+    def _data_record(self) -> dict[str, Any]:
+        """Mixtures: cumulative training tokens and completed epochs per source (global: the
+        loader's state is the same on every rank); a line when a source starts another epoch."""
+        loader = self.train_loader
+        if not hasattr(loader, "tokens_by_domain"):
+            return {}
+        epochs = loader.epochs()
+        for domain, epoch in epochs.items():
+            if epoch > self._epochs_logged.get(domain, 0):
+                self._log(
+                    f"data: source {domain!r} read to its end, epoch {epoch + 1} begins (data.on_exhausted=repeat)"
+                )
+        self._epochs_logged = epochs
+        record: dict[str, Any] = {f"data/tokens/{d}": n for d, n in loader.tokens_by_domain().items()}
+        record.update({f"data/epochs/{d}": e for d, e in epochs.items()})
+        return record
 
     # ---- logging ----------------------------------------------------------------------------------
     def _routing_record(self) -> dict[str, Any]:
@@ -664,11 +620,18 @@ class Trainer:
         self._log(_step_line(self.step, self.cfg.trainer.max_steps, record))
 
     def run(self) -> int:
-        c = self.cfg
         self._check_run_dir_writable()
-        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", self.env.rank, c.trainer.keep_last)
-        if c.trainer.resume not in (None, "auto"):
-            self._resume_target()  # a wrong or damaged checkpoint path fails before any expensive work
+        self.lock = RunLock(self.run_dir)
+        try:
+            return self._run()
+        finally:
+            self.lock.release()
+
+    def _run(self) -> int:
+        c = self.cfg
+        # Before any expensive work, chosen and checked once (rank 0): a busy run dir, a disk too
+        # small, a wrong, damaged or code-carrying checkpoint stop every rank with the same line.
+        target, verify_files = self._open_run_dir()
         self._build_data()
         self._build_model()
         self._install_update_guard()
@@ -676,10 +639,24 @@ class Trainer:
         self.nonfinite = NonFiniteGuard(
             c.trainer.on_nonfinite, c.trainer.max_skipped_steps, c.trainer.skip_window
         )
-        self._failed_saves = 0
-        target = broadcast_object(str(self._resume_target()) if self.is_main else None)
-        if target not in (None, "None"):
-            self._resume(Path(target))
+        if target is not None:
+            state = restore(
+                Path(target),
+                cfg=c,
+                env=self.env,
+                ep=self.ep,
+                model=self.model,
+                view=self._optimizer_view(),
+                engine=self.engine,
+                scheduler=self.scheduler,
+                loader=self.train_loader,
+                verify_files=verify_files,
+                log=self._log,
+                stats_dir=self.run_dir,
+                lora_base=self.lora_base,
+            )
+            self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+            self._epochs_logged = self.train_loader.epochs()
         else:
             seed_everything(c.trainer.seed + self.env.rank)  # per-rank stream for jitter etc.
 
@@ -698,14 +675,14 @@ class Trainer:
             from tqdm import tqdm
 
             self._bar = tqdm(total=c.trainer.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
+        if target in (None, "None"):  # a pretrained start is evaluated (and checked) before step 1
+            check_pretrained_start(self)
         stopper = StopRequest(c.trainer.stop_signals, c.trainer.stop_after_minutes)
         stopper.install()
         self.engine.train()
         stop_reason = None
         # resumed at (or past) the stop step: nothing to train, the checkpoint resumed from is the last
-        last_saved: Path | None = (
-            Path(target) if target not in (None, "None") and self.step >= stop_step else None
-        )
+        last_saved: Path | None = Path(target) if target is not None and self.step >= stop_step else None
         try:
             while self.step < stop_step:
                 record = self._train_step()
@@ -715,6 +692,11 @@ class Trainer:
                     self._bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
                 last = self.step == stop_step
                 stop_reason = None if last else stopper.poll()  # one collective: all ranks agree
+                if stop_reason is None and not last and c.data.on_exhausted == "stop":
+                    # the loader's state is global, so every rank reaches the same answer
+                    exhausted = self.train_loader.exhausted_within(c.optim.grad_accum)
+                    if exhausted is not None:
+                        stop_reason = f"{exhausted} is read to its end (data.on_exhausted=stop)"
                 last = last or stop_reason is not None
                 do_eval = bool(c.trainer.eval_every) and (self.step % c.trainer.eval_every == 0 or last)
                 if (c.trainer.log_every and self.step % c.trainer.log_every == 0) or last or do_eval:
@@ -726,6 +708,7 @@ class Trainer:
                         if peak:
                             record["mfu"] = record["tflops"] / (peak * self.env.world_size)
                     record.update(self._routing_record())
+                    record.update(self._data_record())
                     if do_eval:
                         record.update(self.evaluate())
                     window_start, window_tokens = time.time(), self.tokens_seen  # eval/logging excluded
@@ -737,21 +720,23 @@ class Trainer:
                     if c.logging.heatmap_every and self.step % c.logging.heatmap_every == 0:
                         self._heatmap(step=self.step)
                 if (c.trainer.checkpoint_every and self.step % c.trainer.checkpoint_every == 0) or last:
-                    saved = self._save()
-                    last_saved = saved or last_saved
+                    # the last save is synchronous; others stage and write in the background
+                    last_saved = self._save(final=last) or self.checkpointer.last_saved or last_saved
                     window_start = time.time()  # checkpoint time is not training throughput
                 if stop_reason is not None:
                     break
         except TrainingDiverged:
             # The faulty update was not applied: the weights are those of the last good step.
             self._close_bar()
-            if self._save() is not None:
+            if self._save(final=True) is not None:
                 self._log(f"checkpoint of step {self.step} (weights before the faulty update) saved")
             self.metrics.close()
             self.wandb.finish()
             raise
         finally:
             stopper.uninstall()
+        self.checkpointer.close()  # nothing in flight past this point
+        last_saved = self.checkpointer.last_saved or last_saved
         self._close_bar()
         if self.is_main:
             self._heatmap(path=self.run_dir / "routing_heatmap.png", step=self.step)
@@ -771,7 +756,7 @@ class Trainer:
         self.metrics.close()
         self.wandb.finish()
         barrier()
-        if last_saved is None or self._failed_saves and self.ckpt.latest() != last_saved:
+        if last_saved is None:
             self._log("error: the final checkpoint could not be written (see above); older ones are kept")
             return 1
         return 0
@@ -785,10 +770,9 @@ class Trainer:
         """A short generation at the end, so a newcomer sees what the model learned."""
         if not self.is_main or not self.cfg.trainer.sample_tokens:
             return
-        if self.ep.enabled:  # experts are spread over ranks: generation would need every rank
-            self._log(
-                f"sample: skipped under expert parallelism; run python -m moetrain.generate {self.run_dir}"
-            )
+        if self.ep.enabled or self.cfg.parallel.zero_stage == 3:  # the weights are spread over ranks
+            how = "expert parallelism" if self.ep.enabled else "ZeRO-3"
+            self._log(f"sample: skipped under {how}; run python -m moetrain.generate {self.run_dir}")
             return
         if not self._weights_finite():
             self._log("sample: skipped (the weights are not finite)")

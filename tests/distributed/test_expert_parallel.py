@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from moetrain.checkpoint import read_model_state, read_optimizer_state
 from moetrain.testing import (
     REPO_ROOT,
     TrainRun,
@@ -136,8 +136,8 @@ def test_resume_ep2_from_ep2_is_exact(tmp_path: Path):
         for s in range(11, 21):
             if s in a:
                 assert a[s] == b[s], f"{key} at step {s}: {a[s]!r} vs {b[s]!r}"
-    ta = load_file(str(src.step_dir(20) / "model.safetensors"))
-    tb = load_file(str(run_dir / "checkpoints" / "step_00000020" / "model.safetensors"))
+    ta = read_model_state(src.step_dir(20))
+    tb = read_model_state(run_dir / "checkpoints" / "step_00000020")
     assert all(ta[k].equal(tb[k]) for k in ta)
 
 
@@ -146,8 +146,10 @@ def test_resume_ep2_from_ep2_is_exact(tmp_path: Path):
 def test_resume_ep2_checkpoint_with_ep1(tmp_path: Path):
     src = ep2_run(aux=True)
     folder = src.step_dir(10)
-    assert (folder / "optimizer.safetensors").is_file(), "the layout-free optimizer state is saved under EP"
-    full_opt = load_file(str(folder / "optimizer.safetensors"))
+    assert (folder / "optimizer.safetensors.index.json").is_file(), (
+        "the layout-free optimizer state is saved under EP"
+    )
+    full_opt = read_optimizer_state(folder)
     w1 = full_opt["exp_avg/layers.0.ffn.experts.w1"]
     assert w1.shape[0] == 4, "optimizer state holds all experts in global order"
     proc = run_train(tmp_path / "run", *tiny(f"trainer.resume={folder}"), nproc=1)
@@ -162,7 +164,7 @@ def test_resume_ep2_checkpoint_with_ep1(tmp_path: Path):
 @pytest.mark.numerics
 def test_resume_ep1_checkpoint_with_ep2(tmp_path: Path):
     ref = reference_run().check()
-    assert (ref.step_dir(10) / "optimizer.safetensors").is_file()
+    assert (ref.step_dir(10) / "optimizer.safetensors.index.json").is_file()
     proc = run_train(tmp_path / "run", *tiny(*EP2, f"trainer.resume={ref.step_dir(10)}"), nproc=2)
     check_ok(proc)
     assert "weights and optimizer state resharded" in proc.stdout, describe(proc)
@@ -184,7 +186,7 @@ def test_two_node_localhost_launch(tmp_path: Path):
     assert "world 2 (ep 2" in proc.stdout
     latest = run_dir / "checkpoints" / "latest"
     assert latest.read_text().strip() == "step_00000003"
-    assert (run_dir / "checkpoints" / "step_00000003" / "model.safetensors").is_file()
+    assert (run_dir / "checkpoints" / "step_00000003" / "model.safetensors.index.json").is_file()
     # the same training as torchrun on one node: step 1 and 2 don't depend on max_steps (another
     # launcher may give the ranks other thread counts, hence other GEMM blocking: not bit for bit)
     assert_equivalent(run_dir, ep2_run(aux=True), [1, 2])

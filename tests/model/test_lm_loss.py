@@ -165,7 +165,8 @@ def test_model_loss_chunk_tokens_sets_the_chunks(monkeypatch):
     """``model.loss_chunk_tokens`` reaches the fused loss (null: the automatic size) and, being only a
     chunking, leaves the loss as it was to rounding. Also settable from the command line."""
     from moetrain.config import ModelConfig, MoEConfig
-    from moetrain.model import MoETransformer, transformer
+    from moetrain.model import MoETransformer
+    from moetrain.model import lm_loss as lm_loss_module
 
     seen = []
 
@@ -173,7 +174,7 @@ def test_model_loss_chunk_tokens_sets_the_chunks(monkeypatch):
         seen.append(kwargs["chunk_rows"])
         return linear_cross_entropy(*args, **kwargs)
 
-    monkeypatch.setattr(transformer, "linear_cross_entropy", spy)
+    monkeypatch.setattr(lm_loss_module, "linear_cross_entropy", spy)  # LMHead's call
     ids = torch.randint(0, 96, (3, 20), generator=torch.Generator().manual_seed(1))
     losses = []
     for chunk in (None, 7):

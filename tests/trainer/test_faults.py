@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from moetrain.checkpoint import read_model_state
 from moetrain.checkpoint.integrity import verify, write_manifest
 from moetrain.testing import (
     cached_run,
@@ -96,8 +96,8 @@ def test_sigterm_to_torchrun_with_expert_parallelism(tmp_path: Path):
     latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
     assert (latest / "manifest.json").is_file()
     # ZeRO-0 fp32: the layout-free files are the whole state; every rank's RNG and loader position too.
-    assert (latest / "optimizer.safetensors").is_file() and not (latest / "engine").exists()
-    assert sorted(p.name for p in (latest / "rank_state").iterdir()) == ["rank_00000.pt", "rank_00001.pt"]
+    assert (latest / "optimizer.safetensors.index.json").is_file() and not (latest / "engine").exists()
+    assert sorted(p.name for p in (latest / "rank_state").iterdir()) == ["rank_00000.json", "rank_00001.json"]
     check_ok(run_train(run, *tiny(*STEPS, *ep2, "trainer.resume=auto"), nproc=2))
     resumed = metric_by_step(run)
     for s in range(1, 13):
@@ -116,7 +116,7 @@ def test_nan_step_is_skipped_and_never_saved(tmp_path: Path):
     # Training went on from finite weights: every later loss is finite and the run ends normally.
     assert all(records[s]["loss"] == records[s]["loss"] for s in range(7, 13))
     for ckpt in (run / "checkpoints").glob("step_*"):
-        weights = load_file(str(ckpt / "model.safetensors"))
+        weights = read_model_state(ckpt)
         assert all(torch.isfinite(t).all() for t in weights.values()), ckpt
 
 
@@ -133,7 +133,7 @@ def test_nan_beyond_the_policy_stops_with_one_line(tmp_path: Path):
     assert len(errors) == 1 and "at step 6" in errors[0], describe(proc)
     assert "Traceback" not in proc.stderr
     latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
-    weights = load_file(str(latest / "model.safetensors"))
+    weights = read_model_state(latest)
     assert all(torch.isfinite(t).all() for t in weights.values())
 
 
@@ -150,6 +150,7 @@ def test_kill_9_inside_a_save_resumes_from_the_previous_checkpoint(tmp_path: Pat
     # Killed before the rename: step 8 never existed, resume from 4. After the rename (latest still
     # on 4 or already on 8): either is intact, and the resume says which.
     expected = "step_00000004" if point in ("files", "manifest") else "step_0000000"
+    assert "taking over the run-dir lock left by pid" in resumed.stdout, describe(resumed)
     assert f"resumed from {run / 'checkpoints' / expected}" in resumed.stdout, describe(resumed)
     assert sorted(metric_by_step(run)) == list(range(1, 13))
 
@@ -169,13 +170,13 @@ def test_damaged_checkpoint_falls_back_or_fails_in_one_line(tmp_path: Path, how:
     run = tmp_path / "damaged"
     check_ok(run_train(run, *tiny(*STEPS, "trainer.max_steps=8", "trainer.keep_last=3")))
     newest = run / "checkpoints" / "step_00000008"
-    _damage(newest / "model.safetensors", how)
+    _damage(newest / "model-00001-of-00001.safetensors", how)
     # An explicit path is never replaced by another checkpoint: one line naming the file, exit 2.
     explicit = run_train(tmp_path / "other", *tiny(*STEPS, f"trainer.resume={newest}"))
     assert explicit.returncode == 2, describe(explicit)
     errors = [line for line in explicit.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "model.safetensors" in errors[0] and "damaged" in errors[0], describe(
-        explicit
+    assert len(errors) == 1 and "model-00001-of-00001.safetensors" in errors[0] and "damaged" in errors[0], (
+        describe(explicit)
     )
     assert "Traceback" not in explicit.stderr
     # resume=auto walks back to the newest intact checkpoint and says what was wrong.
@@ -223,7 +224,7 @@ def test_checkpoint_holds_one_copy_of_weights_and_optimizer_state():
     no second copy in DeepSpeed's engine files. Bound: 1.15 x (fp32 weights + AdamW's two moments),
     the 15 % covering tokenizer, RNG/loader state, config and manifest (~40 KB here, ~1 %)."""
     ckpt = _uninterrupted().step_dir(12)
-    weights = sum(t.numel() * 4 for t in load_file(str(ckpt / "model.safetensors")).values())
+    weights = sum(t.numel() * 4 for t in read_model_state(ckpt).values())
     total = sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file())
     assert not (ckpt / "engine").exists()
     assert total <= 1.15 * 3 * weights, f"{total} bytes for {weights} bytes of weights"

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from moetrain.checkpoint import read_model_state, read_optimizer_state
 from moetrain.moe.experts import onednn_runs_cpu_gemm
 from moetrain.testing import (
     TrainRun,
@@ -46,7 +46,7 @@ def assert_bitwise_continuation(full: Path, resumed: Path, steps: range) -> None
 
 
 def assert_same_model_file(a: Path, b: Path) -> None:
-    ta, tb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    ta, tb = read_model_state(a), read_model_state(b)
     assert ta.keys() == tb.keys()
     for k in ta:
         assert ta[k].equal(tb[k]), f"{k} differs"
@@ -54,7 +54,7 @@ def assert_same_model_file(a: Path, b: Path) -> None:
 
 def resume_from(run: TrainRun, step: int, run_dir: Path, *overrides: str, nproc: int = 1):
     src = run.step_dir(step)
-    assert (src / "model.safetensors").is_file(), f"{src} missing"
+    assert (src / "model.safetensors.index.json").is_file(), f"{src} missing"
     proc = run_train(run_dir, *tiny(*overrides, f"trainer.resume={src}"), nproc=nproc)
     check_ok(proc)
     assert f"resumed from {src} at step {step}" in proc.stdout, describe(proc)
@@ -129,8 +129,8 @@ def test_resume_is_exact_for_every_zero_stage_and_dtype(tmp_path: Path, stage: s
     assert ("use parallel.dtype=fp32 here" in full.proc.stdout) == slow, describe(full.proc)
     ckpt = full.step_dir(10)
     assert not (ckpt / "engine").exists(), "no second copy of the state in DeepSpeed's engine files"
-    opt = load_file(str(ckpt / "optimizer.safetensors"))
-    weights = load_file(str(ckpt / "model.safetensors"))
+    opt = read_optimizer_state(ckpt)
+    weights = read_model_state(ckpt)
     assert all(t.dtype == torch.float32 for t in weights.values()), "fp32 master weights, also in bf16"
     assert {k.split("/", 1)[0] for k in opt} == {"exp_avg", "exp_avg_sq", "step"}
     state_bytes = sum(t.numel() * 4 for t in weights.values()) * 3  # fp32 masters + two moments
@@ -166,9 +166,9 @@ def test_zero1_resume_at_another_ep_size_keeps_adamw_state(tmp_path: Path):
     proc = run_train(run_dir, *tiny(*args, f"trainer.resume={src.step_dir(10)}"), nproc=2)
     check_ok(proc)
     assert "weights and optimizer state resharded" in proc.stdout, describe(proc)
-    before = load_file(str(src.step_dir(10) / "optimizer.safetensors"))
-    want = load_file(str(src.step_dir(11) / "optimizer.safetensors"))
-    got = load_file(str(run_dir / "checkpoints" / "step_00000011" / "optimizer.safetensors"))
+    before = read_optimizer_state(src.step_dir(10))
+    want = read_optimizer_state(src.step_dir(11))
+    got = read_optimizer_state(run_dir / "checkpoints" / "step_00000011")
     assert want.keys() == got.keys()
     assert float(got["step/embed.weight"]) == 11
     # negative control: a fresh optimizer's first exp_avg is (1 - b1) g = m11 - b1 m10 (b1 = 0.9)
@@ -177,8 +177,8 @@ def test_zero1_resume_at_another_ep_size_keeps_adamw_state(tmp_path: Path):
     for k in want:
         if not k.startswith("step/"):
             assert_close_scaled(got[k], want[k], k, rel=rounding_rel(2000))
-    w_want = load_file(str(src.step_dir(11) / "model.safetensors"))
-    w_got = load_file(str(run_dir / "checkpoints" / "step_00000011" / "model.safetensors"))
+    w_want = read_model_state(src.step_dir(11))
+    w_got = read_model_state(run_dir / "checkpoints" / "step_00000011")
     for k in w_want:
         assert_close_scaled(w_got[k], w_want[k], k, rel=rounding_rel(2000))
 

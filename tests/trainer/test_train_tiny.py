@@ -17,8 +17,11 @@ import pytest
 import torch
 import yaml
 
-from moetrain.checkpoint.manager import CheckpointManager
+from moetrain.checkpoint import read_model_state
+from moetrain.checkpoint.checkpointer import Checkpointer
+from moetrain.checkpoint.integrity import verify
 from moetrain.checkpoint.model_file import resolve_checkpoint
+from moetrain.checkpoint.save_errors import SavePolicy
 from moetrain.testing import describe, read_metrics, reference_run, rounding_rel, run_train, tiny
 
 NUM_EXPERTS = 4  # configs/model/mixtral_tiny.yaml
@@ -94,7 +97,14 @@ def test_run_directory(ref):
     target = ckpts / latest.read_text().strip()
     assert target.name == "step_00000020" and target.is_dir()
     assert resolve_checkpoint(run_dir) == target
-    for name in ("model.safetensors", "config.yaml", "trainer_state.json", "optimizer.safetensors"):
+    for name in (
+        "model.safetensors.index.json",
+        "model-00001-of-00001.safetensors",
+        "config.yaml",
+        "trainer_state.json",
+        "optimizer.safetensors.index.json",
+        "rank_state/rank_00000.json",
+    ):
         assert (target / name).is_file(), f"{name} missing from {target}"
     assert (target / "tokenizer").is_dir() and any((target / "tokenizer").iterdir())
     state = json.loads((target / "trainer_state.json").read_text())
@@ -165,7 +175,7 @@ def test_stop_after_minutes(tmp_path: Path):
     records = read_metrics(run_dir)
     assert [r["step"] for r in records] == [1], "stops after the first step"
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000001"
-    assert (run_dir / "checkpoints" / "step_00000001" / "model.safetensors").is_file()
+    assert (run_dir / "checkpoints" / "step_00000001" / "model.safetensors.index.json").is_file()
 
 
 # ---- atomic checkpoints (in-process, world size 1, no process group) ------------------------------
@@ -184,62 +194,94 @@ class FakeTokenizer:
         (folder / "part2.json").write_text("{}")
 
 
-def _save(mgr: CheckpointManager, tokenizer: FakeTokenizer, step: int, optimizer_state=None) -> Path:
-    return mgr.save(
-        step=step,
-        model_state={"w": torch.full((2, 3), float(step))},
-        optimizer_state=optimizer_state or {"exp_avg/w": torch.zeros(2, 3)},
-        config={"model": {"name": "fake"}},
-        trainer_state={"step": step},
-        rank_state={"loader": {"position": step}},
-        tokenizer=tokenizer,
+class _PlainView:
+    """OptimizerView's reading interface over a module with no optimizer state yet."""
+
+    def master(self, p):
+        return p.detach()
+
+    def state_keys(self):
+        return []
+
+    def step_count(self):
+        return 0.0
+
+
+def _checkpointer(root: Path, **kw) -> Checkpointer:
+    kw = {"async_save": False, **kw}
+    policy = SavePolicy("continue", 3, 1000)
+    return Checkpointer(
+        root=root, rank=0, world_size=1, ep_size=1, keep_last=2, policy=policy, log=print, **kw
     )
 
 
+def _save(ck: Checkpointer, tokenizer: FakeTokenizer, step: int, model=None) -> Path | None:
+    model = model or torch.nn.Linear(3, 2, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(float(step))
+    ck.save(
+        step,
+        model=model,
+        view=_PlainView(),
+        weights_finite=True,
+        trainer_state={"step": step},
+        loader_state={"position": step},
+        config={"model": {"name": "fake"}},
+        tokenizer=tokenizer,
+    )
+    ck.wait()  # the background write (async) is joined here; sync saves are already done
+    last = ck.last_saved
+    return last if last is not None and last.name == f"step_{step:08d}" else None
+
+
 def _complete(folder: Path, step: int) -> None:
-    from safetensors.torch import load_file
-
-    for name in (
-        "model.safetensors",
-        "optimizer.safetensors",
-        "config.yaml",
-        "trainer_state.json",
-        "tokenizer/part2.json",
-    ):
+    for name in ("model.safetensors.index.json", "config.yaml", "trainer_state.json", "tokenizer/part2.json"):
         assert (folder / name).is_file(), f"{folder / name} missing"
+    assert verify(folder) is None
     assert json.loads((folder / "trainer_state.json").read_text())["step"] == step
-    assert torch.equal(load_file(str(folder / "model.safetensors"))["w"], torch.full((2, 3), float(step)))
+    assert torch.equal(read_model_state(folder)["weight"], torch.full((2, 3), float(step)))
 
 
-@pytest.mark.parametrize("where", ["tokenizer", "optimizer"])
-def test_interrupted_save_keeps_previous_checkpoint(tmp_path: Path, where: str):
+class _BadTensor(torch.nn.Module):
+    """A module whose state cannot be written (a dtype safetensors has no name for)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(2, 3))
+        self.register_buffer("odd", torch.zeros(2, dtype=torch.complex64))
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("where", ["tokenizer", "tensor"])
+def test_failed_save_keeps_previous_checkpoint(tmp_path: Path, where: str, async_save: bool, capsys):
     import torch.distributed as dist
 
-    assert not dist.is_initialized()  # barrier() is a no-op
+    assert not dist.is_initialized()  # collectives are no-ops
     root = tmp_path / "checkpoints"
-    mgr = CheckpointManager(root, rank=0, keep_last=2)
+    ck = _checkpointer(root, async_save=async_save)
     tokenizer = FakeTokenizer()
-    first = _save(mgr, tokenizer, 1)
+    first = _save(ck, tokenizer, 1)
     assert first == root / "step_00000001"
     _complete(first, 1)
 
-    with pytest.raises((RuntimeError, ValueError), match="simulated crash|contiguous"):
-        if where == "tokenizer":
-            tokenizer.fail = True
-            _save(mgr, tokenizer, 2)
-        else:  # safetensors refuses a non-contiguous tensor after the model file is written
-            _save(mgr, tokenizer, 2, optimizer_state={"exp_avg/w": torch.zeros(3, 2).t()})
+    if where == "tokenizer":
+        tokenizer.fail = True
+        assert _save(ck, tokenizer, 2) is None
+    else:
+        assert _save(ck, tokenizer, 2, model=_BadTensor()) is None
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("error: checkpoint of step 2 failed"))
+    assert "free in" in line and "latest stays step_00000001" in line, line
+    assert ("simulated crash" if where == "tokenizer" else "KeyError") in line, line
     assert (root / "latest").read_text().strip() == "step_00000001"
-    assert mgr.latest() == first
     assert resolve_checkpoint(root) == first
     assert not (root / "step_00000002").exists(), "a failed save must not leave a final step folder"
+    assert not list(root.glob(".tmp-*")), "the partial folder is removed"
     _complete(first, 1)
-    assert [p.name for p in root.glob("step_*")] == ["step_00000001"]
 
     tokenizer.fail = False
-    third = _save(mgr, tokenizer, 3)
-    assert not list(root.glob(".tmp-*")), "the next save cleans up the failed one's temp folder"
-    assert (root / "latest").read_text().strip() == "step_00000003" and mgr.latest() == third
+    third = _save(ck, tokenizer, 3)
+    assert (root / "latest").read_text().strip() == "step_00000003" and third == root / "step_00000003"
     _complete(third, 3)
     assert sorted(p.name for p in root.glob("step_*")) == ["step_00000001", "step_00000003"]
     assert not os.path.exists(root / ".latest.tmp")
