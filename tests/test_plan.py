@@ -467,6 +467,28 @@ def test_published_parameter_counts_2025(name):
         assert counts["active"] != pytest.approx(active, rel=0.03)
 
 
+def test_report_names_the_2025_family_options():
+    from moetrain.plan.report import _family_options
+
+    out = run_plan("model=deepseek_v3", "plan.format=json")
+    assert out.returncode == 0, out.stderr
+    shape = json.loads(out.stdout)["shape"]
+    assert _family_options(shape) == [
+        "MLA (kv latent 512, q latent 1536)", "RoPE yarn x40", "sigmoid router", "groups 4 of 8",
+        "routed weights x2.5",
+    ]  # fmt: skip
+    gpt_oss = {**shape, "mla": None, "rope_scaling": None, "score_function": "softmax", "n_group": 1,
+               "routed_scaling_factor": 1.0, "attention_sinks": True, "sliding_window": 128,
+               "layer_types": ["sliding_attention", "full_attention"], "expert_proj_bias": True,
+               "expert_activation": "clamped_swiglu"}  # fmt: skip
+    assert _family_options(gpt_oss) == [
+        "attention sinks", "window 128 on 1/2 layers", "expert biases", "clamped_swiglu"
+    ]  # fmt: skip
+    assert (
+        _family_options(json.loads(run_plan("model=mixtral_8x7b", "plan.format=json").stdout)["shape"]) == []
+    )
+
+
 @pytest.mark.parametrize(
     "options",
     [
