@@ -71,11 +71,19 @@ class MoEConfig:
     # after every optimizer step, from the step's global loads. 0 = off (no bias in the model).
     bias_update_rate: float = 0.0
     seq_aux_loss_weight: float = 0.0  # DeepSeek-V3 sequence-wise balance loss weight (alpha); 0 = off
-    # Group-limited routing (DeepSeek-V3): experts in n_group groups, each token chooses within its
-    # topk_group best groups (by the sum of each group's two best scores). 1 / 1 = off.
+    # Group-limited routing (DeepSeek-V3, GLM-4.5): experts in n_group groups, each token chooses within
+    # its topk_group best groups (by the sum of each group's two best scores). 1 / 1 = off.
     n_group: int = 1
     topk_group: int = 1
     routed_scaling_factor: float = 1.0  # multiplies the combine weights (DeepSeek-V3: 2.5)
+    # Hold the expert-selection bias even with bias_update_rate=0 (a checkpoint's e_score_correction_bias,
+    # kept as it is while fine-tuning); bias_update_rate > 0 implies it.
+    selection_bias: bool = False
+    router_bias: bool = False  # a bias on the router's gate (gpt-oss)
+    expert_proj_bias: bool = False  # biases on the experts' gate / up and down projections (gpt-oss)
+    expert_activation: str = "swiglu"  # swiglu | clamped_swiglu (gpt-oss: swiglu_alpha, swiglu_limit)
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
 
     def validate(self, prefix: str = "model.moe") -> None:
         _require(self.backend in MOE_BACKENDS, f"{prefix}.backend", self.backend, f"one of {MOE_BACKENDS}")
@@ -139,6 +147,23 @@ class MoEConfig:
         )
 
 
+@dataclass
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2/V3, moetrain/model/mla.py); off while kv_lora_rank is 0.
+    Checked by moetrain/config_families.py."""
+
+    kv_lora_rank: int = 0  # keys and values from one compressed latent of this size (0: GQA attention)
+    q_lora_rank: int | None = None  # queries through a low-rank latent too (None: a full q projection)
+    qk_rope_head_dim: int = 64  # the rotated part of each query / key head (one key part shared by all heads)
+    qk_nope_head_dim: int = 128  # the unrotated part
+    v_head_dim: int = 128
+    rope_interleave: bool = False  # the checkpoints' rotary dims in (even, odd) pairs (DeepSeek-V3: true)
+
+    @property
+    def enabled(self) -> bool:
+        return self.kv_lora_rank > 0
+
+
 LORA_TARGETS = ("attention", "experts", "shared_expert", "router")
 
 
@@ -188,12 +213,19 @@ class ModelConfig:
     # null = plain RoPE, or {rope_type: linear | dynamic | llama3 | yarn, <its fields>} named as in
     # transformers' rope_parameters (moetrain/model/rope.py lists them).
     rope_scaling: dict[str, Any] | None = None
+    # RoPE on the first partial_rotary_factor * head_dim dims of each head, the rest unrotated (GLM-4.5: 0.5).
+    partial_rotary_factor: float = 1.0
     sliding_window: int | None = None
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
     qk_norm: str = "none"  # none | full (OLMoE) | per_head (Qwen3)
     attention_bias: bool = False  # biases on the q, k, v projections (Qwen2)
+    attention_out_bias: bool = False  # a bias on the output projection too (gpt-oss)
+    attention_sinks: bool = False  # a learned per-head sink logit in each softmax (gpt-oss)
+    # Per layer sliding_attention | full_attention (gpt-oss alternates them); empty: model.sliding_window
+    # (when set) applies to every layer.
+    layer_types: list[str] = field(default_factory=list)
     # Dense layers among MoE layers by index (Qwen2/3-MoE's mlp_only_layers), on top of moe_every.
     mlp_only_layers: list[int] = field(default_factory=list)
     # A shared expert: a dense SwiGLU every token goes through, added to the routed experts' output
@@ -214,10 +246,25 @@ class ModelConfig:
     loss_chunk_tokens: int | None = None
     moe: MoEConfig = field(default_factory=MoEConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    mla: MLAConfig = field(default_factory=MLAConfig)  # multi-head latent attention instead of GQA
 
     @property
     def head_size(self) -> int:
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+    def layer_window(self, layer_idx: int) -> int | None:
+        """The sliding window of layer ``layer_idx`` (None: full causal attention)."""
+        if self.layer_types and self.layer_types[layer_idx] == "full_attention":
+            return None
+        return self.sliding_window
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each head that RoPE rotates (transformers: ``int(head_dim * partial_rotary_factor)``;
+        MLA: its qk_rope_head_dim)."""
+        if self.mla.enabled:
+            return self.mla.qk_rope_head_dim
+        return int(self.head_size * self.partial_rotary_factor)
 
     @property
     def dense_ffn_size(self) -> int:
@@ -357,6 +404,9 @@ class ModelConfig:
         )
         self.moe.validate(f"{prefix}.moe")
         self.lora.validate(f"{prefix}.lora")
+        from moetrain.config_families import validate_family_options
+
+        validate_family_options(self, prefix)  # gpt-oss / DeepSeek-V3 / GLM-4.5 options
 
 
 @dataclass

@@ -64,6 +64,9 @@ def _args(key: str, folder: Path, *extra: str) -> list[str]:
         pytest.param("olmoe", marks=pytest.mark.slow),
         pytest.param("qwen3_moe", marks=pytest.mark.slow),
         pytest.param("mistral", marks=pytest.mark.slow),
+        pytest.param("glm4_moe", marks=pytest.mark.slow),  # group-limited routing + selection bias
+        pytest.param("gpt_oss", marks=pytest.mark.slow),  # expert biases sharded, sinks
+        pytest.param("deepseek_v3", marks=pytest.mark.slow),  # MLA, group-limited routing
     ],
 )
 def test_init_from_trains_the_same_on_two_ranks(family: str, tmp_path_factory) -> None:

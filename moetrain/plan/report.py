@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from moetrain.config import ModelConfig
@@ -97,6 +98,17 @@ def build_plan(
             "max_seq_len": cfg.max_seq_len,
             "rope_theta": cfg.rope_theta,
             "rope_scaling": cfg.rope_scaling,
+            "partial_rotary_factor": cfg.partial_rotary_factor,
+            "mla": dataclasses.asdict(cfg.mla) if cfg.mla.enabled else None,
+            "attention_sinks": cfg.attention_sinks,
+            "layer_types": list(cfg.layer_types),
+            "sliding_window": cfg.sliding_window,
+            "score_function": cfg.moe.score_function,
+            "n_group": cfg.moe.n_group,
+            "topk_group": cfg.moe.topk_group,
+            "routed_scaling_factor": cfg.moe.routed_scaling_factor,
+            "expert_proj_bias": cfg.moe.expert_proj_bias,
+            "expert_activation": cfg.moe.expert_activation,
         },
         "total_params": counts["total"],
         "active_params": counts["active"],
@@ -204,6 +216,7 @@ def render(plan: dict[str, Any], console: Any = None) -> None:
             options.append("top-k weights not renormalised")
         if s["moe_layers"] != s["num_layers"]:
             options.append(f"MoE layers {s['moe_layer_ids']}")
+    options += _family_options(s)
     if options:
         console.print("options: " + ", ".join(options))
     source = plan.get("vocab_source", "")
@@ -348,3 +361,31 @@ def render(plan: dict[str, Any], console: Any = None) -> None:
             f"(nothing overlaps); {st['tokens_per_s']:,.0f} tokens/s, "
             f"{st['tokens_per_s_per_device']:,.0f} per device, MFU {st['mfu']:.1%}"
         )
+
+
+def _family_options(s: dict[str, Any]) -> list[str]:
+    """The gpt-oss / DeepSeek-V3 / GLM-4.5 options of a plan's shape, in a few words each."""
+    out = []
+    if s.get("mla"):
+        q = s["mla"]["q_lora_rank"]
+        out.append(f"MLA (kv latent {s['mla']['kv_lora_rank']}" + (f", q latent {q})" if q else ")"))
+    if s.get("partial_rotary_factor", 1.0) != 1.0:
+        out.append(f"RoPE on {s['partial_rotary_factor']:g} of each head")
+    if s.get("rope_scaling"):
+        out.append(f"RoPE {s['rope_scaling']['rope_type']} x{s['rope_scaling'].get('factor', 1):g}")
+    if s.get("attention_sinks"):
+        out.append("attention sinks")
+    if s.get("layer_types") and s.get("sliding_window"):
+        n = sum(t == "sliding_attention" for t in s["layer_types"])
+        out.append(f"window {s['sliding_window']} on {n}/{len(s['layer_types'])} layers")
+    if s.get("num_experts") and s.get("score_function") == "sigmoid":
+        out.append("sigmoid router")
+    if s.get("num_experts") and s.get("n_group", 1) > 1:
+        out.append(f"groups {s['topk_group']} of {s['n_group']}")
+    if s.get("num_experts") and s.get("routed_scaling_factor", 1.0) != 1.0:
+        out.append(f"routed weights x{s['routed_scaling_factor']:g}")
+    if s.get("expert_proj_bias"):
+        out.append("expert biases")
+    if s.get("expert_activation", "swiglu") != "swiglu":
+        out.append(s["expert_activation"])
+    return out
