@@ -28,55 +28,15 @@ from typing import Any
 import torch
 import yaml
 
-from moetrain.config import ConfigError, ModelConfig, TrainConfig
+from moetrain.config import ConfigError, ModelConfig, MoEConfig, TrainConfig, arch_fields
 
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 # What the checkpoint decides (its function); everything else under model.* stays ours (training).
-ARCH_KEYS = (
-    "vocab_size",
-    "hidden_size",
-    "num_layers",
-    "num_heads",
-    "num_kv_heads",
-    "head_dim",
-    "ffn_hidden_size",
-    "dense_ffn_hidden_size",
-    "num_experts",
-    "top_k",
-    "moe_every",
-    "mlp_only_layers",
-    "max_seq_len",
-    "rope_theta",
-    "rope_scaling",
-    "partial_rotary_factor",
-    "sliding_window",
-    "norm_eps",
-    "tie_embeddings",
-    "qk_norm",
-    "attention_bias",
-    "attention_out_bias",
-    "attention_sinks",
-    "layer_types",
-    "mla",  # multi-head latent attention (DeepSeek-V3): the whole section
-    "shared_expert_intermediate_size",
-    "shared_expert_gate",
-)
-ARCH_MOE_KEYS = (
-    "normalize_top_k",
-    "score_function",
-    "n_group",
-    "topk_group",
-    "routed_scaling_factor",
-    "selection_bias",
-    "router_bias",
-    "expert_proj_bias",
-    "expert_activation",
-    "swiglu_alpha",
-    "swiglu_limit",
-)
+ARCH_KEYS = arch_fields(ModelConfig)  # the fields marked ARCH in moetrain/config/model.py
+ARCH_MOE_KEYS = arch_fields(MoEConfig)
 # Upcycling chooses the MoE here: these come from our config, not the dense checkpoint.
 UPCYCLE_OURS = ("num_experts", "top_k", "moe_every", "mlp_only_layers")
 

@@ -76,40 +76,7 @@ def build_plan(
     cfg = model_cfg
     return {
         "model": cfg.name,
-        "shape": {
-            "vocab_size": cfg.vocab_size,
-            "hidden_size": cfg.hidden_size,
-            "num_layers": cfg.num_layers,
-            "num_heads": cfg.num_heads,
-            "num_kv_heads": cfg.num_kv_heads,
-            "head_dim": cfg.head_size,
-            "ffn_hidden_size": cfg.ffn_hidden_size,
-            "dense_ffn_hidden_size": cfg.dense_ffn_size,
-            "num_experts": cfg.num_experts,
-            "top_k": cfg.top_k if cfg.num_experts else 0,
-            "moe_layers": counts["moe_layers"],
-            "moe_layer_ids": cfg.moe_layer_ids,
-            "shared_expert_intermediate_size": cfg.shared_expert_intermediate_size,
-            "shared_expert_gate": cfg.shared_expert_gate,
-            "normalize_top_k": cfg.moe.normalize_top_k,
-            "qk_norm": cfg.qk_norm,
-            "attention_bias": cfg.attention_bias,
-            "tie_embeddings": cfg.tie_embeddings,
-            "max_seq_len": cfg.max_seq_len,
-            "rope_theta": cfg.rope_theta,
-            "rope_scaling": cfg.rope_scaling,
-            "partial_rotary_factor": cfg.partial_rotary_factor,
-            "mla": dataclasses.asdict(cfg.mla) if cfg.mla.enabled else None,
-            "attention_sinks": cfg.attention_sinks,
-            "layer_types": list(cfg.layer_types),
-            "sliding_window": cfg.sliding_window,
-            "score_function": cfg.moe.score_function,
-            "n_group": cfg.moe.n_group,
-            "topk_group": cfg.moe.topk_group,
-            "routed_scaling_factor": cfg.moe.routed_scaling_factor,
-            "expert_proj_bias": cfg.moe.expert_proj_bias,
-            "expert_activation": cfg.moe.expert_activation,
-        },
+        "shape": shape_report(cfg, counts),
         "total_params": counts["total"],
         "active_params": counts["active"],
         "active_fraction": counts["active"] / counts["total"],
@@ -388,4 +355,24 @@ def _family_options(s: dict[str, Any]) -> list[str]:
         out.append("expert biases")
     if s.get("expert_activation", "swiglu") != "swiglu":
         out.append(s["expert_activation"])
+    return out
+
+
+def shape_report(cfg: ModelConfig, counts: dict[str, Any]) -> dict[str, Any]:
+    """The model's shape and options: every field a pretrained config fixes (marked ARCH in
+    moetrain/config/model.py, model.moe's included) plus the derived sizes plan counts with."""
+    from moetrain.config import MoEConfig, arch_fields
+
+    out: dict[str, Any] = {k: getattr(cfg, k) for k in arch_fields()}
+    out.update({k: getattr(cfg.moe, k) for k in arch_fields(MoEConfig)})
+    out["mla"] = dataclasses.asdict(cfg.mla) if cfg.mla.enabled else None
+    out["layer_types"] = list(cfg.layer_types)
+    out["mlp_only_layers"] = list(cfg.mlp_only_layers)
+    out.update(
+        head_dim=cfg.head_size,
+        dense_ffn_hidden_size=cfg.dense_ffn_size,
+        top_k=cfg.top_k if cfg.num_experts else 0,
+        moe_layers=counts["moe_layers"],
+        moe_layer_ids=cfg.moe_layer_ids,
+    )
     return out

@@ -1,6 +1,6 @@
 """Checks of the model options that the gpt-oss, DeepSeek-V3 and GLM-4.5 families add (moetrain/hf_gpt_oss.py,
 moetrain/hf_deepseek.py): per-layer attention types, partial RoPE, multi-head latent attention, the experts'
-activation. Their defaults live in the dataclasses of moetrain/config.py (``ModelConfig``, ``MoEConfig``,
+activation. Their defaults live in the dataclasses of moetrain/config/model.py (``ModelConfig``, ``MoEConfig``,
 ``MLAConfig``); ``ModelConfig.validate`` calls ``validate_family_options`` last.
 """
 
@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from moetrain.config import _require
+from moetrain.config.errors import _require
 
 if TYPE_CHECKING:
-    from moetrain.config import MLAConfig, ModelConfig, MoEConfig
+    from moetrain.config.model import MLAConfig, ModelConfig, MoEConfig
 
 # The experts' activation: silu(gate) * up, or gpt-oss's clamp(gate) * sigmoid(alpha clamp(gate)) * (clamp(up) + 1).
 EXPERT_ACTIVATIONS = ("swiglu", "clamped_swiglu")
