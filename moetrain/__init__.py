@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 # an installed moetrain finds it from any directory.
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
-# Every config group's defaults come from the dataclasses in moetrain/config.py (Hydra's `base` nodes).
+# Every config group's defaults come from the dataclasses in moetrain/config/ (Hydra's `base` nodes).
 from moetrain.config import register_config_defaults  # noqa: E402
 
 register_config_defaults()

@@ -174,10 +174,10 @@ def export(
         model_cfg = read_model_config(folder)
     except KeyError as e:
         raise ExportError(f"{folder}/config.yaml has no {e} section") from e
-    dropping_bias = drop_expert_bias and model_cfg.moe.bias_update_rate > 0
+    dropping_bias = drop_expert_bias and (model_cfg.moe.bias_update_rate > 0 or model_cfg.moe.selection_bias)
     if dropping_bias:
         model_cfg = dataclasses.replace(
-            model_cfg, moe=dataclasses.replace(model_cfg.moe, bias_update_rate=0.0)
+            model_cfg, moe=dataclasses.replace(model_cfg.moe, bias_update_rate=0.0, selection_bias=False)
         )
     arch = hf_architecture(model_cfg)  # refuses what transformers cannot hold, before any heavy work
     state = read_model_state(folder)

@@ -49,6 +49,7 @@ from typing import Any
 
 import torch
 
+from moetrain import hf_deepseek, hf_gpt_oss
 from moetrain.config import ModelConfig, MoEConfig
 from moetrain.model.rope import rope_parameters_for_hf, rope_scaling_from_hf
 
@@ -60,7 +61,8 @@ _LAYER_RENAMES = {
     "attention_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
     **{f"attention.{p}_proj.weight": f"self_attn.{p}_proj.weight" for p in "qkvo"},
-    **{f"attention.{p}_proj.bias": f"self_attn.{p}_proj.bias" for p in "qkv"},
+    **{f"attention.{p}_proj.bias": f"self_attn.{p}_proj.bias" for p in "qkvo"},  # o: gpt-oss
+    "attention.sinks": "self_attn.sinks",  # gpt-oss
     "attention.q_norm.weight": "self_attn.q_norm.weight",
     "attention.k_norm.weight": "self_attn.k_norm.weight",
     "ffn.router.gate.weight": "mlp.gate.weight",
@@ -103,7 +105,7 @@ def _check_router(cfg: ModelConfig, arch: str) -> None:
             f"model.moe.n_group={cfg.moe.n_group}, routed_scaling_factor={cfg.moe.routed_scaling_factor}, so its "
             "exported routing and logits would differ"
         )
-    if cfg.moe.bias_update_rate > 0:
+    if cfg.moe.bias_update_rate > 0 or cfg.moe.selection_bias:
         _refuse(
             f"transformers' {arch} has no expert-selection bias; this model was trained with aux-loss-free "
             f"balancing (model.moe.bias_update_rate={cfg.moe.bias_update_rate}), so its exported routing would "
@@ -116,7 +118,12 @@ def hf_architecture(cfg: ModelConfig) -> str:
 
     It follows from the model's options, so a model keeps the architecture it came from: QK-norm over
     the whole projection -> OLMoE, per head -> Qwen3(-MoE), a shared expert or q/k/v bias -> Qwen2-MoE,
-    none of these -> Mixtral (dense: Mistral)."""
+    none of these -> Mixtral (dense: Mistral). Sigmoid scores with an ungated shared expert: the
+    DeepSeek-V3 families (moetrain/hf_deepseek.py)."""
+    if hf_deepseek.is_deepseek_style(cfg):
+        return hf_deepseek.architecture(cfg)
+    if cfg.attention_sinks:
+        return hf_gpt_oss.architecture(cfg)
     every_layer_moe = len(cfg.moe_layer_ids) == cfg.num_layers
     if cfg.num_experts == 0:
         if cfg.attention_bias:
@@ -350,6 +357,11 @@ _TO_CONFIG = {
 }
 
 
+for _arch in hf_deepseek.ARCHITECTURES:
+    _TO_CONFIG[_arch] = hf_deepseek.to_hf_config
+_TO_CONFIG[hf_gpt_oss.ARCHITECTURE] = hf_gpt_oss.to_hf_config
+
+
 def to_hf_config(model_cfg: ModelConfig, tokenizer: Any | None = None):
     """The transformers config of ``hf_architecture(model_cfg)``; ``ValueError`` when none holds it."""
     return _TO_CONFIG[hf_architecture(model_cfg)](model_cfg, tokenizer)
@@ -368,10 +380,13 @@ def from_hf_config(hf_config: Any) -> ModelConfig:
     as the family does (Mixtral always; the others per ``norm_topk_prob``).
     """
     t = getattr(hf_config, "model_type", None)
+    if t in hf_deepseek.DEEPSEEK_FAMILIES:
+        return hf_deepseek.from_hf_config(hf_config)
+    if t == "gpt_oss":
+        return hf_gpt_oss.from_hf_config(hf_config)
     if t not in MOE_FAMILIES + DENSE_FAMILIES:
-        raise ValueError(
-            f"model_type={t!r} is not supported: one of {', '.join(MOE_FAMILIES + DENSE_FAMILIES)}"
-        )
+        families = MOE_FAMILIES + hf_deepseek.DEEPSEEK_FAMILIES + ("gpt_oss",) + DENSE_FAMILIES
+        raise ValueError(f"model_type={t!r} is not supported: one of {', '.join(families)}")
     if getattr(hf_config, "hidden_act", "silu") != "silu":
         _unsupported(hf_config, f"hidden_act={hf_config.hidden_act!r} (only 'silu')")
     rope = dict(getattr(hf_config, "rope_parameters", None) or {})
@@ -450,8 +465,9 @@ def from_hf_config(hf_config: Any) -> ModelConfig:
 
 
 # ---- weights --------------------------------------------------------------------------------------
-def to_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our ``MoETransformer.state_dict()`` (or a checkpoint's model.safetensors) in transformers' names.
+def to_hf_state_dict(state: dict[str, torch.Tensor], arch: str | None = None) -> dict[str, torch.Tensor]:
+    """Our ``MoETransformer.state_dict()`` (or a checkpoint's model.safetensors) in transformers' names
+    (``arch``: the class they are for, where a family names a tensor its own way).
 
     Loads with ``strict=True`` into a fresh model of ``hf_architecture(cfg)``. A missing
     ``lm_head.weight`` (tied embeddings, dropped from checkpoint files) is filled in from the
@@ -460,6 +476,10 @@ def to_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """
     out: dict[str, torch.Tensor] = {}
     experts: dict[int, dict[str, torch.Tensor]] = {}
+    family = hf_deepseek.LAYER_RENAMES if arch in hf_deepseek.ARCHITECTURES else {}
+    gpt_oss = arch == hf_gpt_oss.ARCHITECTURE
+    if gpt_oss:
+        family = hf_gpt_oss.LAYER_RENAMES
     for name, t in state.items():
         if name in _TOP_RENAMES:
             out[_TOP_RENAMES[name]] = t
@@ -468,13 +488,20 @@ def to_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if m is None:
             raise ValueError(f"unexpected parameter {name!r}: not a MoETransformer state dict")
         i, rest = int(m.group(1)), m.group(2)
-        if rest in _LAYER_RENAMES:
+        if rest in family:
+            out[f"model.layers.{i}.{family[rest]}"] = t
+        elif rest in _LAYER_RENAMES:
             out[f"model.layers.{i}.{_LAYER_RENAMES[rest]}"] = t
-        elif rest in ("ffn.experts.w1", "ffn.experts.v1", "ffn.experts.w2"):
+        elif rest in ("ffn.experts.w1", "ffn.experts.v1", "ffn.experts.w2") or (
+            gpt_oss and rest.startswith("ffn.experts.")
+        ):
             experts.setdefault(i, {})[rest.rsplit(".", 1)[1]] = t
         else:
             raise ValueError(f"unexpected parameter {name!r}: not a MoETransformer state dict")
     for i, w in sorted(experts.items()):
+        if gpt_oss:
+            out.update({f"model.layers.{i}.{k}": v for k, v in hf_gpt_oss.fuse_experts(w).items()})
+            continue
         if set(w) != {"w1", "v1", "w2"}:
             raise ValueError(f"layer {i}: experts need w1, v1 and w2, found {sorted(w)}")
         out[f"model.layers.{i}.mlp.experts.gate_up_proj"] = torch.cat([w["w1"], w["v1"]], dim=1)
@@ -502,16 +529,22 @@ class KeySpec:
     transpose: bool = False
 
 
-def hf_key_spec(name: str) -> KeySpec | None:
-    """Our tensor for a transformers tensor name (in memory or on disk, any family); None if unknown."""
+def hf_key_spec(name: str, cfg: ModelConfig | None = None) -> KeySpec | None:
+    """Our tensor for a transformers tensor name (in memory or on disk, any family); None if unknown.
+    ``cfg``: the model it is read into, where a family lays out a name of the others its own way
+    (gpt-oss's experts, moetrain/hf_gpt_oss.py)."""
     if name in _TOP_RENAMES_INV:
         return KeySpec(_TOP_RENAMES_INV[name])
     m = _HF_LAYER.match(name)
     if m is None:
         return None
     i, rest = int(m.group(1)), m.group(2).replace("block_sparse_moe.", "mlp.")
+    if cfg is not None and cfg.attention_sinks and (gpt := hf_gpt_oss.key_spec(rest)) is not None:
+        return KeySpec(f"layers.{i}.{gpt[0]}", gpt[1])
     if rest in _LAYER_RENAMES_INV:
         return KeySpec(f"layers.{i}.{_LAYER_RENAMES_INV[rest]}")
+    if rest in hf_deepseek.LAYER_RENAMES_INV:
+        return KeySpec(f"layers.{i}.{hf_deepseek.LAYER_RENAMES_INV[rest]}")
     if rest == "mlp.experts.gate_up_proj":
         return KeySpec(f"layers.{i}.ffn.experts.w1", "gate_up")
     if rest == "mlp.experts.down_proj":
@@ -523,7 +556,9 @@ def hf_key_spec(name: str) -> KeySpec | None:
     return None
 
 
-def from_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def from_hf_state_dict(
+    state: dict[str, torch.Tensor], cfg: ModelConfig | None = None
+) -> dict[str, torch.Tensor]:
     """transformers weights (any family above) in our names (the inverse of ``to_hf_state_dict``).
 
     Accepts the in-memory names of transformers 5.x (``mlp.experts.gate_up_proj``) and the per-expert
@@ -532,10 +567,12 @@ def from_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     out: dict[str, torch.Tensor] = {}
     per_expert: dict[str, dict[int, torch.Tensor]] = {}
     for name, t in state.items():
-        spec = hf_key_spec(name)
+        spec = hf_key_spec(name, cfg)
         if spec is None:
             raise ValueError(f"unexpected parameter {name!r}: not a transformers model of a supported family")
-        if spec.part == "copy":
+        if spec.part in hf_gpt_oss.PARTS:
+            out.update(hf_gpt_oss.read_experts(spec.part, name, spec.ours, state.__getitem__, 0, None))
+        elif spec.part == "copy":
             out[spec.ours] = t
         elif spec.part == "gate_up":
             F = t.shape[1] // 2
@@ -577,7 +614,7 @@ def hf_model_from_state(model_cfg: ModelConfig, state: dict[str, torch.Tensor], 
         hf_model = cls(hf_cfg)
     hf_model.tie_weights()
     hf_model.to(state["embed.weight"].dtype)
-    hf_model.load_state_dict(to_hf_state_dict(state), strict=True)
+    hf_model.load_state_dict(to_hf_state_dict(state, hf_architecture(model_cfg)), strict=True)
     return hf_model.eval()
 
 

@@ -14,7 +14,10 @@ each PEFT factor is filled from ours, and PEFT saves it. How ours map onto PEFT'
 
 What PEFT cannot hold: dropout on the expert adapters (its ParamWrapper refuses lora_dropout > 0),
 so the adapter config says lora_dropout 0 when the experts are targeted (dropout only acts in
-training; the logits are the same).
+training; the logits are the same). Refused with a one-line error (the merged export holds them):
+gpt-oss's experts (interleaved gate / up columns) and the DeepSeek-V3 / GLM-4.5 shared experts (PEFT's
+transformers-v5 conversion retargets their ``down_proj`` to the routed experts). Multi-head latent
+attention's projections are ``nn.Linear``s and go as q/k/v/o do.
 """
 
 from __future__ import annotations
@@ -25,23 +28,29 @@ from typing import Any
 
 import torch
 
+from moetrain import hf_deepseek
 from moetrain.config import ModelConfig
 from moetrain.model.lora import SUFFIX_A, SUFFIX_B
 
 _EXPERT = re.compile(r"^layers\.(\d+)\.ffn\.experts\.(w1|v1|w2)$")
 
 
-def _hf_weight_name(ours: str) -> str:
+def _hf_weight_name(ours: str, arch: str) -> str:
+    from moetrain import hf_gpt_oss
     from moetrain.hf import _LAYER, _LAYER_RENAMES
 
+    family = {hf_gpt_oss.ARCHITECTURE: hf_gpt_oss.LAYER_RENAMES}.get(arch, {})
+    if arch in hf_deepseek.ARCHITECTURES:
+        family = hf_deepseek.LAYER_RENAMES
     m = _LAYER.match(ours)
-    if m is None or m.group(2) not in _LAYER_RENAMES:
+    rest = m.group(2) if m else None
+    if rest is None or (rest not in family and rest not in _LAYER_RENAMES):
         raise ValueError(f"no transformers name for the adapted weight {ours!r}")
-    return f"model.layers.{m.group(1)}.{_LAYER_RENAMES[m.group(2)]}"
+    return f"model.layers.{m.group(1)}.{family.get(rest) or _LAYER_RENAMES[rest]}"
 
 
 def _peft_factors(
-    adapters: dict[str, torch.Tensor],
+    adapters: dict[str, torch.Tensor], arch: str
 ) -> dict[tuple[str, str | None], tuple[torch.Tensor, torch.Tensor]]:
     """(transformers module, parameter name or None for an nn.Linear) -> PEFT's (lora_A, lora_B)."""
     out: dict[tuple[str, str | None], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -50,10 +59,21 @@ def _peft_factors(
         base = key.removesuffix(SUFFIX_A)
         A, B = adapters[key].float(), adapters[base + SUFFIX_B].float()
         m = _EXPERT.match(base)
+        if m and arch == "GptOssForCausalLM":  # its gate_up_proj interleaves gate and up columns
+            raise ValueError(
+                "--adapter: gpt-oss's fused experts have no PEFT layout here; export the merged model "
+                "(without --adapter) or train without model.lora.targets=experts"
+            )
         if m:
             experts.setdefault(m.group(1), {})[m.group(2)] = (A, B)
             continue
-        module = _hf_weight_name(base).removesuffix(".weight")
+        if ".shared_expert." in base and arch in hf_deepseek.ARCHITECTURES:
+            # PEFT's transformers-v5 conversion retargets a `down_proj` module to the fused experts' parameter
+            raise ValueError(
+                f"--adapter: PEFT cannot hold adapters on {arch}'s shared experts; export the merged model "
+                "(without --adapter) or train without model.lora.targets=shared_expert"
+            )
+        module = _hf_weight_name(base, arch).removesuffix(".weight")
         # transformers' router is a module holding a `weight` parameter, the others are nn.Linears
         out[(module, "weight" if base.endswith(".router.gate.weight") else None)] = (A, B)
     for layer, w in experts.items():
@@ -86,10 +106,10 @@ def write_peft_adapter(
         import peft
     except ImportError:
         raise ValueError("--adapter needs peft: pip install 'moetrain[lora]'") from None
-    from moetrain.hf import hf_model_from_state
+    from moetrain.hf import hf_architecture, hf_model_from_state
 
     lc = model_cfg.lora
-    factors = _peft_factors(adapters)
+    factors = _peft_factors(adapters, hf_architecture(model_cfg))
     modules = sorted({m for m, p in factors if p is None})
     # target_parameters are matched by suffix: mlp.gate.weight, mlp.experts.gate_up_proj, ...
     targets = sorted({f"mlp.{m.split('.mlp.', 1)[1]}.{p}" for m, p in factors if p is not None})

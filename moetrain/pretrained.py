@@ -21,44 +21,22 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
-from moetrain.config import ConfigError, ModelConfig, TrainConfig
+from moetrain.config import ConfigError, ModelConfig, MoEConfig, TrainConfig, arch_fields
 
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 # What the checkpoint decides (its function); everything else under model.* stays ours (training).
-ARCH_KEYS = (
-    "vocab_size",
-    "hidden_size",
-    "num_layers",
-    "num_heads",
-    "num_kv_heads",
-    "head_dim",
-    "ffn_hidden_size",
-    "dense_ffn_hidden_size",
-    "num_experts",
-    "top_k",
-    "moe_every",
-    "mlp_only_layers",
-    "max_seq_len",
-    "rope_theta",
-    "rope_scaling",
-    "sliding_window",
-    "norm_eps",
-    "tie_embeddings",
-    "qk_norm",
-    "attention_bias",
-    "shared_expert_intermediate_size",
-    "shared_expert_gate",
-)
-ARCH_MOE_KEYS = ("normalize_top_k", "score_function")
+ARCH_KEYS = arch_fields(ModelConfig)  # the fields marked ARCH in moetrain/config/model.py
+ARCH_MOE_KEYS = arch_fields(MoEConfig)
 # Upcycling chooses the MoE here: these come from our config, not the dense checkpoint.
 UPCYCLE_OURS = ("num_experts", "top_k", "moe_every", "mlp_only_layers")
 
@@ -174,6 +152,14 @@ def resolve_pretrained(cfg: TrainConfig, overrides: list[str] | None = None) -> 
     for k in ARCH_MOE_KEYS:
         if upcycle and k == "normalize_top_k":
             continue  # ours: renormalised top-k keeps the dense function at step 0
+        if upcycle and k in (
+            "n_group",
+            "topk_group",
+            "routed_scaling_factor",
+            "selection_bias",
+            "router_bias",
+        ):
+            continue  # the new router is ours to choose
         if f"model.moe.{k}" in given and not _same(given[f"model.moe.{k}"], getattr(src.moe, k)):
             raise ConfigError(
                 f"model.moe.{k}={given[f'model.moe.{k}']!r} contradicts {key}: its config has "
@@ -222,6 +208,8 @@ def _expected_shapes(model_cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         model = MoETransformer(model_cfg)
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    # persistent buffers that checkpoints hold too (the expert-selection bias)
+    shapes.update({n: tuple(b.shape) for n, b in model.named_buffers() if n.endswith(".router.expert_bias")})
     if model_cfg.tie_embeddings:
         shapes.pop("lm_head.weight", None)  # the embedding; files of tied models omit it
     return shapes
@@ -247,10 +235,21 @@ def _entries(folder: Path):
                 yield path, name, tuple(f.get_slice(name).get_shape())
 
 
+def _mtp_layer(name: str, folder: Path, num_layers: int) -> bool:
+    """Whether ``name`` belongs to a multi-token-prediction module (DeepSeek-V3, GLM-4.5 store them as
+    layers num_layers.. of their config's num_nextn_predict_layers); they are not loaded, as in transformers."""
+    m = re.match(r"^model\.layers\.(\d+)\.", name)
+    if m is None or int(m.group(1)) < num_layers:
+        return False
+    config = json.loads((folder / "config.json").read_text())
+    return int(m.group(1)) < num_layers + int(config.get("num_nextn_predict_layers") or 0)
+
+
 def check_weights(model_cfg: ModelConfig, folder: Path, upcycle: bool = False) -> None:
     """Every tensor of the model is in the files with the right shape, and nothing else is there:
     one-line ``ConfigError`` naming the first tensor that is missing, unexpected or of the wrong
     shape. Reads the safetensors headers only."""
+    from moetrain import hf_gpt_oss
     from moetrain.hf import hf_key_spec
 
     expected = _expected_shapes(model_cfg)
@@ -259,8 +258,10 @@ def check_weights(model_cfg: ModelConfig, folder: Path, upcycle: bool = False) -
     seen: set[str] = set()
     seen_experts: dict[str, set[int]] = {}
     for path, name, shape in _entries(folder):
+        if _mtp_layer(name, folder, model_cfg.num_layers):
+            continue
         where = f"{path.name}: {name}"
-        spec = hf_key_spec(name)
+        spec = hf_key_spec(name, model_cfg)
         if spec is None:
             raise ConfigError(f"{where} is unexpected: no tensor of this model corresponds to it")
         ours, want = spec.ours, None
@@ -287,6 +288,11 @@ def check_weights(model_cfg: ModelConfig, folder: Path, upcycle: bool = False) -
         elif spec.part == "down":
             want = (full[0], full[2], full[1])
             seen_experts.setdefault(ours, set()).update(range(E))
+        elif spec.part in hf_gpt_oss.PARTS:
+            want = hf_gpt_oss.file_shape(spec.part, name, full)
+            for part in hf_gpt_oss.filled(spec.part, ours):
+                seen.add(part)
+                seen_experts.setdefault(part, set()).update(range(E))
         else:
             if not 0 <= spec.expert < full[0]:
                 raise ConfigError(f"{where} is unexpected: the model has {full[0]} experts per layer")
@@ -322,16 +328,27 @@ def load_pretrained(
     every layout gets the same experts."""
     from safetensors import safe_open
 
+    from moetrain import hf_gpt_oss
     from moetrain.hf import hf_key_spec
 
     folder = Path(folder)
-    params = dict(model.named_parameters())
+    params = {**dict(model.named_buffers()), **dict(model.named_parameters())}
     layers = {f"layers.{i}.ffn": b.ffn for i, b in enumerate(model.layers) if b.is_moe}
+    get_slice = _slice_reader(folder)
     for path in weight_files(folder):
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118
-                spec = hf_key_spec(name)
+                if _mtp_layer(name, folder, model.cfg.num_layers):
+                    continue
+                spec = hf_key_spec(name, model.cfg)
                 ours = spec.ours
+                if spec.part in hf_gpt_oss.PARTS:  # gpt-oss layouts and MXFP4: this rank's experts only
+                    lo, hi = _local_range(params[ours], layers[ours.rsplit(".experts.", 1)[0]])
+                    for target, t in hf_gpt_oss.read_experts(
+                        spec.part, name, ours, get_slice, lo, hi
+                    ).items():
+                        params[target].copy_(t)
+                    continue
                 target = _upcycle_target(ours) if upcycle else None
                 if target is not None and target.rsplit(".experts.", 1)[0] in layers:
                     _fill_experts(params[target], layers[target.rsplit(".experts.", 1)[0]], f.get_tensor(name),
@@ -356,6 +373,27 @@ def load_pretrained(
                 else:  # down: [El, H, F]
                     params[ours].copy_(f.get_slice(name)[lo:hi].transpose(1, 2))
     model.tie_weights()  # a tied head was filled through its embedding (one tensor); keep it one
+
+
+def _slice_reader(folder: Path):
+    """``get(name)``: the safetensors slice of a tensor of the folder, in whichever file holds it (MXFP4
+    scales may sit in another shard than their blocks)."""
+    from safetensors import safe_open
+
+    index = folder / WEIGHTS_INDEX
+    where = json.loads(index.read_text())["weight_map"] if index.is_file() else {}
+
+    class _Slice:  # opened per read: no file stays open
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def __getitem__(self, index):  # noqa: ANN001, ANN204
+            with safe_open(
+                str(folder / where.get(self.name, WEIGHTS_FILE)), framework="pt", device="cpu"
+            ) as f:
+                return f.get_slice(self.name)[index]
+
+    return _Slice
 
 
 def _fill_experts(param: torch.Tensor, layer: Any, dense: torch.Tensor, name: str, noise: float) -> None:

@@ -42,5 +42,8 @@ def test_every_command_skips_the_final_collection():
 
     root = Path(moetrain.__file__).parent
     for command in ("train", "export", "generate", "analyze", "plan"):
-        main_block = (root / f"{command}.py").read_text().split('if __name__ == "__main__":')[1]
+        entry = root / f"{command}.py"
+        if not entry.is_file():  # a package: its __main__.py
+            entry = root / command / "__main__.py"
+        main_block = entry.read_text().split('if __name__ == "__main__":')[1]
         assert "skip_exit_collection()" in main_block, f"python -m moetrain.{command} does not skip it"

@@ -65,8 +65,9 @@ EXACT = [
         model_config_from_dict,
         {"moe": {"capacity": 1.0}},
         "model.moe.capacity is not a known option (known: aux_loss_scope, aux_loss_type, aux_loss_weight, "
-        "backend, bias_update_rate, capacity_factor, expert_impl, jitter_eps, n_group, normalize_top_k, "
-        "routed_scaling_factor, score_function, seq_aux_loss_weight, topk_group, z_loss_weight)",
+        "backend, bias_update_rate, capacity_factor, expert_activation, expert_impl, expert_proj_bias, jitter_eps, "
+        "n_group, normalize_top_k, routed_scaling_factor, router_bias, score_function, selection_bias, "
+        "seq_aux_loss_weight, swiglu_alpha, swiglu_limit, topk_group, z_loss_weight)",
     ),
 ]
 

@@ -1,4 +1,5 @@
-"""Five families from transformers (Mixtral, Mistral, OLMoE, Qwen2-MoE, Qwen3-MoE): a tiny random model
+"""Eight families from transformers (Mixtral, Mistral, OLMoE, Qwen2-MoE, Qwen3-MoE, GLM-4.5, gpt-oss,
+DeepSeek-V3): a tiny random model
 saved with ``save_pretrained`` loads through ``model.init_from``'s path (config -> ours, weights checked
 by name, read per rank) and computes transformers' logits; exported back, transformers loads it as the
 same architecture with our logits, and greedy decoding agrees token for token."""
@@ -21,7 +22,7 @@ from moetrain.hf import from_hf_state_dict, hf_architecture, hf_model_from_state
 from moetrain.pretrained import load_pretrained, resolve_pretrained
 from moetrain.testing import HF_FAMILIES, assert_close_scaled, rounding_rel, tiny_hf_model
 
-FAMILIES = ["mixtral", "mistral", "olmoe", "qwen2_moe", "qwen3_moe"]
+FAMILIES = ["mixtral", "mistral", "olmoe", "qwen2_moe", "qwen3_moe", "glm4_moe", "gpt_oss", "deepseek_v3"]
 B, T, VOCAB = 2, 16, 512
 # Same function, other kernels (transformers' expert loop vs our grouped_mm, eager vs SDPA attention):
 # logits agree to rounding, 64 ulps of their scale (~7.6e-6 relative; they are O(1), so well under
@@ -114,8 +115,124 @@ def test_family_options_matter(saved) -> None:
     assert diff > 1e-3, diff
 
 
+def _plain_rope(m) -> None:  # noqa: ANN001
+    """The loaded model's RoPE without its model.rope_scaling (YaRN in the gpt-oss / DeepSeek-V3 fixtures)."""
+    from moetrain.model.rope import RotaryEmbedding
+
+    assert m.cfg.rope_scaling and m.cfg.rope_scaling["rope_type"] == "yarn"  # what init_from read
+    m.rope = RotaryEmbedding(m.rope.head_dim, m.cfg.max_seq_len, m.cfg.rope_theta)
+
+
 @pytest.mark.numerics
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_glm4_moe_options_matter(saved) -> None:
+    """Negative control for GLM-4.5: each DeepSeek-V3 router option and partial RoPE, switched off on
+    the loaded model, moves the logits far outside the parity bound."""
+    folder, hf = saved["glm4_moe"]
+    with torch.no_grad():
+        want = hf(_ids()).logits
+    scale = want.abs().max().item()
+
+    def router(m, **kw):
+        for layer in m.moe_layers:
+            for k, v in kw.items():
+                setattr(layer.router, k, v)
+
+    def full_rope(m):
+        from moetrain.model.layers import RotaryEmbedding
+
+        m.rope = RotaryEmbedding(m.cfg.head_size, m.cfg.max_seq_len, m.cfg.rope_theta)
+
+    def no_bias(m):
+        for layer in m.moe_layers:
+            layer.router.expert_bias.zero_()
+
+    for change in (
+        lambda m: router(m, routed_scaling_factor=1.0),
+        lambda m: router(m, n_group=1, topk_group=1),
+        no_bias,
+        full_rope,
+    ):
+        ours, _ = load_ours(folder)
+        with torch.no_grad():
+            change(ours)
+            diff = (ours(_ids()).logits - want).abs().max().item()
+        assert diff > 1e3 * LOGITS_REL * scale, diff
+
+
+@pytest.mark.numerics
+def test_deepseek_v3_options_matter(saved) -> None:
+    """Negative control for DeepSeek-V3's attention: plain (not interleaved) rotary pairs, the latent
+    norms at the model's eps instead of 1e-6, the group limits off, plain RoPE instead of YaRN or the
+    softmax scale without YaRN's mscale^2 move the logits."""
+    folder, hf = saved["deepseek_v3"]
+    with torch.no_grad():
+        want = hf(_ids()).logits
+    scale = want.abs().max().item()
+
+    def each(m, fn):
+        for b in m.layers:
+            fn(b.attention)
+
+    # The tiny model's attention is near uniform (0.02-std weights, 8 rotary dims), so the rotary layout
+    # moves the logits less than the other options: still 160x the parity bound.
+    for change, margin in (
+        (lambda m: each(m, lambda a: setattr(a, "interleave", False)), 100),
+        (lambda m: each(m, lambda a: setattr(a.kv_a_layernorm, "eps", 0.5)), 1e3),
+        (lambda m: [setattr(x.router, "n_group", 1) for x in m.moe_layers], 1e3),
+        (_plain_rope, 100),  # the fixture's YaRN tables
+        (
+            lambda m: each(m, lambda a: setattr(a, "softmax_scale", (a.nope + a.rope) ** -0.5)),
+            100,
+        ),  # no mscale^2
+    ):
+        ours, _ = load_ours(folder)
+        with torch.no_grad():
+            change(ours)
+            diff = (ours(_ids()).logits - want).abs().max().item()
+        assert diff > margin * LOGITS_REL * scale, diff
+
+
+@pytest.mark.numerics
+def test_gpt_oss_options_matter(saved) -> None:
+    """Negative control for gpt-oss: without the sinks, with one window for all layers, with the clamp at
+    7 (the fixture clamps at 0.1), with gate / up swapped (the interleaving) or without the experts'
+    biases, or with plain RoPE instead of YaRN, the logits move far outside the parity bound."""
+    folder, hf = saved["gpt_oss"]
+    with torch.no_grad():
+        want = hf(_ids()).logits
+    scale = want.abs().max().item()
+
+    def attn(m, **kw):
+        for b in m.layers:
+            for k, v in kw.items():
+                setattr(b.attention, k, v)
+
+    def experts(m, fn):
+        for layer in m.moe_layers:
+            fn(layer.experts)
+
+    def swap(e):
+        e.w1, e.v1 = e.v1, e.w1
+
+    # The tiny model's attention is near uniform (0.02-std weights), so the rotary tables move the logits
+    # less than the other options: still 30x the parity bound.
+    for change, margin in (
+        (lambda m: attn(m, sinks=None), 1e3),
+        (lambda m: attn(m, sliding_window=None), 1e3),
+        (lambda m: experts(m, lambda e: setattr(e, "limit", 7.0)), 1e3),
+        (lambda m: experts(m, swap), 1e3),
+        (lambda m: experts(m, lambda e: e.w2_bias.zero_()), 1e3),
+        (_plain_rope, 30),  # the fixture's YaRN
+    ):
+        ours, _ = load_ours(folder)
+        with torch.no_grad():
+            change(ours)
+            diff = (ours(_ids()).logits - want).abs().max().item()
+        assert diff > margin * LOGITS_REL * scale, diff
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "glm4_moe", "gpt_oss", "deepseek_v3"])
 def test_expert_parallel_rank_reads_its_slice_of_a_sharded_checkpoint(tmp_path: Path, family: str) -> None:
     """A checkpoint in several files (index.json): each ep rank holds exactly its experts."""
     tiny_hf_model(family, tmp_path, max_shard_size="20KB")
@@ -127,8 +244,9 @@ def test_expert_parallel_rank_reads_its_slice_of_a_sharded_checkpoint(tmp_path: 
         ref = full.state_dict()
         for name, t in shard.state_dict().items():
             want = ref[name]
-            if name.endswith(("experts.w1", "experts.v1", "experts.w2")):
-                want = want[2 * rank : 2 * rank + 2]
+            if name.rsplit(".", 1)[-1] in ("w1", "v1", "w2", "w1_bias", "v1_bias", "w2_bias"):
+                El = want.shape[0] // 2  # this rank's experts
+                want = want[El * rank : El * rank + El]
             assert torch.equal(t, want), name
 
 
@@ -245,3 +363,21 @@ def test_from_hf_state_dict_accepts_in_memory_names(saved) -> None:
         mapped = from_hf_state_dict(hf.state_dict())
         for k, v in ours.state_dict().items():
             assert torch.equal(mapped[k], v), (family, k)
+
+
+def test_multi_token_prediction_layers_are_skipped(saved, tmp_path: Path) -> None:
+    """DeepSeek-V3 / GLM-4.5 checkpoints hold their MTP module as layer num_hidden_layers (with names of
+    its own); init_from skips it, as transformers does, and still refuses any other extra tensor."""
+    folder, _ = saved["deepseek_v3"]
+    state = load_file(str(folder / "model.safetensors"))
+    n = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
+    state[f"model.layers.{n}.eh_proj.weight"] = torch.zeros(4, 8)
+    state[f"model.layers.{n}.self_attn.kv_b_proj.weight"] = torch.zeros(4, 8)
+    config = json.loads((folder / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
+    save_file(state, str(tmp_path / "model.safetensors"))
+    ours, _ = load_ours(tmp_path)
+    assert len(ours.layers) == n
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 0}))
+    with pytest.raises(ConfigError, match=f"model.layers.{n}"):
+        load_ours(tmp_path)

@@ -9,12 +9,27 @@ import dataclasses
 import pytest
 import torch
 
-from moetrain.config import ConfigError, LoRAConfig
+from moetrain.config import ConfigError, LoRAConfig, MLAConfig, MoEConfig
 from moetrain.model import MoETransformer
 from moetrain.model.lora import apply_lora, lora_param_count, merge_lora
 from moetrain.testing import assert_close_scaled, rounding_rel, tiny_model_config
 
 ALL = ["attention", "experts", "router", "shared_expert"]
+# The 2025 families' modules under LoRA: gpt-oss's experts (biases, clamped SwiGLU) and attention (sinks,
+# o bias, sliding / full layers); DeepSeek-V3's multi-head latent attention and group-limited router.
+FAMILY_SHAPES = {
+    "mixtral": {},
+    "gpt_oss": {
+        "attention_bias": True, "attention_out_bias": True, "attention_sinks": True, "sliding_window": 8,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "moe": MoEConfig(router_bias=True, expert_proj_bias=True, expert_activation="clamped_swiglu", swiglu_limit=0.5),
+    },
+    "deepseek_v3": {
+        "mla": MLAConfig(kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=12, v_head_dim=10,
+                         rope_interleave=True),
+        "moe": MoEConfig(score_function="sigmoid", selection_bias=True, n_group=2, topk_group=1),
+    },
+}  # fmt: skip
 
 
 def _model(targets=ALL, rank=4, **overrides):
@@ -48,9 +63,27 @@ def test_trainable_count_equals_the_formula(targets) -> None:
     assert trainable == sum(hand[t] for t in targets)
 
 
+@pytest.mark.parametrize("family", ["gpt_oss", "deepseek_v3"])
+def test_trainable_count_equals_the_formula_for_the_2025_families(family) -> None:
+    model, cfg = _model(ALL, **FAMILY_SHAPES[family])
+    trainable = apply_lora(model, cfg.lora)
+    assert trainable == lora_param_count(cfg)["total"] > 0
+    adapted = {
+        n.removesuffix(".weight_lora_A") for n, _ in model.named_parameters() if n.endswith("weight_lora_A")
+    }
+    if family == "deepseek_v3":  # every linear map of the latent attention
+        leaves = {n.rsplit(".", 1)[1] for n in adapted if ".attention." in n}
+        assert leaves == {"q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"}
+
+
 @pytest.mark.numerics
-def test_zero_b_is_exactly_the_base_then_grouped_equals_loop_and_merge() -> None:
-    model, cfg = _model()
+@pytest.mark.parametrize("family", sorted(FAMILY_SHAPES))
+def test_zero_b_is_exactly_the_base_then_grouped_equals_loop_and_merge(family) -> None:
+    model, cfg = _model(**FAMILY_SHAPES[family])
+    with torch.no_grad():  # the family's biases and sinks start at zero: make them act
+        for name, p in model.named_parameters():
+            if name.endswith(("_bias", ".bias", ".sinks")):
+                p.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(3))
     ids = _ids()
     base = model(ids, ids, return_logits=True)
     apply_lora(model, cfg.lora)
@@ -92,3 +125,54 @@ def test_targets_the_model_lacks_are_one_line() -> None:
         apply_lora(model, cfg.lora)
     with pytest.raises(ConfigError, match="model.lora.targets"):
         LoRAConfig(rank=4, targets=["mlp"]).validate()
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize(
+    ("family", "targets"),
+    [("deepseek_v3", ["attention", "experts", "router"]), ("gpt_oss", ["attention", "router"])],
+)
+def test_peft_adapter_of_the_2025_families_gives_the_merged_logits(family, targets, tmp_path) -> None:
+    """The PEFT folder (export --adapter) on the transformers base == the merged model; what PEFT cannot
+    hold (gpt-oss's experts, DeepSeek-V3's shared experts) is a one-line refusal."""
+    peft = pytest.importorskip("peft")
+    from moetrain.hf import from_hf_config, hf_model_from_state
+    from moetrain.peft_adapter import write_peft_adapter
+    from moetrain.testing import tiny_hf_model
+
+    cfg = from_hf_config(tiny_hf_model(family).config)
+    torch.manual_seed(0)
+    model = MoETransformer(cfg)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def adapted(targets):
+        lora_cfg = dataclasses.replace(cfg, lora=LoRAConfig(rank=4, alpha=8, targets=targets))
+        m = MoETransformer(cfg)
+        m.load_state_dict(base)
+        apply_lora(m, lora_cfg.lora)
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if name.endswith("_lora_B"):
+                    p.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(2))
+        return lora_cfg, m.state_dict()
+
+    lora_cfg, state = adapted(targets)
+    adapters = {k: v for k, v in state.items() if "_lora_" in k}
+    base_dir = tmp_path / "base"  # a local base (its config.json): PEFT looks nothing up on the hub
+    hf_model_from_state(cfg, base).config.save_pretrained(str(base_dir))
+    write_peft_adapter(lora_cfg, base, adapters, tmp_path / "adapter", str(base_dir))
+    ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        merged = hf_model_from_state(cfg, merge_lora(state, lora_cfg.lora))(ids).logits
+        plain = hf_model_from_state(cfg, base)
+        want = plain(ids).logits
+        got = peft.PeftModel.from_pretrained(plain, str(tmp_path / "adapter")).eval()(ids).logits
+    assert_close_scaled(got, merged, f"{family} PEFT vs merged", rel=rounding_rel(64))
+    assert (merged - want).abs().max() > 1e-2  # negative control: the adapters act
+    refused = ["experts"] if family == "gpt_oss" else ["shared_expert"]
+    lora_cfg, state = adapted(refused)
+    with pytest.raises(ValueError, match="--adapter: .*merged model") as e:
+        write_peft_adapter(
+            lora_cfg, base, {k: v for k, v in state.items() if "_lora_" in k}, tmp_path / "x", "b"
+        )
+    assert "\n" not in str(e.value)

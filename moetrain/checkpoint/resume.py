@@ -28,26 +28,7 @@ from moetrain.checkpoint.model_file import CheckpointError, read_config, resolve
 from moetrain.checkpoint.optimizer_state import FILE as OPTIMIZER_FILE
 from moetrain.checkpoint.rank_state import read_rank_state, set_rng_state
 from moetrain.checkpoint.safe_load import code_in_checkpoint
-
-SHAPE_KEYS = (
-    "vocab_size",
-    "hidden_size",
-    "num_layers",
-    "num_heads",
-    "num_kv_heads",
-    "head_dim",
-    "ffn_hidden_size",
-    "dense_ffn_hidden_size",
-    "num_experts",
-    "moe_every",
-    "mlp_only_layers",
-    "tie_embeddings",
-    "qk_norm",
-    "attention_bias",
-    "shared_expert_intermediate_size",
-    "shared_expert_gate",
-    "lora",  # a LoRA checkpoint holds adapters of this rank / alpha / targets only
-)
+from moetrain.config import MoEConfig, shape_fields
 
 
 def choose(resume: str | None, manager: CheckpointManager, run_dir: Path, *, trust: bool, log) -> tuple:
@@ -89,7 +70,16 @@ def check_same_shape(folder: Path, model_cfg: Any) -> None:
     """A checkpoint of another model shape: one line naming the fields."""
     saved = (read_config(folder) or {}).get("model", {})
     ours = dataclasses.asdict(model_cfg)
-    diff = [f"model.{k}: {saved[k]} -> {ours[k]}" for k in SHAPE_KEYS if k in saved and saved[k] != ours[k]]
+    # The fields marked SHAPE in moetrain/config/model.py (model.* and model.moe.*).
+    diff = [
+        f"model.{k}: {saved[k]} -> {ours[k]}" for k in shape_fields() if k in saved and saved[k] != ours[k]
+    ]
+    saved_moe, ours_moe = saved.get("moe") or {}, ours["moe"]
+    diff += [
+        f"model.moe.{k}: {saved_moe[k]} -> {ours_moe[k]}"
+        for k in shape_fields(MoEConfig)
+        if k in saved_moe and saved_moe[k] != ours_moe[k]
+    ]
     if diff:
         raise CheckpointError(
             f"checkpoint {folder} has another model shape ({', '.join(diff)}); fix: resume with the "

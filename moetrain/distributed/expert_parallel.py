@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moetrain.checkpoint.layout import EXPERT_PARAM_NAMES  # noqa: E402  (one list for both)
+from moetrain.checkpoint.layout import EXPERT_PARAM_NAMES  # noqa: F401  (re-exported: zero3, tests)
 from moetrain.config import TrainConfig
 from moetrain.distributed.env import DistEnv
 from moetrain.moe import MoELayer
@@ -131,7 +131,7 @@ def shard_experts(model: nn.Module, ep_rank: int, ep_size: int) -> None:
     for layer in model.moe_layers:
         El = layer.num_experts // ep_size
         with torch.no_grad():
-            for name in EXPERT_PARAM_NAMES:
+            for name in layer.experts.param_names:  # w1, v1, w2 (+ their biases: gpt-oss)
                 full = getattr(layer.experts, name)
                 shard = nn.Parameter(full.data[ep_rank * El : (ep_rank + 1) * El].clone())
                 setattr(layer.experts, name, shard)

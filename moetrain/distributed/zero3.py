@@ -25,6 +25,7 @@ from torch import nn
 
 from moetrain.distributed.expert_parallel import EXPERT_PARAM_NAMES, ExpertParallelInfo
 from moetrain.moe import MoELayer
+from moetrain.moe.experts import EXPERT_BIASES
 
 _ZERO3_CLASS: type | None = None
 
@@ -57,7 +58,7 @@ def prepare_zero3(model: nn.Module, ep: ExpertParallelInfo) -> None:
         for layer in model.moe_layers:
             layer.__class__ = cls
             layer.ep_group_name = ep.group_name  # what DeepSpeed reads on an AutoEP layer
-            for name in EXPERT_PARAM_NAMES:
+            for name in layer.experts.param_names:
                 p = getattr(layer.experts, name)
                 p.ds_zero_placement_family = "autoep_expert"
                 p.ds_zero_partition_group_name = ep.group_name
@@ -87,7 +88,7 @@ def held_parameter_bytes(model: nn.Module) -> dict[str, int]:
             n = p.numel() * p.element_size()
         kind = (
             "expert"
-            if name.rsplit(".", 1)[-1] in EXPERT_PARAM_NAMES and ".experts." in name
+            if name.rsplit(".", 1)[-1] in EXPERT_PARAM_NAMES + EXPERT_BIASES and ".experts." in name
             else "non_expert"
         )
         out[kind] += n

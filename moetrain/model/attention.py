@@ -38,10 +38,28 @@ def _causal_mask(q_len: int, kv_len: int, window: int | None, device: torch.devi
     return mask
 
 
+def attention_with_sinks(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks_N: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Attention whose softmax has one more logit per head, ``sinks_N[h]``, that takes probability
+    mass and adds no value (gpt-oss): ``softmax([q k^T / sqrt(d), sink])[:, :-1] v``. Written out as
+    transformers' eager gpt-oss attention does (SDPA has no sink); q, k, v [B, N, T, D]; ``mask``
+    boolean, True = attend, broadcast to [B, N, T, kv_len] (causal / sliding-window / documents)."""
+    B, N, T, D = q.shape
+    scores = (q @ k.transpose(-1, -2)) * D**-0.5
+    scores = scores.masked_fill(~mask, float("-inf"))
+    sink = sinks_N.to(scores.dtype).view(1, N, 1, 1).expand(B, N, T, 1)
+    logits = torch.cat([scores, sink], dim=-1)
+    logits = logits - logits.max(dim=-1, keepdim=True).values
+    probs = F.softmax(logits, dim=-1)[..., :-1]
+    return probs.to(v.dtype) @ v
+
+
 class Attention(nn.Module):
     """``qk_norm``: ``full`` normalises the whole q / k projection output (OLMoE), ``per_head`` each
     head over head_dim with one weight shared by the heads (Qwen3); both before RoPE.
-    ``bias`` puts biases on q, k and v (Qwen2), not on o."""
+    ``bias`` puts biases on q, k and v (Qwen2), ``out_bias`` on o (gpt-oss); ``sinks`` adds a learned
+    sink logit per head to the softmax (gpt-oss, ``attention_with_sinks``)."""
 
     def __init__(
         self,
@@ -54,6 +72,8 @@ class Attention(nn.Module):
         qk_norm: str = "none",
         bias: bool = False,
         norm_eps: float = 1e-5,
+        out_bias: bool = False,
+        sinks: bool = False,
     ) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
@@ -61,7 +81,8 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
-        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=out_bias)
+        self.sinks = nn.Parameter(torch.zeros(num_heads)) if sinks else None
         self.qk_norm = qk_norm
         if qk_norm == "full":
             self.q_norm = RMSNorm(num_heads * head_dim, norm_eps)
@@ -99,7 +120,11 @@ class Attention(nn.Module):
             rep = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         window_active = self.sliding_window is not None and kv_len > self.sliding_window
-        if mask is not None:
+        if self.sinks is not None:
+            if mask is None:
+                mask = _causal_mask(T, kv_len, self.sliding_window, x_BTH.device)
+            out = attention_with_sinks(q, k, v, self.sinks, mask)
+        elif mask is not None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         elif kv_len == T and not window_active:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)

@@ -32,6 +32,11 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x_BNTD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor) -> torch.Tensor:
+    """Rotates the first ``cos_TD.shape[-1]`` dims of each head; the rest pass (partial RoPE, GLM-4.5)."""
+    r = cos_TD.shape[-1]
+    if r < x_BNTD.shape[-1]:
+        rot, rest = x_BNTD[..., :r], x_BNTD[..., r:]
+        return torch.cat((rot * cos_TD + _rotate_half(rot) * sin_TD, rest), dim=-1)
     return x_BNTD * cos_TD + _rotate_half(x_BNTD) * sin_TD
 
 

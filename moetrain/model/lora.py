@@ -4,10 +4,11 @@
 adapters (Hu et al. 2021: ``W x + alpha/r * B A dropout(x)``, B zero-initialised so the adapted
 model starts exactly as the base) to the chosen targets:
 
-- ``attention``: the q/k/v/o projections; ``router``: the MoE router's gate; ``shared_expert``: the
-  shared expert's three projections (and its gate). These are ``nn.Linear``s; their class becomes
-  :class:`LoRALinear` in place, so the base weights keep their names (``attention.q_proj.weight``)
-  and the adapters sit next to them (``attention.q_proj.weight_lora_A``, ``..._lora_B``).
+- ``attention``: the q/k/v/o projections (multi-head latent attention: q_a/q_b or q, kv_a, kv_b,
+  o); ``router``: the MoE router's gate; ``shared_expert``: the shared expert's three projections
+  (and its gate). These are ``nn.Linear``s; their class becomes :class:`LoRALinear` in place, so
+  the base weights keep their names (``attention.q_proj.weight``) and the adapters sit next to
+  them (``attention.q_proj.weight_lora_A``, ``..._lora_B``).
 - ``experts``: every routed expert's w1, v1, w2, as grouped tensors next to the fused weights
   (``experts.w1_lora_A`` [E, r, in], ``experts.w1_lora_B`` [E, out, r]); the experts' class becomes
   :class:`LoRAGroupedExperts`, whose GEMMs add the adapters' two thin grouped GEMMs on the same
@@ -29,10 +30,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetrain.config import ConfigError, LoRAConfig, ModelConfig
-from moetrain.moe.experts import GroupedExperts, _ContiguousGrad, grouped_mm_supported
+from moetrain.moe.experts import EXPERT_WEIGHTS, GroupedExperts, grouped_mm_supported
 
 SUFFIX_A, SUFFIX_B = "_lora_A", "_lora_B"
-EXPERT_WEIGHTS = ("w1", "v1", "w2")
+# The attention's linear maps: GQA's, and multi-head latent attention's (model/mla.py) beside them.
+ATTENTION_PROJECTIONS = (
+    *("q_proj", "k_proj", "v_proj", "o_proj"),
+    *("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj"),
+)
 
 
 def _generator(seed: int, name: str, index: int = -1) -> torch.Generator:
@@ -76,31 +81,16 @@ class LoRAGroupedExperts(GroupedExperts):
         rank_ok = grouped_mm_supported(self.lora_rank, self.lora_rank, dtype)
         return "loop" if impl == "grouped_mm" and self.impl == "auto" and not rank_ok else impl
 
-    def _delta(self, x_S: torch.Tensor, name: str, offs: torch.Tensor) -> torch.Tensor:
+    def _project(self, x_S: torch.Tensor, name: str, offs: torch.Tensor) -> torch.Tensor:
         A, B = getattr(self, name + SUFFIX_A), getattr(self, name + SUFFIX_B)
         low = F.grouped_mm(self.lora_dropout(x_S), A.transpose(1, 2), offs=offs)
-        return self.lora_scale * F.grouped_mm(low, B.transpose(1, 2), offs=offs)
+        return super()._project(x_S, name, offs) + self.lora_scale * F.grouped_mm(
+            low, B.transpose(1, 2), offs=offs
+        )
 
-    def _grouped_mm(self, x_SH: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-        offs = torch.cumsum(tokens_per_expert_E, 0).to(torch.int32)
-        gate = F.grouped_mm(x_SH, self.w1.transpose(1, 2), offs=offs) + self._delta(x_SH, "w1", offs)
-        up = F.grouped_mm(x_SH, self.v1.transpose(1, 2), offs=offs) + self._delta(x_SH, "v1", offs)
-        h_SF = F.silu(gate) * up
-        out = F.grouped_mm(h_SF, self.w2, offs=offs) + self._delta(h_SF, "w2", offs)
-        return _ContiguousGrad.apply(out)
-
-    def _loop(self, x_SH: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-        """Reference path (and the fallback where grouped_mm cannot run): one expert at a time."""
-        outs = []
-        for e, x_e in enumerate(torch.split(x_SH, tokens_per_expert_E.tolist())):
-
-            def delta(x: torch.Tensor, name: str, e: int = e) -> torch.Tensor:
-                A, B = getattr(self, name + SUFFIX_A)[e], getattr(self, name + SUFFIX_B)[e]
-                return self.lora_scale * (self.lora_dropout(x) @ A.T @ B.T)
-
-            h = F.silu(x_e @ self.w1[e].T + delta(x_e, "w1")) * (x_e @ self.v1[e].T + delta(x_e, "v1"))
-            outs.append(h @ self.w2[e] + delta(h, "w2"))
-        return torch.cat(outs) if outs else x_SH.new_zeros(0, self.hidden_size)
+    def _project_one(self, x: torch.Tensor, name: str, e: int) -> torch.Tensor:
+        A, B = getattr(self, name + SUFFIX_A)[e], getattr(self, name + SUFFIX_B)[e]
+        return super()._project_one(x, name, e) + self.lora_scale * (self.lora_dropout(x) @ A.T @ B.T)
 
 
 def _dropout(cfg: LoRAConfig) -> nn.Module:
@@ -114,11 +104,7 @@ def _linear_targets(model: nn.Module, targets: list[str]) -> list[tuple[str, nn.
             continue
         leaf = name.rsplit(".", 1)[-1]
         if (
-            (
-                "attention" in targets
-                and ".attention." in name
-                and leaf in ("q_proj", "k_proj", "v_proj", "o_proj")
-            )
+            ("attention" in targets and ".attention." in name and leaf in ATTENTION_PROJECTIONS)
             or ("router" in targets and name.endswith(".router.gate"))
             or (
                 "shared_expert" in targets
@@ -177,15 +163,27 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def attention_projection_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
+    """(in, out) of each linear map of one layer's attention (GQA's q, k, v, o or MLA's)."""
+    H, N = cfg.hidden_size, cfg.num_heads
+    if not cfg.mla.enabled:
+        q, kv = N * cfg.head_size, cfg.num_kv_heads * cfg.head_size
+        return [(H, q), (H, kv), (H, kv), (q, H)]
+    m = cfg.mla
+    qk = m.qk_nope_head_dim + m.qk_rope_head_dim
+    q = [(H, N * qk)] if m.q_lora_rank is None else [(H, m.q_lora_rank), (m.q_lora_rank, N * qk)]
+    kv = [(H, m.kv_lora_rank + m.qk_rope_head_dim), (m.kv_lora_rank, N * (m.qk_nope_head_dim + m.v_head_dim))]
+    return q + kv + [(N * m.v_head_dim, H)]
+
+
 def lora_param_count(cfg: ModelConfig, ep_size: int = 1) -> dict[str, int]:
     """Adapter parameters of one rank (``expert``: this rank's experts' share) from the config alone:
     r * (in + out) per adapted matrix, times the experts for grouped ones."""
     lc = cfg.lora
     if lc.rank <= 0:
         return {"non_expert": 0, "expert": 0, "total": 0}
-    r, H, D = lc.rank, cfg.hidden_size, cfg.head_size
-    q, kv = cfg.num_heads * D, cfg.num_kv_heads * D
-    per_layer_attn = r * ((H + q) + 2 * (H + kv) + (q + H))
+    r, H = lc.rank, cfg.hidden_size
+    per_layer_attn = r * sum(i + o for i, o in attention_projection_shapes(cfg))
     moe_layers = len(cfg.moe_layer_ids)
     dense = 0
     if "attention" in lc.targets:

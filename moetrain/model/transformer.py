@@ -20,6 +20,7 @@ from moetrain.model.attention import Attention, KVCache
 from moetrain.model.documents import document_mask, document_positions
 from moetrain.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
 from moetrain.model.lm_loss import LMHead
+from moetrain.model.mla import MultiHeadLatentAttention, mla_softmax_scale
 from moetrain.moe import (
     MoELayer,
     RouterStats,
@@ -46,16 +47,14 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.attention_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.attention = Attention(
-            cfg.hidden_size,
-            cfg.num_heads,
-            cfg.num_kv_heads,
-            cfg.head_size,
-            cfg.sliding_window,
-            qk_norm=cfg.qk_norm,
-            bias=cfg.attention_bias,
-            norm_eps=cfg.norm_eps,
-        )
+        self.window = cfg.layer_window(layer_idx)  # None: full causal attention
+        self.attention: nn.Module
+        if cfg.mla.enabled:  # multi-head latent attention (DeepSeek-V3)
+            self.attention = MultiHeadLatentAttention(
+                cfg.hidden_size, cfg.num_heads, cfg.mla, softmax_scale=mla_softmax_scale(cfg)
+            )
+        else:
+            self.attention = self._gqa(cfg, layer_idx)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.is_moe = cfg.is_moe_layer(layer_idx)
         if self.is_moe:
@@ -70,6 +69,21 @@ class Block(nn.Module):
             )
         else:
             self.ffn = SwiGLU(cfg.hidden_size, cfg.dense_ffn_size)
+
+    @staticmethod
+    def _gqa(cfg: ModelConfig, layer_idx: int) -> Attention:
+        return Attention(
+            cfg.hidden_size,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_size,
+            cfg.layer_window(layer_idx),
+            qk_norm=cfg.qk_norm,
+            bias=cfg.attention_bias,
+            norm_eps=cfg.norm_eps,
+            out_bias=cfg.attention_out_bias,
+            sinks=cfg.attention_sinks,
+        )
 
     def forward(
         self,
@@ -133,7 +147,8 @@ class MoETransformer(nn.Module):
         # entry, gradients from both uses summed), and files store it once, under the source name.
         self.tied_weights: dict[str, str] = {"lm_head.weight": "embed.weight"} if cfg.tie_embeddings else {}
         self.tie_weights()
-        self.rope = RotaryEmbedding(cfg.head_size, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
+        # RoPE on cfg.rotary_dim dims of each head (partial RoPE: GLM-4.5; MLA: its rotated part).
+        self.rope = RotaryEmbedding(cfg.rotary_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
         self.activation_checkpointing = False
         # parallel.compile: torch.compile'd callables over self.layers (model/compile.py); a plain
         # list, not modules, so names and state dicts do not change. Used without a KV cache only.
@@ -170,7 +185,7 @@ class MoETransformer(nn.Module):
         for name, p in self.named_parameters():
             if p.is_meta:
                 continue
-            if name.endswith(".bias"):
+            if name.endswith((".bias", "_bias", ".sinks")):  # biases (experts' too), attention sinks
                 p.zero_()
                 continue
             if p.dim() == 1:
@@ -208,7 +223,7 @@ class MoETransformer(nn.Module):
         B, T = input_ids_BT.shape
         start = caches[0].length if caches else 0
         x = self.embed(input_ids_BT)
-        mask = None
+        mask: dict[int | None, torch.Tensor] | None = None
         if document_ids_BT is None:
             positions = torch.arange(start, start + T, device=input_ids_BT.device)
             rope = self.rope(positions, x.dtype)
@@ -218,14 +233,16 @@ class MoETransformer(nn.Module):
             document_ids_BT = document_ids_BT.to(input_ids_BT.device)
             cos, sin = self.rope(document_positions(document_ids_BT).reshape(-1), x.dtype)
             rope = (cos.view(B, 1, T, -1), sin.view(B, 1, T, -1))  # per sequence: broadcast over heads
-            mask = document_mask(document_ids_BT, self.cfg.sliding_window)
+            # One mask per distinct window (model.layer_types mixes sliding and full layers).
+            mask = {w: document_mask(document_ids_BT, w) for w in {b.window for b in self.layers}}
         stats: list[RouterStats] = []
         blocks = self.compiled_blocks if self.compiled_blocks is not None and caches is None else self.layers
         for i, block in enumerate(blocks):
+            mask_i = mask[self.layers[i].window] if mask is not None else None
             if self.activation_checkpointing and self.training and caches is None:
-                x, s = checkpoint(block, x, rope, None, mask, use_reentrant=False)
+                x, s = checkpoint(block, x, rope, None, mask_i, use_reentrant=False)
             else:
-                x, s = block(x, rope, caches[i] if caches else None, mask)
+                x, s = block(x, rope, caches[i] if caches else None, mask_i)
             if s is not None:
                 stats.append(s)
         if self.training and stats and self.cfg.moe.bias_update_rate > 0:

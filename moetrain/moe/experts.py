@@ -119,16 +119,58 @@ def grouped_mm_supported(hidden_size: int, ffn_hidden_size: int, dtype: torch.dt
     return _HAS_GROUPED_MM and (hidden_size * item) % 16 == 0 and (ffn_hidden_size * item) % 16 == 0
 
 
+EXPERT_WEIGHTS = ("w1", "v1", "w2")  # [E, F, H] each
+EXPERT_BIASES = ("w1_bias", "v1_bias", "w2_bias")  # [E, F], [E, F], [E, H] (gpt-oss)
+
+
+def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """gpt-oss's expert activation: gate clamped above, up clamped both ways, ``(up + 1) * gate * sigmoid(alpha gate)``."""
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
 class GroupedExperts(nn.Module):
-    def __init__(self, num_experts: int, hidden_size: int, ffn_hidden_size: int, impl: str = "auto") -> None:
+    """``bias``: per-expert biases on gate / up (``w1_bias``, ``v1_bias`` [E, F]) and down (``w2_bias`` [E, H]),
+    added per row by the row's expert (gpt-oss). ``activation``: ``swiglu`` or ``clamped_swiglu``."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        ffn_hidden_size: int,
+        impl: str = "auto",
+        *,
+        bias: bool = False,
+        activation: str = "swiglu",
+        alpha: float = 1.702,
+        limit: float = 7.0,
+    ) -> None:
         super().__init__()
         self.num_experts, self.hidden_size, self.ffn_hidden_size = num_experts, hidden_size, ffn_hidden_size
         self.impl = impl
+        self.activation, self.alpha, self.limit = activation, float(alpha), float(limit)
         # Rows per expert padded to a multiple of this before the GEMMs; None: default_row_block.
         self.row_block: int | None = None
         self.w1 = nn.Parameter(torch.empty(num_experts, ffn_hidden_size, hidden_size))
         self.v1 = nn.Parameter(torch.empty(num_experts, ffn_hidden_size, hidden_size))
         self.w2 = nn.Parameter(torch.empty(num_experts, ffn_hidden_size, hidden_size))
+        self.has_bias = bias
+        if bias:
+            self.w1_bias = nn.Parameter(torch.zeros(num_experts, ffn_hidden_size))
+            self.v1_bias = nn.Parameter(torch.zeros(num_experts, ffn_hidden_size))
+            self.w2_bias = nn.Parameter(torch.zeros(num_experts, hidden_size))
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        """The per-expert base parameters (dim 0 = local expert): what expert parallelism shards and
+        ZeRO-3 places by expert group (LoRA adapters, added later, are not among them)."""
+        return EXPERT_WEIGHTS + EXPERT_BIASES if self.has_bias else EXPERT_WEIGHTS
+
+    def _act(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        if self.activation == "clamped_swiglu":
+            return clamped_swiglu(gate, up, self.alpha, self.limit)
+        return F.silu(gate) * up
 
     def resolved_impl(self, dtype: torch.dtype) -> str:
         if self.impl != "auto":
@@ -154,17 +196,38 @@ class GroupedExperts(nn.Module):
             return self._grouped_mm(x_SH, tokens_per_expert_E)
         return self._loop(x_SH, tokens_per_expert_E)
 
+    # One projection of the experts: ``w1`` / ``v1`` map H -> F, ``w2`` (stored [E, F, H]) F -> H.
+    # Subclasses add to it (LoRA adapters, model/lora.py); the biases and the activation stay here.
+    def _project(self, x_S: torch.Tensor, name: str, offs: torch.Tensor) -> torch.Tensor:
+        w = getattr(self, name)
+        return F.grouped_mm(x_S, w if name == "w2" else w.transpose(1, 2), offs=offs)
+
+    def _project_one(self, x: torch.Tensor, name: str, e: int) -> torch.Tensor:
+        w = getattr(self, name)[e]
+        return x @ w if name == "w2" else x @ w.T
+
     def _grouped_mm(self, x_SH: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         offs = torch.cumsum(tokens_per_expert_E, 0).to(torch.int32)
-        gate = F.grouped_mm(x_SH, self.w1.transpose(1, 2), offs=offs)
-        up = F.grouped_mm(x_SH, self.v1.transpose(1, 2), offs=offs)
-        h_SF = F.silu(gate) * up
-        return _ContiguousGrad.apply(F.grouped_mm(h_SF, self.w2, offs=offs))
+        gate, up = self._project(x_SH, "w1", offs), self._project(x_SH, "v1", offs)
+        if self.has_bias:  # each row's expert's bias
+            rows_S = torch.repeat_interleave(
+                torch.arange(self.num_experts, device=x_SH.device),
+                tokens_per_expert_E,
+                output_size=x_SH.shape[0],
+            )
+            gate = gate + self.w1_bias.index_select(0, rows_S)
+            up = up + self.v1_bias.index_select(0, rows_S)
+        out = _ContiguousGrad.apply(self._project(self._act(gate, up), "w2", offs))
+        return out + self.w2_bias.index_select(0, rows_S) if self.has_bias else out
 
     def _loop(self, x_SH: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+        """Reference path (and the fallback where grouped_mm cannot run): one expert at a time."""
         counts = tokens_per_expert_E.tolist()
         outs = []
         for e, x_e in enumerate(torch.split(x_SH, counts)):
-            h = F.silu(x_e @ self.w1[e].T) * (x_e @ self.v1[e].T)
-            outs.append(h @ self.w2[e])
+            gate, up = self._project_one(x_e, "w1", e), self._project_one(x_e, "v1", e)
+            if self.has_bias:
+                gate, up = gate + self.w1_bias[e], up + self.v1_bias[e]
+            out = self._project_one(self._act(gate, up), "w2", e)
+            outs.append(out + self.w2_bias[e] if self.has_bias else out)
         return torch.cat(outs) if outs else x_SH.new_zeros(0, self.hidden_size)

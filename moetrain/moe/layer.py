@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moetrain.config import MoEConfig
+from moetrain.config import ConfigError, MoEConfig
 from moetrain.model.layers import SwiGLU
 from moetrain.moe.backends import resolve_backend
 from moetrain.moe.dispatch import combine, gather_copies, plan_dispatch
@@ -91,16 +91,35 @@ class MoELayer(nn.Module):
             cfg.n_group,
             cfg.topk_group,
             cfg.routed_scaling_factor,
+            selection_bias=cfg.selection_bias,
+            gate_bias=cfg.router_bias,
         )
         self.seq_aux_loss = cfg.seq_aux_loss_weight > 0
         # A one-line ConfigError here, at model construction, when megablocks was asked for but can't run.
         self.moe_backend = resolve_backend(cfg.backend)
+        gpt_oss_experts = cfg.expert_proj_bias or cfg.expert_activation != "swiglu"
+        if self.moe_backend == "megablocks" and gpt_oss_experts:
+            if cfg.backend == "megablocks":
+                raise ConfigError(
+                    "model.moe.backend=megablocks runs plain SwiGLU experts without biases; this model has "
+                    "model.moe.expert_proj_bias / expert_activation=clamped_swiglu: use backend=torch or auto"
+                )
+            self.moe_backend = "torch"
         if self.moe_backend == "megablocks":  # same parameters and names: checkpoints are backend-free
             from moetrain.moe.megablocks_backend import MegaBlocksExperts
 
             self.experts = MegaBlocksExperts(num_experts, hidden_size, ffn_hidden_size, cfg.expert_impl)
         else:
-            self.experts = GroupedExperts(num_experts, hidden_size, ffn_hidden_size, cfg.expert_impl)
+            self.experts = GroupedExperts(
+                num_experts,
+                hidden_size,
+                ffn_hidden_size,
+                cfg.expert_impl,
+                bias=cfg.expert_proj_bias,
+                activation=cfg.expert_activation,
+                alpha=cfg.swiglu_alpha,
+                limit=cfg.swiglu_limit,
+            )
         self.exchange = LocalExchange()
         self.shared_expert = SwiGLU(hidden_size, shared_expert_size) if shared_expert_size else None
         self.shared_expert_gate = (

@@ -10,12 +10,14 @@ parameter: no gradient, no weight decay; saved in checkpoints). b is added to th
 choose* the top-k experts; the combine weights still come from the unbiased scores. After each
 optimizer step ``update_bias`` nudges it by ``u * sign(mean load - load_e)`` from the routed-token
 counts of the whole step over all data-parallel ranks (``MoETransformer.after_optimizer_step``),
-so every rank holds the same b.
+so every rank holds the same b. ``selection_bias`` holds b without updating it (a DeepSeek-V3 / GLM-4.5
+checkpoint's ``e_score_correction_bias``).
 
-Group-limited routing (DeepSeek-V3's node-limited choice, ``n_group`` / ``topk_group``): the experts
-form ``n_group`` equal groups; each token keeps the ``topk_group`` groups with the largest sum of
-their two best (bias-corrected) scores and chooses its top-k inside them. ``routed_scaling_factor``
-multiplies the combine weights after renormalisation. Both as transformers' DeepseekV3TopkRouter.
+Group-limited routing (DeepSeek-V3's node-limited choice, GLM-4.5; ``n_group`` / ``topk_group``): the
+experts form ``n_group`` equal groups of consecutive ids; each token keeps the ``topk_group`` groups with
+the largest sum of their two best (bias-corrected) scores and chooses its top-k inside them.
+``routed_scaling_factor`` multiplies the combine weights after renormalisation. Both as transformers'
+DeepseekV3TopkRouter. Every step is row-wise, so a token's choice does not depend on its batch.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ class TopKRouter(nn.Module):
         n_group: int = 1,
         topk_group: int = 1,
         routed_scaling_factor: float = 1.0,
+        selection_bias: bool = False,
+        gate_bias: bool = False,
     ) -> None:
         super().__init__()
         if score_function not in SCORE_FUNCTIONS:
@@ -67,9 +71,9 @@ class TopKRouter(nn.Module):
         self.bias_update_rate = float(bias_update_rate)
         self.n_group, self.topk_group = n_group, topk_group
         self.routed_scaling_factor = float(routed_scaling_factor)
-        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        self.gate = nn.Linear(hidden_size, num_experts, bias=gate_bias)  # gate_bias: gpt-oss
         self.expert_bias: torch.Tensor | None
-        if self.bias_update_rate > 0:
+        if self.bias_update_rate > 0 or selection_bias:
             # Full [E] on every rank (also under expert parallelism): not an expert parameter.
             self.register_buffer(
                 "expert_bias", torch.zeros(num_experts, dtype=torch.float32), persistent=True

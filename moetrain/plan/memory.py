@@ -22,34 +22,27 @@ def check_parallel(
     zero_stage: int = 0,
     offload_optimizer: bool = False,
 ) -> None:
-    """Raise a one-line :class:`ConfigError` unless the layout is one plan can count (ZeRO 0-3)."""
+    """Raise a one-line :class:`ConfigError` unless the layout is one plan can count: the parallel
+    settings through training's own validation (moetrain/config/training.py), plus plan.dp_size."""
+    from moetrain.config import ParallelConfig, _require
+    from moetrain.config.training import check_expert_layout
 
-    def require(ok: bool, name: str, value: Any, allowed: str) -> None:
-        if not ok:
-            raise ConfigError(f"{name}={value!r} is invalid: {allowed}")
-
-    require(isinstance(ep_size, int) and ep_size >= 1, "parallel.ep_size", ep_size, "must be >= 1")
-    require(zero_stage in (0, 1, 2, 3), "parallel.zero_stage", zero_stage, "one of 0, 1, 2, 3")
-    require(
-        not offload_optimizer or zero_stage >= 1,
-        "parallel.offload_optimizer",
-        offload_optimizer,
-        "needs parallel.zero_stage >= 1 (DeepSpeed offloads the partitioned optimizer)",
+    _require(
+        isinstance(ep_size, int) and not isinstance(ep_size, bool),
+        "parallel.ep_size",
+        ep_size,
+        "an integer >= 1",
     )
-    if ep_size > 1:
-        require(
-            model_cfg.num_experts > 0 and model_cfg.num_experts % ep_size == 0,
-            "parallel.ep_size",
-            ep_size,
-            f"must divide model.num_experts={model_cfg.num_experts}",
-        )
-    require(
+    parallel = ParallelConfig(ep_size=ep_size, zero_stage=zero_stage, offload_optimizer=offload_optimizer)
+    parallel.validate()
+    check_expert_layout(model_cfg, parallel)
+    _require(
         isinstance(dp_size, int) and not isinstance(dp_size, bool) and dp_size >= 1,
         "plan.dp_size",
         dp_size,
         "must be an integer >= 1",
     )
-    require(
+    _require(
         dp_size % ep_size == 0,
         "plan.dp_size",
         dp_size,

@@ -28,13 +28,30 @@ COMPONENTS = (
 # parameters
 
 
+def _mla_params(cfg: ModelConfig) -> int:
+    """Multi-head latent attention (moetrain/model/mla.py), its two latent norms included."""
+    m, h, n = cfg.mla, cfg.hidden_size, cfg.num_heads
+    qk = m.qk_nope_head_dim + m.qk_rope_head_dim
+    q = h * n * qk if m.q_lora_rank is None else h * m.q_lora_rank + m.q_lora_rank + m.q_lora_rank * n * qk
+    kv = (
+        h * (m.kv_lora_rank + m.qk_rope_head_dim)
+        + m.kv_lora_rank
+        + m.kv_lora_rank * n * (m.qk_nope_head_dim + m.v_head_dim)
+    )
+    return q + kv + n * m.v_head_dim * h
+
+
 def _attention_params(cfg: ModelConfig) -> int:
+    if cfg.mla.enabled:
+        return _mla_params(cfg)
     h, hd = cfg.hidden_size, cfg.head_size
     q = h * cfg.num_heads * hd
     kv = 2 * h * cfg.num_kv_heads * hd
     o = cfg.num_heads * hd * h
     bias = (cfg.num_heads + 2 * cfg.num_kv_heads) * hd if cfg.attention_bias else 0
-    return q + kv + o + bias
+    bias += h if cfg.attention_out_bias else 0  # gpt-oss
+    sinks = cfg.num_heads if cfg.attention_sinks else 0
+    return q + kv + o + bias + sinks
 
 
 def _qk_norm_params(cfg: ModelConfig) -> int:
@@ -49,9 +66,12 @@ def _qk_norm_params(cfg: ModelConfig) -> int:
 def count_params(model_cfg: ModelConfig) -> dict[str, Any]:
     """Parameter counts of the moetrain decoder built from ``model_cfg`` (exact).
 
-    Attention includes its q/k/v biases (``attention_bias``); norms include QK-norm weights; the
-    shared expert (and its gate) is active for every token. Returns ``{"total", "active", "total_breakdown", "active_breakdown", "expert_params",
-    "non_expert_params", "moe_layers", "dense_layers"}``. ``total`` equals
+    Attention includes its biases (``attention_bias``, ``attention_out_bias``), sinks and, for
+    multi-head latent attention, its latent norms; norms include QK-norm weights; experts their
+    biases (``moe.expert_proj_bias``); the shared expert (and its gate) is active for every token.
+    Returns ``{"total", "active", "active_without_input_embedding", "active_without_embeddings",
+    "total_breakdown", "active_breakdown", "expert_params", "non_expert_params", "moe_layers",
+    "dense_layers"}``. ``total`` equals
     ``sum(p.numel() for p in model.parameters())`` (a tied LM head is counted once, as
     ``embedding``); ``active`` counts only ``top_k`` experts per MoE layer (Mixtral convention).
     Breakdown keys: embedding, lm_head, attention, norms, router, experts, shared_expert, dense_ffn.
@@ -61,6 +81,8 @@ def count_params(model_cfg: ModelConfig) -> dict[str, Any]:
     moe_layers = len(cfg.moe_layer_ids)
     dense_layers = cfg.num_layers - moe_layers
     per_expert = 3 * h * cfg.ffn_hidden_size
+    if cfg.moe.expert_proj_bias:  # gpt-oss: gate, up [F] and down [H] biases
+        per_expert += 2 * cfg.ffn_hidden_size + h
 
     shared = {
         "embedding": v * h,
@@ -68,7 +90,7 @@ def count_params(model_cfg: ModelConfig) -> dict[str, Any]:
         "attention": cfg.num_layers * _attention_params(cfg),
         # attention_norm + ffn_norm (+ QK-norm) per layer, final norm
         "norms": (2 * cfg.num_layers + 1) * h + cfg.num_layers * _qk_norm_params(cfg),
-        "router": moe_layers * h * cfg.num_experts,
+        "router": moe_layers * (h + (1 if cfg.moe.router_bias else 0)) * cfg.num_experts,
         "shared_expert": moe_layers
         * (3 * h * cfg.shared_expert_intermediate_size + (h if cfg.shared_expert_gate else 0)),
         "dense_ffn": dense_layers * 3 * h * cfg.dense_ffn_size,
@@ -78,9 +100,14 @@ def count_params(model_cfg: ModelConfig) -> dict[str, Any]:
     total_breakdown["experts"] = moe_layers * cfg.num_experts * per_expert
     active_breakdown["experts"] = moe_layers * cfg.top_k * per_expert if moe_layers else 0
     total = sum(total_breakdown.values())
+    active = sum(active_breakdown.values())
     return {
         "total": total,
-        "active": sum(active_breakdown.values()),
+        "active": active,
+        # Publishers count active parameters differently: gpt-oss leaves out the input embedding (a
+        # lookup, no matmul), GLM-4.5 both embedding and LM head.
+        "active_without_input_embedding": active - total_breakdown["embedding"],
+        "active_without_embeddings": active - total_breakdown["embedding"] - total_breakdown["lm_head"],
         "total_breakdown": total_breakdown,
         "active_breakdown": active_breakdown,
         "expert_params": total_breakdown["experts"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from moetrain.config import ModelConfig
@@ -75,29 +76,7 @@ def build_plan(
     cfg = model_cfg
     return {
         "model": cfg.name,
-        "shape": {
-            "vocab_size": cfg.vocab_size,
-            "hidden_size": cfg.hidden_size,
-            "num_layers": cfg.num_layers,
-            "num_heads": cfg.num_heads,
-            "num_kv_heads": cfg.num_kv_heads,
-            "head_dim": cfg.head_size,
-            "ffn_hidden_size": cfg.ffn_hidden_size,
-            "dense_ffn_hidden_size": cfg.dense_ffn_size,
-            "num_experts": cfg.num_experts,
-            "top_k": cfg.top_k if cfg.num_experts else 0,
-            "moe_layers": counts["moe_layers"],
-            "moe_layer_ids": cfg.moe_layer_ids,
-            "shared_expert_intermediate_size": cfg.shared_expert_intermediate_size,
-            "shared_expert_gate": cfg.shared_expert_gate,
-            "normalize_top_k": cfg.moe.normalize_top_k,
-            "qk_norm": cfg.qk_norm,
-            "attention_bias": cfg.attention_bias,
-            "tie_embeddings": cfg.tie_embeddings,
-            "max_seq_len": cfg.max_seq_len,
-            "rope_theta": cfg.rope_theta,
-            "rope_scaling": cfg.rope_scaling,
-        },
+        "shape": shape_report(cfg, counts),
         "total_params": counts["total"],
         "active_params": counts["active"],
         "active_fraction": counts["active"] / counts["total"],
@@ -204,6 +183,7 @@ def render(plan: dict[str, Any], console: Any = None) -> None:
             options.append("top-k weights not renormalised")
         if s["moe_layers"] != s["num_layers"]:
             options.append(f"MoE layers {s['moe_layer_ids']}")
+    options += _family_options(s)
     if options:
         console.print("options: " + ", ".join(options))
     source = plan.get("vocab_source", "")
@@ -348,3 +328,51 @@ def render(plan: dict[str, Any], console: Any = None) -> None:
             f"(nothing overlaps); {st['tokens_per_s']:,.0f} tokens/s, "
             f"{st['tokens_per_s_per_device']:,.0f} per device, MFU {st['mfu']:.1%}"
         )
+
+
+def _family_options(s: dict[str, Any]) -> list[str]:
+    """The gpt-oss / DeepSeek-V3 / GLM-4.5 options of a plan's shape, in a few words each."""
+    out = []
+    if s.get("mla"):
+        q = s["mla"]["q_lora_rank"]
+        out.append(f"MLA (kv latent {s['mla']['kv_lora_rank']}" + (f", q latent {q})" if q else ")"))
+    if s.get("partial_rotary_factor", 1.0) != 1.0:
+        out.append(f"RoPE on {s['partial_rotary_factor']:g} of each head")
+    if s.get("rope_scaling"):
+        out.append(f"RoPE {s['rope_scaling']['rope_type']} x{s['rope_scaling'].get('factor', 1):g}")
+    if s.get("attention_sinks"):
+        out.append("attention sinks")
+    if s.get("layer_types") and s.get("sliding_window"):
+        n = sum(t == "sliding_attention" for t in s["layer_types"])
+        out.append(f"window {s['sliding_window']} on {n}/{len(s['layer_types'])} layers")
+    if s.get("num_experts") and s.get("score_function") == "sigmoid":
+        out.append("sigmoid router")
+    if s.get("num_experts") and s.get("n_group", 1) > 1:
+        out.append(f"groups {s['topk_group']} of {s['n_group']}")
+    if s.get("num_experts") and s.get("routed_scaling_factor", 1.0) != 1.0:
+        out.append(f"routed weights x{s['routed_scaling_factor']:g}")
+    if s.get("expert_proj_bias"):
+        out.append("expert biases")
+    if s.get("expert_activation", "swiglu") != "swiglu":
+        out.append(s["expert_activation"])
+    return out
+
+
+def shape_report(cfg: ModelConfig, counts: dict[str, Any]) -> dict[str, Any]:
+    """The model's shape and options: every field a pretrained config fixes (marked ARCH in
+    moetrain/config/model.py, model.moe's included) plus the derived sizes plan counts with."""
+    from moetrain.config import MoEConfig, arch_fields
+
+    out: dict[str, Any] = {k: getattr(cfg, k) for k in arch_fields()}
+    out.update({k: getattr(cfg.moe, k) for k in arch_fields(MoEConfig)})
+    out["mla"] = dataclasses.asdict(cfg.mla) if cfg.mla.enabled else None
+    out["layer_types"] = list(cfg.layer_types)
+    out["mlp_only_layers"] = list(cfg.mlp_only_layers)
+    out.update(
+        head_dim=cfg.head_size,
+        dense_ffn_hidden_size=cfg.dense_ffn_size,
+        top_k=cfg.top_k if cfg.num_experts else 0,
+        moe_layers=counts["moe_layers"],
+        moe_layer_ids=cfg.moe_layer_ids,
+    )
+    return out

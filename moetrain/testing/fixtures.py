@@ -65,6 +65,9 @@ _HF_TINY = {
     "max_position_embeddings": 64,
     "tie_word_embeddings": False,
 }
+# YaRN as gpt-oss and DeepSeek-V3 ship it (model/rope.py), scaled down: 16 original positions x 4.
+_TINY_YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
+              "original_max_position_embeddings": 16}  # fmt: skip
 HF_FAMILIES = {
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"intermediate_size": 48, "num_local_experts": 4,
                                                         "num_experts_per_tok": 2}),
@@ -78,6 +81,30 @@ HF_FAMILIES = {
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {
         "num_hidden_layers": 3, "head_dim": 16, "intermediate_size": 64, "moe_intermediate_size": 48,
         "num_experts": 4, "num_experts_per_tok": 2, "decoder_sparse_step": 2, "norm_topk_prob": True}),
+    # DeepSeek-V3 router (moetrain/hf_deepseek.py): 8 experts in 4 groups, 2 groups kept, top-2, scaled
+    # weights, one shared expert, first layer dense; GQA with per-head QK-norm, q/k/v bias, half RoPE.
+    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM", {
+        "num_hidden_layers": 3, "head_dim": 16, "intermediate_size": 64, "moe_intermediate_size": 24,
+        "n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 4, "topk_group": 2,
+        "routed_scaling_factor": 2.5, "n_shared_experts": 1, "first_k_dense_replace": 1,
+        "norm_topk_prob": True, "use_qk_norm": True, "attention_bias": True, "num_nextn_predict_layers": 0,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}}),
+    # DeepSeek-V3: the same router, multi-head latent attention with a q latent and interleaved rotary dims,
+    # YaRN with mscale_all_dim (the softmax scale grows too).
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", {
+        "num_hidden_layers": 3, "num_key_value_heads": 4, "intermediate_size": 64, "moe_intermediate_size": 24,
+        "n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 4, "topk_group": 2,
+        "routed_scaling_factor": 2.5, "n_shared_experts": 1, "first_k_dense_replace": 1, "norm_topk_prob": True,
+        "q_lora_rank": 24, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 12, "v_head_dim": 10,
+        "rope_interleave": True, "num_nextn_predict_layers": 0,
+        "rope_parameters": {**_TINY_YARN, "mscale": 1.0, "mscale_all_dim": 1.0}}),  # as the real model
+    # gpt-oss (moetrain/hf_gpt_oss.py): sinks, sliding / full layers (window 4 < the tests' 16 tokens),
+    # biases everywhere, clamped SwiGLU with interleaved gate / up; YaRN without truncation, as released.
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", {
+        "num_hidden_layers": 3, "head_dim": 16, "intermediate_size": 32, "num_local_experts": 4,
+        "num_experts_per_tok": 2, "sliding_window": 4, "swiglu_limit": 0.1,  # small: the clamps act
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+        "rope_parameters": {**_TINY_YARN, "truncate": False}}),
     # dense sources of sparse upcycling
     "llama": ("LlamaConfig", "LlamaForCausalLM", {"intermediate_size": 48}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16, "intermediate_size": 48}),
@@ -99,10 +126,13 @@ def tiny_hf_model(family: str, folder: str | os.PathLike | None = None, seed: in
     model = getattr(transformers, model_cls)(hf_cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(".bias"):
+            if name.endswith((".bias", "_bias")):  # gpt-oss's experts: gate_up_proj_bias, down_proj_bias
                 p.normal_(0.0, 0.1)
             elif p.dim() == 1:
                 p.uniform_(0.5, 1.5)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # the selection bias (DeepSeek-V3 router)
+                b.normal_(0.0, 0.05)
     if folder is not None:
         kw = {"max_shard_size": shard} if shard else {}
         model.save_pretrained(str(folder), safe_serialization=True, **kw)

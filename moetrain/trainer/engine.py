@@ -129,11 +129,12 @@ def zero_config(
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on norms (1-D params); decay on matrices, embeddings and experts."""
+    """No weight decay on norms and biases (1-D params, the experts' [E, n] biases); decay on matrices,
+    embeddings and experts."""
     decay, no_decay = [], []
-    for _, p in model.named_parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            (decay if p.dim() >= 2 and not name.endswith("_bias") else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import torch
 
-from moetrain.config import ModelConfig
+from moetrain.config import ModelConfig, MoEConfig
 from moetrain.distributed.expert_parallel import build_model
 from moetrain.model import MoETransformer
 
@@ -27,7 +27,7 @@ PROBE = textwrap.dedent(
     """
     import json, sys, torch
     from types import SimpleNamespace
-    from moetrain.config import ModelConfig
+    from moetrain.config import ModelConfig, MoEConfig
     from moetrain.distributed.expert_parallel import build_model, shard_experts
     from moetrain.model import MoETransformer
     mode, ep_size = sys.argv[1], int(sys.argv[2])
@@ -98,6 +98,26 @@ def test_shard_init_equals_the_slice_of_the_full_init():
             # Same generator, same seed, same op: identical bits, not merely close.
             assert torch.equal(t, ref), name
         assert torch.equal(shard.rope.inv_freq, full.rope.inv_freq)
+
+
+def test_expert_biases_are_expert_parameters():
+    """gpt-oss's per-expert biases go with their experts: a rank builds its experts' biases only, and the
+    checkpoint stores them one expert at a time under the global index, written by a holder of it."""
+    from moetrain.checkpoint.layout import expert_param_names, pieces
+
+    moe = MoEConfig(expert_proj_bias=True, router_bias=True)
+    cfg = SimpleNamespace(model=ModelConfig(**{**BIG, "ffn_hidden_size": 64, "moe": moe}))
+    torch.manual_seed(3)
+    shard = build_model(cfg, torch.device("cpu"), ep_rank=1, ep_size=4)
+    experts = shard.moe_layers[0].experts
+    assert experts.w1_bias.shape == (2, 64) and experts.w2_bias.shape == (2, 256)
+    names = expert_param_names(shard)
+    assert "layers.0.ffn.experts.w2_bias" in names and "layers.0.ffn.router.gate.bias" not in names
+    stored = {p.name: p for p in pieces(shard, world_size=4, ep_size=4)}
+    assert "layers.0.ffn.experts.w2_bias" not in stored
+    for g in range(8):
+        assert stored[f"layers.0.ffn.experts.{g}.w2_bias"].holders == (g // 2,)
+    assert stored["layers.0.ffn.router.gate.bias"].holders == (0, 1, 2, 3)  # not an expert parameter
 
 
 def test_init_depends_on_the_seed():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moetrain.config import MLAConfig
 from moetrain.data.loader import document_ids
 from moetrain.model.documents import document_mask, document_positions
 from moetrain.model.transformer import MoETransformer
@@ -60,10 +61,22 @@ def _second_doc_outputs(model, block, masked: bool, len_a: int):
     return logits[:, len_a:], loss
 
 
+# gpt-oss's attention (sinks, a sliding layer then a full one) and DeepSeek-V3's latent attention.
+GPT_OSS = {
+    "attention_sinks": True,
+    "sliding_window": 8,
+    "layer_types": ["sliding_attention", "full_attention"],
+}
+MLA = {
+    "mla": MLAConfig(kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=12, v_head_dim=10)
+}
+SHAPES = {"plain": {}, "window": {"sliding_window": 8}, "gpt_oss": GPT_OSS, "mla": MLA}
+
+
 @pytest.mark.numerics
-@pytest.mark.parametrize("sliding_window", [None, 8])
-def test_changing_document_a_leaves_document_b_unchanged(sliding_window):
-    model = _model(sliding_window=sliding_window)
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_changing_document_a_leaves_document_b_unchanged(shape):
+    model = _model(**SHAPES[shape])
     len_a, len_b = 13, 20
     block = _block(len_a, len_b + 1, seed=1)
     changed = block.clone()
@@ -120,3 +133,21 @@ def test_document_ids_with_a_kv_cache_is_refused():
     ids = _block(4, 4, seed=4)
     with pytest.raises(ValueError, match="KV cache"):
         model(ids, caches=[KVCache() for _ in model.layers], document_ids_BT=document_ids(ids, EOS))
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("shape", ["gpt_oss", "mla"])
+def test_one_document_is_each_layers_own_mask(shape):
+    """A block that is one document: the masked forward equals the unmasked one, so each layer kept its
+    own mask (gpt-oss: the window on its sliding layer only, the sinks; MLA: causal)."""
+    model = _model(**SHAPES[shape])
+    ids = torch.randint(1, 97, (2, 24), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        plain = model(ids, return_logits=True).logits
+        one = model(ids, return_logits=True, document_ids_BT=torch.zeros_like(ids)).logits
+    assert (plain - one).abs().max() < ROUNDING
+    if shape == "gpt_oss":  # negative control: the window on every layer (one mask for all) differs
+        model.layers[1].window = 8
+        with torch.no_grad():
+            windowed = model(ids, return_logits=True, document_ids_BT=torch.zeros_like(ids)).logits
+        assert (windowed - plain).abs().max() > LEAK
