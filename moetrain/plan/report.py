@@ -75,6 +75,9 @@ def build_plan(
         "shape": shape_report(cfg, counts),
         "total_params": counts["total"],
         "active_params": counts["active"],
+        # publishers' conventions: gpt-oss leaves out the input embedding, GLM-4.5 both embeddings
+        "active_params_without_input_embedding": counts["active_without_input_embedding"],
+        "active_params_without_embeddings": counts["active_without_embeddings"],
         "active_fraction": counts["active"] / counts["total"],
         "total_over_active": counts["total"] / counts["active"],
         "total_breakdown": counts["total_breakdown"],
