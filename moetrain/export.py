@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
                 adapter=args.adapter,
             )
         for w in caught:
-            if w.filename.endswith(("moetrain/hf.py", "moetrain/export.py")):
+            if "moetrain/hf/" in w.filename or w.filename.endswith("moetrain/export.py"):
                 print(f"warning: {_first_line(w.message)}", file=sys.stderr)
             else:
                 warnings.showwarning(w.message, w.category, w.filename, w.lineno)

@@ -28,20 +28,17 @@ from typing import Any
 
 import torch
 
-from moetrain import hf_deepseek
 from moetrain.config import ModelConfig
+from moetrain.hf import deepseek
 from moetrain.model.lora import SUFFIX_A, SUFFIX_B
 
 _EXPERT = re.compile(r"^layers\.(\d+)\.ffn\.experts\.(w1|v1|w2)$")
 
 
 def _hf_weight_name(ours: str, arch: str) -> str:
-    from moetrain import hf_gpt_oss
-    from moetrain.hf import _LAYER, _LAYER_RENAMES
+    from moetrain.hf.state import _LAYER, _LAYER_RENAMES, family_layer_renames
 
-    family = {hf_gpt_oss.ARCHITECTURE: hf_gpt_oss.LAYER_RENAMES}.get(arch, {})
-    if arch in hf_deepseek.ARCHITECTURES:
-        family = hf_deepseek.LAYER_RENAMES
+    family = family_layer_renames(arch)
     m = _LAYER.match(ours)
     rest = m.group(2) if m else None
     if rest is None or (rest not in family and rest not in _LAYER_RENAMES):
@@ -67,7 +64,7 @@ def _peft_factors(
         if m:
             experts.setdefault(m.group(1), {})[m.group(2)] = (A, B)
             continue
-        if ".shared_expert." in base and arch in hf_deepseek.ARCHITECTURES:
+        if ".shared_expert." in base and arch in deepseek.ARCHITECTURES:
             # PEFT's transformers-v5 conversion retargets a `down_proj` module to the fused experts' parameter
             raise ValueError(
                 f"--adapter: PEFT cannot hold adapters on {arch}'s shared experts; export the merged model "

@@ -249,8 +249,7 @@ def check_weights(model_cfg: ModelConfig, folder: Path, upcycle: bool = False) -
     """Every tensor of the model is in the files with the right shape, and nothing else is there:
     one-line ``ConfigError`` naming the first tensor that is missing, unexpected or of the wrong
     shape. Reads the safetensors headers only."""
-    from moetrain import hf_gpt_oss
-    from moetrain.hf import hf_key_spec
+    from moetrain.hf import gpt_oss, hf_key_spec
 
     expected = _expected_shapes(model_cfg)
     E = model_cfg.num_experts
@@ -288,9 +287,9 @@ def check_weights(model_cfg: ModelConfig, folder: Path, upcycle: bool = False) -
         elif spec.part == "down":
             want = (full[0], full[2], full[1])
             seen_experts.setdefault(ours, set()).update(range(E))
-        elif spec.part in hf_gpt_oss.PARTS:
-            want = hf_gpt_oss.file_shape(spec.part, name, full)
-            for part in hf_gpt_oss.filled(spec.part, ours):
+        elif spec.part in gpt_oss.PARTS:
+            want = gpt_oss.file_shape(spec.part, name, full)
+            for part in gpt_oss.filled(spec.part, ours):
                 seen.add(part)
                 seen_experts.setdefault(part, set()).update(range(E))
         else:
@@ -328,8 +327,7 @@ def load_pretrained(
     every layout gets the same experts."""
     from safetensors import safe_open
 
-    from moetrain import hf_gpt_oss
-    from moetrain.hf import hf_key_spec
+    from moetrain.hf import gpt_oss, hf_key_spec
 
     folder = Path(folder)
     params = {**dict(model.named_buffers()), **dict(model.named_parameters())}
@@ -342,11 +340,9 @@ def load_pretrained(
                     continue
                 spec = hf_key_spec(name, model.cfg)
                 ours = spec.ours
-                if spec.part in hf_gpt_oss.PARTS:  # gpt-oss layouts and MXFP4: this rank's experts only
+                if spec.part in gpt_oss.PARTS:  # gpt-oss layouts and MXFP4: this rank's experts only
                     lo, hi = _local_range(params[ours], layers[ours.rsplit(".experts.", 1)[0]])
-                    for target, t in hf_gpt_oss.read_experts(
-                        spec.part, name, ours, get_slice, lo, hi
-                    ).items():
+                    for target, t in gpt_oss.read_experts(spec.part, name, ours, get_slice, lo, hi).items():
                         params[target].copy_(t)
                     continue
                 target = _upcycle_target(ours) if upcycle else None

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from moetrain.config import TrainConfig
 from moetrain.distributed.expert_parallel import build_model
-from moetrain.hf_gpt_oss import FP4_VALUES, dequantize_mxfp4
+from moetrain.hf.gpt_oss import FP4_VALUES, dequantize_mxfp4
 from moetrain.pretrained import load_pretrained, resolve_pretrained
 from moetrain.testing import tiny_hf_model
 

@@ -1,5 +1,5 @@
-"""Checks of the model options that the gpt-oss, DeepSeek-V3 and GLM-4.5 families add (moetrain/hf_gpt_oss.py,
-moetrain/hf_deepseek.py): per-layer attention types, partial RoPE, multi-head latent attention, the experts'
+"""Checks of the model options that the gpt-oss, DeepSeek-V3 and GLM-4.5 families add (moetrain/hf/gpt_oss.py,
+moetrain/hf/deepseek.py): per-layer attention types, partial RoPE, multi-head latent attention, the experts'
 activation. Their defaults live in the dataclasses of moetrain/config/model.py (``ModelConfig``, ``MoEConfig``,
 ``MLAConfig``); ``ModelConfig.validate`` calls ``validate_family_options`` last.
 """

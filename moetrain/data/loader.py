@@ -42,6 +42,14 @@ def to_batch(blocks_BL: torch.Tensor, domain_B: torch.Tensor, eos_id: int | None
     return batch
 
 
+def check_sharding(rank: int, world_size: int, batch_size: int) -> None:
+    """A loader's rank and micro-batch size, checked before any data is touched."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size={batch_size} must be positive")
+
+
 def _epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch) % (2**63)
 
@@ -59,10 +67,7 @@ class ResumableLoader:
         drop_last: bool = True,
         eos_id: int | None = None,
     ) -> None:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
-        if batch_size <= 0:
-            raise ValueError(f"batch_size={batch_size} must be positive")
+        check_sharding(rank, world_size, batch_size)
         self.dataset = dataset
         self.batch_size = batch_size
         self.rank = rank
@@ -149,8 +154,7 @@ class ValidationLoader:
         num_batches: int | None = None,
         eos_id: int | None = None,
     ) -> None:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+        check_sharding(rank, world_size, batch_size)
         self.eos_id = eos_id
         shard_size = len(dataset) // world_size
         if shard_size == 0:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from moetrain.data.errors import DataError
-from moetrain.data.loader import Batch, BlockDataset, to_batch
+from moetrain.data.loader import Batch, BlockDataset, check_sharding, to_batch
 
 
 def _source_epoch_seed(seed: int, source: int, epoch: int) -> int:
@@ -60,10 +60,7 @@ class MixtureLoader:
         seed: int = 0,
         eos_id: int | None = None,
     ) -> None:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
-        if batch_size <= 0:
-            raise ValueError(f"batch_size={batch_size} must be positive")
+        check_sharding(rank, world_size, batch_size)
         if not (len(sources) == len(weights) == len(domains)) or not sources:
             raise ValueError("sources, weights and domains must be non-empty and of equal length")
         w = np.asarray(weights, dtype=np.float64)

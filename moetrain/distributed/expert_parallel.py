@@ -17,6 +17,7 @@ reading only its own (checkpoint/layout.py), which is what makes resharding poss
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -94,32 +95,27 @@ class AllToAllExchange:
         )
 
 
-def _deepspeed_moe_base() -> type:
-    from deepspeed.moe.layer import MoE
+@functools.cache
+def moe_layer_with_base(deepspeed_base: type, name: str, doc: str) -> type:
+    """``MoELayer`` that is also an instance of ``deepspeed_base``, the class DeepSpeed's engine looks
+    for (its contract); ``MoELayer`` comes first in the MRO, so ``__init__`` and forward stay ours.
+    One class per base, built on first use (importing deepspeed is slow)."""
 
-    return MoE
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False, **_: Any) -> None:
+        pass  # groups already exist: parallelize() created them before the engine
 
-
-_EP_CLASS: type | None = None
+    return type(
+        name,
+        (MoELayer, deepspeed_base),
+        {"set_deepspeed_parallelism": set_deepspeed_parallelism, "__doc__": doc},
+    )
 
 
 def _ep_layer_class() -> type:
-    """``MoELayer`` + DeepSpeed's MoE contract (built lazily: importing deepspeed is slow)."""
-    global _EP_CLASS
-    if _EP_CLASS is None:
+    """``MoELayer`` + DeepSpeed's MoE contract."""
+    from deepspeed.moe.layer import MoE
 
-        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False, **_: Any) -> None:
-            pass  # groups already exist: parallelize() created them before the engine
-
-        _EP_CLASS = type(
-            "ExpertParallelMoELayer",
-            (MoELayer, _deepspeed_moe_base()),
-            {
-                "set_deepspeed_parallelism": set_deepspeed_parallelism,
-                "__doc__": "MoELayer sharded over ranks.",
-            },
-        )
-    return _EP_CLASS
+    return moe_layer_with_base(MoE, "ExpertParallelMoELayer", "MoELayer sharded over ranks.")
 
 
 def shard_experts(model: nn.Module, ep_rank: int, ep_size: int) -> None:

@@ -18,37 +18,23 @@ is then the whole world).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
-from moetrain.distributed.expert_parallel import EXPERT_PARAM_NAMES, ExpertParallelInfo
-from moetrain.moe import MoELayer
+from moetrain.distributed.expert_parallel import EXPERT_PARAM_NAMES, ExpertParallelInfo, moe_layer_with_base
 from moetrain.moe.experts import EXPERT_BIASES
-
-_ZERO3_CLASS: type | None = None
 
 
 def _zero3_layer_class() -> type:
     """``MoELayer`` + DeepSpeed's ZeRO-3 expert contract (``AutoEPMoELayer`` as a marker base: its
-    ``__init__`` and forward are never used; ``MoELayer`` comes first in the MRO)."""
-    global _ZERO3_CLASS
-    if _ZERO3_CLASS is None:
-        from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer
+    ``__init__`` and forward are never used)."""
+    from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer
 
-        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False, **_: Any) -> None:
-            pass  # groups already exist: parallelize() created them before the engine
-
-        _ZERO3_CLASS = type(
-            "ZeRO3ExpertParallelMoELayer",
-            (MoELayer, AutoEPMoELayer),
-            {
-                "set_deepspeed_parallelism": set_deepspeed_parallelism,
-                "__doc__": "MoELayer sharded over ranks, its experts partitioned by ZeRO-3 over their group.",
-            },
-        )
-    return _ZERO3_CLASS
+    return moe_layer_with_base(
+        AutoEPMoELayer,
+        "ZeRO3ExpertParallelMoELayer",
+        "MoELayer sharded over ranks, its experts partitioned by ZeRO-3 over their group.",
+    )
 
 
 def prepare_zero3(model: nn.Module, ep: ExpertParallelInfo) -> None:

@@ -36,20 +36,25 @@ def _plan_from_cfg(cfg: Any) -> dict[str, Any]:
     micro_batch = plan_cfg.get("micro_batch_size") or cfg.optim.micro_batch_size
     if not isinstance(micro_batch, int) or micro_batch <= 0:
         raise ConfigError(f"plan.micro_batch_size={micro_batch!r} is invalid: a positive integer or null")
-    plan = build_plan(
-        model_cfg,
-        ep_size=par.ep_size,
-        dp_size=plan_cfg.get("dp_size"),
+    # The layout settings every estimate reads (build_plan, step_time and the ep sweep alike).
+    layout = dict(
         zero_stage=par.zero_stage,
         dtype=dtype,
         seq_len=seq_len,
         micro_batch_size=micro_batch,
         activation_checkpointing=par.activation_checkpointing,
         offload_optimizer=par.offload_optimizer,
+    )
+    plan = build_plan(
+        model_cfg,
+        ep_size=par.ep_size,
+        dp_size=plan_cfg.get("dp_size"),
+        **layout,
         device_memory_gib=float(gib),
         disk_gbps=float(plan_cfg.get("disk_gbps") or 2.0),
         ranks_per_node=int(plan_cfg.get("ranks_per_node") or 8),
     )
+    dp_size = plan["memory"]["layout"]["dp_size"]
     cluster_name = plan_cfg.get("cluster")
     if cluster_name:
         from moetrain.plan.clusters import load_cluster
@@ -60,14 +65,9 @@ def _plan_from_cfg(cfg: Any) -> dict[str, Any]:
             model_cfg,
             load_cluster(str(cluster_name)),
             ep_size=par.ep_size,
-            dp_size=plan["memory"]["layout"]["dp_size"],
-            zero_stage=par.zero_stage,
-            dtype=dtype,
-            micro_batch_size=micro_batch,
-            seq_len=seq_len,
+            dp_size=dp_size,
             grad_accum=grad_accum,
-            activation_checkpointing=par.activation_checkpointing,
-            offload_optimizer=par.offload_optimizer,
+            **layout,
         )
     sweep = plan_cfg.get("sweep")
     if sweep:
@@ -75,37 +75,26 @@ def _plan_from_cfg(cfg: Any) -> dict[str, Any]:
             raise ConfigError(
                 f"plan.sweep={sweep!r} is invalid: ep_size (with plan.cluster=NAME_OR_FILE for the step time)"
             )
-        plan["sweep"] = _sweep_ep(
-            model_cfg, par, plan, dtype, micro_batch, seq_len, grad_accum, str(cluster_name)
-        )
+        plan["sweep"] = _sweep_ep(model_cfg, layout, dp_size, plan, grad_accum, str(cluster_name))
     plan["vocab_source"] = _vocab_source(cfg)
     return {"format": fmt, "plan": plan}
 
 
 def _sweep_ep(
-    model_cfg, par, plan, dtype, micro_batch, seq_len, grad_accum, cluster_name
+    model_cfg: Any, layout: dict[str, Any], dp: int, plan: dict[str, Any], grad_accum: int, cluster_name: str
 ) -> list[dict[str, Any]]:
-    """Predicted tokens/s and device memory for every ep_size that divides the experts and the ranks."""
+    """Predicted tokens/s and device memory for every ep_size that divides the experts and the ``dp``
+    ranks, the other ``layout`` settings held."""
     from moetrain.plan.clusters import load_cluster
     from moetrain.plan.memory import memory_plan
     from moetrain.plan.step_time import step_time
 
     cluster = load_cluster(cluster_name)
-    dp = plan["memory"]["layout"]["dp_size"]
     rows = []
     for ep in range(1, dp + 1):
         if dp % ep or (ep > 1 and model_cfg.num_experts % ep):
             continue
-        kw = dict(
-            ep_size=ep,
-            dp_size=dp,
-            zero_stage=par.zero_stage,
-            dtype=dtype,
-            micro_batch_size=micro_batch,
-            seq_len=seq_len,
-            activation_checkpointing=par.activation_checkpointing,
-            offload_optimizer=par.offload_optimizer,
-        )
+        kw = dict(layout, ep_size=ep, dp_size=dp)
         st = step_time(model_cfg, cluster, grad_accum=grad_accum, **kw)
         mem = memory_plan(model_cfg, device_memory_gib=plan["memory"]["device_memory_gib"], **kw)
         rows.append(

@@ -7,7 +7,7 @@ from typing import Any
 
 from moetrain.config import ModelConfig
 from moetrain.plan.fmt import fmt_bytes, fmt_count, fmt_flops
-from moetrain.plan.memory import GIB, all_to_all_volume, check_parallel, fitting_settings, memory_plan
+from moetrain.plan.memory import GIB, all_to_all_volume, fitting_settings, memory_plan
 from moetrain.plan.params import BYTES_PER_PARAM, COMPONENTS, count_params, dense_equivalent, flops_per_token
 
 
@@ -33,43 +33,39 @@ def build_plan(
     ``dtype`` sets the all-to-all element size.
     """
     dp_size = ep_size if dp_size is None else dp_size
-    check_parallel(
-        model_cfg,
-        ep_size=ep_size,
-        dp_size=dp_size,
-        zero_stage=zero_stage,
-        offload_optimizer=offload_optimizer,
-    )
-    counts = count_params(model_cfg)
     seq_len = seq_len or model_cfg.max_seq_len
+    by_dtype = {  # memory_plan checks the layout (check_parallel) before anything is counted
+        d: memory_plan(
+            model_cfg,
+            ep_size=ep_size,
+            dp_size=dp_size,
+            zero_stage=zero_stage,
+            dtype=d,
+            offload_optimizer=offload_optimizer,
+            micro_batch_size=micro_batch_size,
+            seq_len=seq_len,
+            activation_checkpointing=activation_checkpointing,
+            device_memory_gib=device_memory_gib,
+        )
+        for d in BYTES_PER_PARAM
+    }
+    settings = next(iter(by_dtype.values()))["settings"]  # memory_plan's keywords, as it read them
+    counts = count_params(model_cfg)
     flops = flops_per_token(model_cfg, seq_len)
     dense = dense_equivalent(model_cfg, seq_len)
     memory: dict[str, Any] = {
         "layout": {
             "world_size": dp_size,
-            "dp_size": dp_size,
-            "ep_size": ep_size,
+            **settings,
             "expert_dp_size": dp_size // ep_size,
             "experts_per_rank": model_cfg.num_experts // ep_size,
-            "zero_stage": zero_stage,
-            "offload_optimizer": offload_optimizer,
-            "micro_batch_size": micro_batch_size,
-            "seq_len": seq_len,
-            "activation_checkpointing": activation_checkpointing,
         },
         "device_memory_gib": device_memory_gib,
+        **by_dtype,
     }
-    settings = {
-        k: v
-        for k, v in memory["layout"].items()
-        if k not in ("world_size", "expert_dp_size", "experts_per_rank")
-    }
-    for d in BYTES_PER_PARAM:
-        memory[d] = memory_plan(model_cfg, dtype=d, device_memory_gib=device_memory_gib, **settings)
-        if not memory[d]["fits"]:
-            memory[d]["fitting_settings"] = fitting_settings(
-                model_cfg, settings, d, int(device_memory_gib * GIB)
-            )
+    for d, mem in by_dtype.items():
+        if not mem["fits"]:
+            mem["fitting_settings"] = fitting_settings(model_cfg, settings, d, int(device_memory_gib * GIB))
     memory["inference_weights_bytes"] = {
         d: counts["total"] * b["weights"] for d, b in BYTES_PER_PARAM.items()
     }

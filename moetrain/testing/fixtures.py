@@ -54,7 +54,7 @@ def tiny_model_config(**overrides: Any):
     return cfg
 
 
-# Tiny transformers models of every family moetrain maps (moetrain/hf.py): vocab 512 (the fixture
+# Tiny transformers models of every family moetrain maps (moetrain/hf/): vocab 512 (the fixture
 # BPE's size), hidden 32, 2 layers, 4 experts top-2. Each family's own options are switched on.
 _HF_TINY = {
     "vocab_size": 512,
@@ -81,7 +81,7 @@ HF_FAMILIES = {
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {
         "num_hidden_layers": 3, "head_dim": 16, "intermediate_size": 64, "moe_intermediate_size": 48,
         "num_experts": 4, "num_experts_per_tok": 2, "decoder_sparse_step": 2, "norm_topk_prob": True}),
-    # DeepSeek-V3 router (moetrain/hf_deepseek.py): 8 experts in 4 groups, 2 groups kept, top-2, scaled
+    # DeepSeek-V3 router (moetrain/hf/deepseek.py): 8 experts in 4 groups, 2 groups kept, top-2, scaled
     # weights, one shared expert, first layer dense; GQA with per-head QK-norm, q/k/v bias, half RoPE.
     "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM", {
         "num_hidden_layers": 3, "head_dim": 16, "intermediate_size": 64, "moe_intermediate_size": 24,
@@ -98,7 +98,7 @@ HF_FAMILIES = {
         "q_lora_rank": 24, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 12, "v_head_dim": 10,
         "rope_interleave": True, "num_nextn_predict_layers": 0,
         "rope_parameters": {**_TINY_YARN, "mscale": 1.0, "mscale_all_dim": 1.0}}),  # as the real model
-    # gpt-oss (moetrain/hf_gpt_oss.py): sinks, sliding / full layers (window 4 < the tests' 16 tokens),
+    # gpt-oss (moetrain/hf/gpt_oss.py): sinks, sliding / full layers (window 4 < the tests' 16 tokens),
     # biases everywhere, clamped SwiGLU with interleaved gate / up; YaRN without truncation, as released.
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", {
         "num_hidden_layers": 3, "head_dim": 16, "intermediate_size": 32, "num_local_experts": 4,

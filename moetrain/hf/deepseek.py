@@ -1,7 +1,7 @@
 """moetrain <-> transformers for the DeepSeek-V3-router families: DeepSeek-V3 (DeepseekV3ForCausalLM,
 with multi-head latent attention: ``model.mla``, moetrain/model/mla.py) and GLM-4.5 (Glm4MoeForCausalLM).
 
-What they add to the decoder of moetrain/hf.py, as model options:
+What they add to the decoder of moetrain/hf/config.py, as model options:
 
     transformers (config.json)        ours
     sigmoid router, e_score_correction_bias  moe.score_function=sigmoid, moe.selection_bias=true
@@ -16,7 +16,7 @@ What they add to the decoder of moetrain/hf.py, as model options:
     rope_parameters (yarn: DeepSeek-V3) rope_scaling (moetrain/model/rope.py; MLA: mscale_all_dim scales the softmax)
     attention_bias (GLM: q, k, v)     attention_bias
 
-Tensor names beyond hf.py's mapping (in memory and on disk):
+Tensor names beyond moetrain/hf/state.py's mapping (in memory and on disk):
 
     layers.i.ffn.router.expert_bias          model.layers.i.mlp.gate.e_score_correction_bias
     layers.i.ffn.shared_expert.{w1,w3,w2}    model.layers.i.mlp.shared_experts.{gate,up,down}_proj
@@ -30,10 +30,10 @@ them on load too) are not loaded: see ``mtp_layer_ids``.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 from moetrain.config import MLAConfig, ModelConfig, MoEConfig
+from moetrain.hf.common import decoder_config, decoder_fields, refuse, require_silu, warn_capacity
 from moetrain.model.rope import rope_parameters_for_hf, rope_scaling_from_hf
 
 DEEPSEEK_FAMILIES = ("glm4_moe", "deepseek_v3")
@@ -51,10 +51,6 @@ LAYER_RENAMES_INV = {v: k for k, v in LAYER_RENAMES.items()}
 ARCHITECTURES = ("Glm4MoeForCausalLM", "DeepseekV3ForCausalLM")
 
 
-def _refuse(msg: str) -> None:
-    raise ValueError(msg)
-
-
 def is_deepseek_style(cfg: ModelConfig) -> bool:
     """Sigmoid router scores and an ungated shared expert: the DeepSeek-V3 MoE block."""
     return (
@@ -69,7 +65,7 @@ def leading_dense_layers(cfg: ModelConfig) -> int:
     """``first_k_dense_replace``: the dense layers must be exactly layers 0..k-1."""
     dense = [i for i in range(cfg.num_layers) if not cfg.is_moe_layer(i)]
     if dense != list(range(len(dense))):
-        _refuse(
+        refuse(
             f"GLM-4.5 / DeepSeek-V3 have dense FFNs in the first layers only (first_k_dense_replace); this model "
             f"has dense layers {dense} (model.moe_every={cfg.moe_every}, mlp_only_layers={list(cfg.mlp_only_layers)})"
         )
@@ -80,29 +76,19 @@ def architecture(cfg: ModelConfig) -> str:
     """The class of a DeepSeek-style model (``is_deepseek_style``), or a one-line ``ValueError``."""
     arch = "DeepseekV3ForCausalLM" if cfg.mla.enabled else "Glm4MoeForCausalLM"
     if cfg.mla.enabled and cfg.attention_bias:
-        _refuse(f"{arch} here has no attention biases; this model has model.attention_bias=true")
+        refuse(f"{arch} here has no attention biases; this model has model.attention_bias=true")
     leading_dense_layers(cfg)
     if cfg.shared_expert_intermediate_size % cfg.ffn_hidden_size:
-        _refuse(
+        refuse(
             f"{arch} sizes its shared experts as n_shared_experts x moe_intermediate_size; "
             f"model.shared_expert_intermediate_size={cfg.shared_expert_intermediate_size} is not a multiple of "
             f"model.ffn_hidden_size={cfg.ffn_hidden_size}"
         )
     if cfg.qk_norm == "full":
-        _refuse(f"{arch} normalises q / k per head (use_qk_norm); this model has model.qk_norm=full")
+        refuse(f"{arch} normalises q / k per head (use_qk_norm); this model has model.qk_norm=full")
     if cfg.sliding_window is not None:
-        _refuse(f"{arch} has no sliding window; this model has model.sliding_window={cfg.sliding_window}")
+        refuse(f"{arch} has no sliding window; this model has model.sliding_window={cfg.sliding_window}")
     return arch
-
-
-def _special_ids(tokenizer: Any | None) -> dict[str, Any]:
-    if tokenizer is None:
-        return {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
-    return {
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
 
 
 def to_hf_config(cfg: ModelConfig, tokenizer: Any | None = None):
@@ -110,27 +96,11 @@ def to_hf_config(cfg: ModelConfig, tokenizer: Any | None = None):
     from transformers import DeepseekV3Config, Glm4MoeConfig
 
     arch = architecture(cfg)
-    if cfg.moe.capacity_factor is not None:
-        warnings.warn(
-            f"model.moe.capacity_factor={cfg.moe.capacity_factor}: transformers runs dropless, so its "
-            "logits differ from ours wherever our model dropped tokens",
-            UserWarning,
-            stacklevel=3,
-        )
+    warn_capacity(cfg)
     rope = rope_parameters_for_hf(cfg.rope_theta, cfg.rope_scaling)
     common = dict(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads,
-        head_dim=cfg.head_size,
+        **decoder_config(cfg, tokenizer),
         hidden_act="silu",
-        max_position_embeddings=cfg.max_seq_len,
-        initializer_range=cfg.init_std,
-        rms_norm_eps=cfg.norm_eps,
-        tie_word_embeddings=cfg.tie_embeddings,
-        attention_dropout=0.0,
         attention_bias=cfg.attention_bias,
         intermediate_size=cfg.dense_ffn_size,
         moe_intermediate_size=cfg.ffn_hidden_size,
@@ -144,7 +114,6 @@ def to_hf_config(cfg: ModelConfig, tokenizer: Any | None = None):
         norm_topk_prob=cfg.moe.normalize_top_k,
         num_nextn_predict_layers=0,
         output_router_logits=False,
-        **_special_ids(tokenizer),
     )
     if arch == "DeepseekV3ForCausalLM":
         mla = cfg.mla
@@ -169,14 +138,11 @@ def from_hf_config(hf_config: Any) -> ModelConfig:
     (arXiv 2412.19437): the sequence-wise balance loss at alpha = 1e-4, no Switch aux or z-loss, the
     checkpoint's selection bias held fixed (``moe.bias_update_rate`` > 0 resumes aux-loss-free updates)."""
     t = hf_config.model_type
-    if getattr(hf_config, "hidden_act", "silu") != "silu":
-        raise ValueError(f"{t}: hidden_act={hf_config.hidden_act!r} is not supported (only 'silu')")
+    require_silu(hf_config)
     rope = dict(getattr(hf_config, "rope_parameters", None) or {})
     partial_rotary_factor = float(rope.pop("partial_rotary_factor", 1.0))  # ours: a model option (GLM)
     rope_scaling = rope_scaling_from_hf(rope, t)  # DeepSeek-V3's long-context checkpoints: YaRN
-    head_dim = getattr(hf_config, "head_dim", None)
-    if head_dim == hf_config.hidden_size // hf_config.num_attention_heads:
-        head_dim = None
+    fields = decoder_fields(hf_config)
     k_dense = int(hf_config.first_k_dense_replace or 0)
     moe = MoEConfig(
         aux_loss_weight=0.0,
@@ -189,12 +155,12 @@ def from_hf_config(hf_config: Any) -> ModelConfig:
         routed_scaling_factor=float(hf_config.routed_scaling_factor),
         selection_bias=True,
     )
-    extra: dict[str, Any] = {}
     if t == "deepseek_v3":
         if getattr(hf_config, "attention_bias", False):
             raise ValueError("deepseek_v3: attention_bias=true is not supported")
-        head_dim = None
-        extra["mla"] = MLAConfig(
+        # MLA: every head has its own keys and values, its head size follows from the MLA ranks
+        fields.update(num_kv_heads=hf_config.num_attention_heads, head_dim=None)
+        fields["mla"] = MLAConfig(
             kv_lora_rank=hf_config.kv_lora_rank,
             q_lora_rank=hf_config.q_lora_rank,
             qk_rope_head_dim=hf_config.qk_rope_head_dim,
@@ -203,32 +169,19 @@ def from_hf_config(hf_config: Any) -> ModelConfig:
             rope_interleave=bool(getattr(hf_config, "rope_interleave", False)),
         )
     cfg = ModelConfig(
-        name=getattr(hf_config, "_name_or_path", None) or t,
-        vocab_size=hf_config.vocab_size,
-        hidden_size=hf_config.hidden_size,
-        num_layers=hf_config.num_hidden_layers,
-        num_heads=hf_config.num_attention_heads,
-        num_kv_heads=(hf_config.num_key_value_heads or hf_config.num_attention_heads)
-        if t != "deepseek_v3"
-        else hf_config.num_attention_heads,
-        head_dim=head_dim,
         ffn_hidden_size=hf_config.moe_intermediate_size,
         dense_ffn_hidden_size=hf_config.intermediate_size,
         num_experts=hf_config.n_routed_experts,
         top_k=hf_config.num_experts_per_tok,
         mlp_only_layers=list(range(min(k_dense, hf_config.num_hidden_layers))),
-        max_seq_len=hf_config.max_position_embeddings,
         rope_theta=float(rope.get("rope_theta", 10000.0)),
         rope_scaling=rope_scaling,
         partial_rotary_factor=partial_rotary_factor,
-        norm_eps=hf_config.rms_norm_eps,
-        tie_embeddings=bool(hf_config.tie_word_embeddings),
-        init_std=hf_config.initializer_range,
         qk_norm="per_head" if getattr(hf_config, "use_qk_norm", False) else "none",
         attention_bias=bool(getattr(hf_config, "attention_bias", False)),
         shared_expert_intermediate_size=hf_config.n_shared_experts * hf_config.moe_intermediate_size,
         moe=moe,
-        **extra,
+        **fields,
     )
     cfg.validate()
     return cfg

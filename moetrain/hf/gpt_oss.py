@@ -1,6 +1,6 @@
 """moetrain <-> transformers for gpt-oss (GptOssForCausalLM), and its MXFP4 expert weights.
 
-What gpt-oss adds to the decoder of moetrain/hf.py, as model options:
+What gpt-oss adds to the decoder of moetrain/hf/config.py, as model options:
 
     transformers (config.json)          ours
     attention_bias (q, k, v and o)      attention_bias, attention_out_bias
@@ -25,18 +25,18 @@ Tensor names and layouts (in memory; the checkpoints on disk hold the expert wei
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from moetrain.config import ModelConfig, MoEConfig
+from moetrain.hf.common import aux_coef, decoder_config, decoder_fields, refuse, warn_capacity
 from moetrain.model.rope import rope_parameters_for_hf, rope_scaling_from_hf
 
 ARCHITECTURE = "GptOssForCausalLM"
 
-# Per-layer names (transformers' -> ours, part): parts how hf.KeySpec and moetrain/pretrained.py read them.
+# Per-layer names (transformers' -> ours, part): parts how moetrain/hf/state.py's KeySpec and moetrain/pretrained.py read them.
 #   stack: [E, ...] by expert, as is; gate_up: [E, H, 2F] interleaved -> w1, v1 (transposed);
 #   gate_up_bias: [E, 2F] interleaved -> w1_bias, v1_bias; mxfp4_gate_up / mxfp4_down: MXFP4 blocks of
 #   gate_up_proj / down_proj, dequantised with their scales (mxfp4_scales: read with the blocks).
@@ -76,7 +76,7 @@ def dequantize_mxfp4(
 
 
 def key_spec(rest: str) -> tuple[str, str] | None:
-    """(our per-layer name, part) of a gpt-oss per-layer name, or None when hf.py's mapping holds it."""
+    """(our per-layer name, part) of a gpt-oss per-layer name, or None when moetrain/hf/state.py's mapping holds it."""
     return LAYER_SPECS.get(rest)
 
 
@@ -154,10 +154,6 @@ def fuse_experts(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     }
 
 
-def _refuse(msg: str) -> None:
-    raise ValueError(msg)
-
-
 def architecture(cfg: ModelConfig) -> str:
     """gpt-oss (a model with attention sinks), or a one-line ``ValueError`` naming what it cannot hold."""
     moe = cfg.moe
@@ -173,7 +169,7 @@ def architecture(cfg: ModelConfig) -> str:
     }
     missing = [k for k, ok in needs.items() if not ok]
     if missing:
-        _refuse(f"{ARCHITECTURE} (a model with attention sinks) needs {', '.join(missing)}")
+        refuse(f"{ARCHITECTURE} (a model with attention sinks) needs {', '.join(missing)}")
     extra = {
         "model.qk_norm": cfg.qk_norm != "none",
         "model.shared_expert_intermediate_size": cfg.shared_expert_intermediate_size > 0,
@@ -184,56 +180,32 @@ def architecture(cfg: ModelConfig) -> str:
     }
     found = [k for k, bad in extra.items() if bad]
     if found:
-        _refuse(f"{ARCHITECTURE} has none of {', '.join(found)}; this model sets them")
+        refuse(f"{ARCHITECTURE} has none of {', '.join(found)}; this model sets them")
     return ARCHITECTURE
-
-
-def _aux_coef(cfg: ModelConfig) -> float:
-    moe = cfg.moe
-    return moe.aux_loss_weight if moe.aux_loss_type == "mixtral" else moe.aux_loss_weight / cfg.top_k
 
 
 def to_hf_config(cfg: ModelConfig, tokenizer: Any | None = None):
     from transformers import GptOssConfig
 
     architecture(cfg)
-    if cfg.moe.capacity_factor is not None:
-        warnings.warn(
-            f"model.moe.capacity_factor={cfg.moe.capacity_factor}: transformers runs dropless",
-            UserWarning,
-            stacklevel=3,
-        )
+    warn_capacity(cfg)
     types = (
         list(cfg.layer_types)
         or ["sliding_attention" if cfg.sliding_window is not None else "full_attention"] * cfg.num_layers
     )
-    ids = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
-    if tokenizer is not None:
-        ids = {k: getattr(tokenizer, k) for k in ids}
     return GptOssConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads,
-        head_dim=cfg.head_size,
+        **decoder_config(cfg, tokenizer),
         intermediate_size=cfg.ffn_hidden_size,
         num_local_experts=cfg.num_experts,
         num_experts_per_tok=cfg.top_k,
-        max_position_embeddings=cfg.max_seq_len,
         rope_parameters=rope_parameters_for_hf(cfg.rope_theta, cfg.rope_scaling),
         sliding_window=cfg.sliding_window,
         layer_types=types,
-        rms_norm_eps=cfg.norm_eps,
-        tie_word_embeddings=cfg.tie_embeddings,
-        initializer_range=cfg.init_std,
         attention_bias=True,
-        attention_dropout=0.0,
         swiglu_alpha=cfg.moe.swiglu_alpha,
         swiglu_limit=cfg.moe.swiglu_limit,
-        router_aux_loss_coef=_aux_coef(cfg),
+        router_aux_loss_coef=aux_coef(cfg),
         output_router_logits=False,
-        **ids,
     )
 
 
@@ -246,26 +218,14 @@ def from_hf_config(hf_config: Any) -> ModelConfig:
     if types and all(t == "sliding_attention" for t in types):
         types = []  # the window on every layer: the plain option
     cfg = ModelConfig(
-        name=getattr(hf_config, "_name_or_path", None) or "gpt_oss",
-        vocab_size=hf_config.vocab_size,
-        hidden_size=hf_config.hidden_size,
-        num_layers=hf_config.num_hidden_layers,
-        num_heads=hf_config.num_attention_heads,
-        num_kv_heads=hf_config.num_key_value_heads,
-        head_dim=None
-        if hf_config.head_dim == hf_config.hidden_size // hf_config.num_attention_heads
-        else hf_config.head_dim,
+        **decoder_fields(hf_config),
         ffn_hidden_size=hf_config.intermediate_size,
         num_experts=hf_config.num_local_experts,
         top_k=hf_config.num_experts_per_tok,
-        max_seq_len=hf_config.max_position_embeddings,
         rope_theta=float(rope.get("rope_theta", hf_config.default_theta)),
         rope_scaling=rope_scaling_from_hf(rope, "gpt_oss"),  # the released checkpoints: YaRN, factor 32
         sliding_window=window,
         layer_types=types,
-        norm_eps=hf_config.rms_norm_eps,
-        tie_embeddings=bool(hf_config.tie_word_embeddings),
-        init_std=hf_config.initializer_range,
         attention_bias=bool(hf_config.attention_bias),
         attention_out_bias=bool(hf_config.attention_bias),
         attention_sinks=True,
