@@ -72,7 +72,7 @@ def stored_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor, bool]]:
     # A frozen parameter (a LoRA run's base) is not training state: the run rebuilds it from its source.
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    buffers = [(n, t) for n, t in model.state_dict(keep_vars=True).items() if n not in names]
+    buffers = [(n, t) for n, t in state.items() if n not in names]
     return [(n, p, True) for n, p in params] + [(n, b, False) for n, b in buffers]
 
 
