@@ -107,6 +107,7 @@ def save(trainer: Trainer, final: bool = False) -> Path | None:
     """Collective. Never from non-finite weights; a failed write is one line and
     ``trainer.on_save_error`` decides (checkpoint/save_errors.py)."""
     cfg = trainer.cfg
+    loader = trainer.train_loader.state_dict()  # rank 0's copy also goes into trainer_state.json
     trainer_state = {
         "step": trainer.step,
         "tokens_seen": trainer.tokens_seen,
@@ -114,7 +115,7 @@ def save(trainer: Trainer, final: bool = False) -> Path | None:
         "world_size": trainer.env.world_size,
         "max_steps": cfg.trainer.max_steps,
         "skipped_steps": trainer.nonfinite.total_skipped,
-        "loader": trainer.train_loader.state_dict(),
+        "loader": loader,
         **({BASE_KEY: trainer.lora_base} if trainer.lora_base else {}),  # LoRA: the base by reference
     }
     return trainer.checkpointer.save(
@@ -123,7 +124,7 @@ def save(trainer: Trainer, final: bool = False) -> Path | None:
         view=OptimizerView(trainer.model, trainer.engine.optimizer),
         weights_finite=weights_finite(trainer.model),
         trainer_state=trainer_state,
-        loader_state=trainer.train_loader.state_dict(),
+        loader_state=loader,
         config=config_for_checkpoint(trainer),
         tokenizer=trainer.data.tokenizer,
         final=final,
