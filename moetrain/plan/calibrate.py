@@ -1,6 +1,7 @@
 """``python -m moetrain.plan plan.calibrate=FILE``: measure this machine, write a cluster description.
 
-GEMM FLOP/s by dtype at a few row counts (fit to ``eff(m) = e·m / (m + m_half)``), memory bandwidth
+GEMM FLOP/s by dtype at a few row counts (fit to ``eff(m) = e·m / (m + m_half)``), fused causal
+attention's FLOP/s, memory bandwidth
 (a large copy), and all-reduce bandwidth between 2 local gloo processes. CPU processes on one host
 share its cores, so the description says ``shared_compute`` and ``devices_per_node`` = the cores.
 """
@@ -58,6 +59,27 @@ def fit_efficiency(flops: dict[int, float]) -> tuple[float, float]:
     return peak, halves[len(halves) // 2] if halves else 0.0
 
 
+ATTENTION_SHAPE = (4, 8, 512, 64)  # batch, heads, seq_len, head_dim: a causal self-attention of a small model
+
+
+def measure_attention(dtype_name: str) -> float:
+    """FLOP/s of causal ``scaled_dot_product_attention``, forward + backward, counted as plan counts
+    attention (QK^T and AV over the mean causal context, backward twice the forward): fused attention
+    kernels run far below the GEMM peak on CPUs (softmax, masking, blocking), so it gets its own rate."""
+    import torch
+    import torch.nn.functional as F
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    b, h, s, d = ATTENTION_SHAPE
+    q, k, v = (torch.randn(b, h, s, d, dtype=dtype, requires_grad=True) for _ in range(3))
+
+    def run():
+        F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+
+    mean_context = (s + 1) / 2
+    return 3 * 4 * h * d * mean_context * s * b / _best(run)
+
+
 def measure_memory_bandwidth() -> float:
     import torch
 
@@ -102,12 +124,13 @@ def calibrate() -> dict[str, Any]:
 
     from moetrain.plan.machine import host_available_memory
 
-    flops, half = {}, {}
+    flops, half, attention = {}, {}, {}
     measured: dict[str, Any] = {}
     for d in ("fp32", "bf16"):
         points = measure_gemm(d)
         measured[d] = {str(m): f for m, f in points.items()}
         flops[d], half[d] = fit_efficiency(points)
+        attention[d] = measure_attention(d)
     bw, lat = measure_allreduce()
     cores = torch.get_num_threads()
     mem = host_available_memory() or 0
@@ -121,6 +144,7 @@ def calibrate() -> dict[str, Any]:
         "gemm_half_rows": half["fp32"],
         "gemm_half_rows_by_dtype": half,
         "gemm_measured_flops": measured,
+        "attention_flops": attention,
         "memory_bandwidth": measure_memory_bandwidth(),
         "intra_node_bandwidth": bw,
         "inter_node_bandwidth": bw,

@@ -69,9 +69,10 @@ def step_time(
     n = micro_batch_size * seq_len  # tokens per micro-batch per rank
     counts = count_params(cfg)
     a = counts["active_breakdown"]
-    peak = cluster["matmul_flops"][dtype]
-    if cluster.get("shared_compute"):
-        peak /= min(dp_size, cluster["devices_per_node"])
+    # processes of a shared host (CPU ranks) split its FLOP/s and its memory bandwidth
+    shared = min(dp_size, cluster["devices_per_node"]) if cluster.get("shared_compute") else 1
+    peak = cluster["matmul_flops"][dtype] / shared
+    memory_bandwidth = cluster["memory_bandwidth"] / shared
     passes = 4 if activation_checkpointing else 3  # fwd + bwd (2x) (+ recomputed fwd)
     dense_params = (
         a["attention"] + a["router"] + a["shared_expert"] + a["dense_ffn"] + cfg.vocab_size * cfg.hidden_size
@@ -85,12 +86,17 @@ def step_time(
         expert_flops = passes * 2 * a["experts"] * n
         expert_s = expert_flops / (peak * gemm_efficiency(cluster, rows_per_expert, dtype))
     f = flops_per_token(cfg, seq_len)
-    attn_s = passes / 3 * f["forward_attention"] * 3 * n / (peak * gemm_efficiency(cluster, seq_len, dtype))
+    attention_flops = 3 * f["forward_attention"] * n  # fwd + bwd, counted as plan counts them
+    if dtype in cluster.get("attention_flops", {}):  # a measured fused-attention rate
+        attn_rate = cluster["attention_flops"][dtype] / shared
+    else:  # the GEMM curve at seq_len rows
+        attn_rate = peak * gemm_efficiency(cluster, seq_len, dtype)
+    attn_s = passes / 3 * attention_flops / attn_rate
     acts = activation_memory(
         cfg, micro_batch_size=micro_batch_size, seq_len=seq_len, dtype=dtype, checkpointing=False
     )
     # elementwise work: each stored activation written in forward, read and its gradient written in backward
-    elementwise_s = 3 * acts["stored"] * passes / 3 / cluster["memory_bandwidth"]
+    elementwise_s = 3 * acts["stored"] * passes / 3 / memory_bandwidth
     compute_s = grad_accum * (dense_s + expert_s + attn_s + elementwise_s)
 
     all_to_all_s = 0.0
@@ -115,15 +121,12 @@ def step_time(
             "host_bandwidth"
         ] + owned * ADAMW_BYTES_PER_PARAM / cluster.get("host_memory_bandwidth", 100e9)
     else:
-        optimizer_s = owned * ADAMW_BYTES_PER_PARAM / cluster["memory_bandwidth"]
+        optimizer_s = owned * ADAMW_BYTES_PER_PARAM / memory_bandwidth
 
     total_s = compute_s + all_to_all_s + grad_reduce_s + optimizer_s
     tokens = n * grad_accum * dp_size
     tokens_per_s = tokens / total_s
-    device_peak = cluster["matmul_flops"][dtype] * (
-        1 if not cluster.get("shared_compute") else 1 / min(dp_size, cluster["devices_per_node"])
-    )
-    mfu = f["training"] * tokens_per_s / (dp_size * device_peak)
+    mfu = f["training"] * tokens_per_s / (dp_size * peak)
     return {
         "cluster": cluster.get("name", "custom"),
         "compute_s": compute_s,
