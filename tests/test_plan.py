@@ -789,3 +789,29 @@ def test_overlap_comm_hides_the_reduction_behind_the_backward_on_a_gpu_only():
     # a CPU host has no communication streams: DeepSpeed reduces in line there
     cpu = {**h100, "shared_compute": True}
     assert step_time(cfg, cpu, zero_stage=2, overlap_comm=True, **kw)["overlapped_s"] == 0
+
+
+def test_a2a_chunks_hide_part_of_the_exchange_on_a_gpu_and_cost_latency_everywhere():
+    from moetrain.plan.clusters import load_cluster
+    from moetrain.plan.step_time import step_time
+
+    cfg = preset("mixtral_8x7b")
+    h100 = load_cluster("h100_nvlink_ib400")
+    # ep 16 over 2 nodes: the exchange crosses InfiniBand, about half the expert GEMMs' time
+    kw = dict(dtype="bf16", micro_batch_size=1, seq_len=4096, zero_stage=1, ep_size=16, dp_size=16)
+    one = step_time(cfg, h100, **kw)
+    four = step_time(cfg, h100, a2a_chunks=4, **kw)
+    experts = four["compute_breakdown_s"]["experts"]
+    assert four["overlapped_s"] == pytest.approx(min(four["all_to_all_s"], experts) * (1 - 1 / 4))
+    # three more latencies per exchange; smaller expert GEMMs run a little less efficiently
+    exchanges = 32 * 2 * 2  # 32 MoE layers x (dispatch + combine) x (forward + backward)
+    extra = exchanges * 3 * (16 - 1) * h100["inter_node_latency"]  # 3 more chunks, 15 peers each
+    assert four["all_to_all_s"] - one["all_to_all_s"] == pytest.approx(extra)
+    assert four["expert_gemm_efficiency"] < one["expert_gemm_efficiency"]
+    assert four["total_s"] < one["total_s"]  # the hidden exchange outweighs both costs here
+    assert set(four) == set(one)  # the JSON keeps its keys
+    # ep 1 has no exchange to chunk; a CPU host copies the exchange on its GEMM cores: nothing hidden
+    assert step_time(cfg, h100, a2a_chunks=4, **{**kw, "ep_size": 1})["overlapped_s"] == 0
+    cpu = step_time(cfg, {**h100, "shared_compute": True}, a2a_chunks=4, **kw)
+    assert cpu["overlapped_s"] == 0
+    assert cpu["total_s"] > step_time(cfg, {**h100, "shared_compute": True}, **kw)["total_s"]

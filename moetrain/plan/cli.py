@@ -46,7 +46,9 @@ def _plan_from_cfg(cfg: Any) -> dict[str, Any]:
         offload_optimizer=par.offload_optimizer,
     )
     # what only the step time reads
-    comm = dict(grad_reduce_dtype=par.grad_reduce_dtype, overlap_comm=par.overlap_comm)
+    comm = dict(
+        grad_reduce_dtype=par.grad_reduce_dtype, overlap_comm=par.overlap_comm, a2a_chunks=par.a2a_chunks
+    )
     plan = build_plan(
         model_cfg,
         ep_size=par.ep_size,

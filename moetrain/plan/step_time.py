@@ -21,6 +21,12 @@ Per rank and step (``grad_accum`` micro-batches of ``micro_batch_size x seq_len`
   gradient reduction behind the last micro-batch's backward, on a device with its own communication
   streams. A CPU host (``shared_compute``) has none: DeepSpeed's CPU accelerator runs the reduction
   in line, so nothing is hidden there.
+* ``parallel.a2a_chunks`` = C > 1 (expert parallelism): each exchange in C pieces, chunk i+1's
+  all-to-all in flight while chunk i's experts run, hides ``min(all-to-all, experts) * (1 - 1/C)``
+  (the first dispatch and the last combine stay exposed); it costs C - 1 more latencies per exchange
+  and expert GEMMs of 1/C the rows (lower efficiency). On a CPU host the exchange is copied by the
+  same cores that run the GEMMs (gloo's threads), so nothing is hidden there either: only the costs
+  remain (measured: docs/EXPERT_PARALLEL.md, "Overlap").
 """
 
 from __future__ import annotations
@@ -68,6 +74,7 @@ def step_time(
     offload_optimizer: bool = False,
     grad_reduce_dtype: str = "fp32",
     overlap_comm: bool | None = None,
+    a2a_chunks: int = 1,
 ) -> dict[str, Any]:
     """Predicted seconds per optimizer step and its parts; tokens/s (global) and MFU."""
     cfg = model_cfg
@@ -87,10 +94,11 @@ def step_time(
     moe_layers = counts["moe_layers"]
     expert_s = 0.0
     rows_per_expert = 0.0
+    chunks = a2a_chunks if moe_layers and ep_size > 1 else 1
     if moe_layers:
         rows_per_expert = n * cfg.top_k * ep_size / cfg.num_experts  # uniform routing, per local expert
         expert_flops = passes * 2 * a["experts"] * n
-        expert_s = expert_flops / (peak * gemm_efficiency(cluster, rows_per_expert, dtype))
+        expert_s = expert_flops / (peak * gemm_efficiency(cluster, rows_per_expert / chunks, dtype))
     f = flops_per_token(cfg, seq_len)
     attention_flops = 3 * f["forward_attention"] * n  # fwd + bwd, counted as plan counts them
     if dtype in cluster.get("attention_flops", {}):  # a measured fused-attention rate
@@ -111,7 +119,7 @@ def step_time(
         sent = n * cfg.top_k * cfg.hidden_size * elem * (ep_size - 1) / ep_size  # one direction, one layer
         exchanges = moe_layers * 2 * (2 if not activation_checkpointing else 3)  # dispatch+combine, fwd/bwd
         bw, lat = _link(cluster, ep_size, ep_size)
-        all_to_all_s = grad_accum * exchanges * (sent / bw + (ep_size - 1) * lat)
+        all_to_all_s = grad_accum * exchanges * (sent / bw + chunks * (ep_size - 1) * lat)
 
     edp = dp_size // ep_size
     dense_p, local_expert_p = counts["non_expert_params"], counts["expert_params"] // ep_size
@@ -135,6 +143,8 @@ def step_time(
     if zero_stage >= 1 and reduce_overlaps and not cluster.get("shared_compute"):
         last_backward_s = compute_s / grad_accum * (passes - 1) / passes
         overlapped_s += min(grad_reduce_s, last_backward_s)
+    if chunks > 1 and not cluster.get("shared_compute"):
+        overlapped_s += min(all_to_all_s, grad_accum * expert_s) * (1 - 1 / chunks)
     total_s = compute_s + all_to_all_s + grad_reduce_s + optimizer_s - overlapped_s
     tokens = n * grad_accum * dp_size
     tokens_per_s = tokens / total_s
@@ -149,7 +159,9 @@ def step_time(
             "elementwise": grad_accum * elementwise_s,
         },
         "expert_rows": rows_per_expert,
-        "expert_gemm_efficiency": gemm_efficiency(cluster, rows_per_expert, dtype) if moe_layers else None,
+        "expert_gemm_efficiency": gemm_efficiency(cluster, rows_per_expert / chunks, dtype)
+        if moe_layers
+        else None,
         "all_to_all_s": all_to_all_s,
         "grad_reduce_s": grad_reduce_s,
         "optimizer_s": optimizer_s,
