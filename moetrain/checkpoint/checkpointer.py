@@ -139,9 +139,14 @@ class Checkpointer:
         model_part: list[tuple[str, torch.Tensor]] = []
         optim_part: list[tuple[str, torch.Tensor]] = []
 
+        # An expert's piece is a view of its whole tensor; of a gathered one (ZeRO) it is copied, so
+        # each gathered tensor is freed after its turn: otherwise every rank keeps the whole model's
+        # masters and AdamW moments alive until written (measured: ZeRO-3's peak above ZeRO-0's).
+        own = copy or view.gathers
+
         def keep(dst, name, t):
             t = t.detach()
-            dst.append((name, t.to("cpu", copy=True) if copy or t.device.type != "cpu" else t))
+            dst.append((name, t.to("cpu", copy=True) if own or t.device.type != "cpu" else t))
 
         for name, t, is_param in layout.stored_tensors(model):
             mine = [p for p in here.get(name, []) if writer[p.name] == self.rank]

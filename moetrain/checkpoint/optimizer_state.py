@@ -62,6 +62,12 @@ class OptimizerView:
                 "fix: use parallel.zero_stage 0, 1, 2 or 3 with the default optimizer settings"
             )
 
+    @property
+    def gathers(self) -> bool:
+        """``master`` / ``state`` return a fresh full tensor gathered from the partitions (ZeRO-1/2/3),
+        not a view of a live one: a piece kept of it must be copied, or it keeps the whole alive."""
+        return self.kind in ("zero3", "fragments")
+
     def _relink(self) -> None:
         relink_optimizer_state_fragments(self.optimizer)  # a DeepSpeed workaround (why: that module)
 

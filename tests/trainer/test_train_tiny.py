@@ -197,6 +197,8 @@ class FakeTokenizer:
 class _PlainView:
     """OptimizerView's reading interface over a module with no optimizer state yet."""
 
+    gathers = False  # masters are views of the live parameters, as for an unpartitioned optimizer
+
     def master(self, p):
         return p.detach()
 
