@@ -121,7 +121,9 @@ def plan_summary(
     counts = count_params(model_cfg)
     seq_len = seq_len or model_cfg.max_seq_len
     flops = flops_per_token(model_cfg, seq_len)
-    mem = memory_plan(model_cfg, ep_size=ep_size, dp_size=dp_size, zero_stage=zero_stage, dtype=dtype)
+    mem = memory_plan(
+        model_cfg, ep_size=ep_size, dp_size=dp_size, zero_stage=zero_stage, dtype=dtype, seq_len=seq_len
+    )
     r = mem["per_rank"]
     return [
         f"params: {fmt_count(counts['total'])} total, {fmt_count(counts['active'])} active per token "
