@@ -70,6 +70,8 @@ class _Wait(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad, grad_token):
+        if not ctx.needs_input_grad[0]:  # nothing upstream wants it (frozen inputs): no exchange to wait on
+            return None, grad_token, None, None, None, None
         out_splits, in_splits = ctx.splits
         link = ctx.link
         link.bwd_src = grad.contiguous()

@@ -5,7 +5,8 @@ trains like the one-piece exchange, to rounding.
 - in-process at ep=2 on 2 gloo ranks: four AdamW steps with 2, 3 and 32 chunks (more than any
   expert has copies from a rank: chunks that are empty on every rank) against the same steps with one
   exchange: the same losses and weights, expert by expert, to rounding; a negative control cuts the
-  sender's chunks off by one row (the receiver's cuts then disagree) and must be reported;
+  sender's chunks off by one row (the receiver's cuts then disagree) and must be reported; inputs that
+  need no gradient (frozen layers below) skip the dispatch's reverse exchange without a hang;
 - end to end: ``parallel.a2a_chunks=2`` through the trainer equals the one-process reference.
 """
 
@@ -125,6 +126,7 @@ def _compare(name: str, one, chunked) -> list[str]:
 def _chunked_worker(rank: int, world: int) -> None:
     import moetrain.distributed.chunked_exchange as chunked_exchange
     from moetrain.distributed import init_distributed
+    from moetrain.distributed.expert_parallel import parallelize
     from moetrain.model import MoETransformer
 
     env = init_distributed()
@@ -139,6 +141,21 @@ def _chunked_worker(rank: int, world: int) -> None:
     for chunks in (2, 3, 32):  # 24 tokens x top-2 over 4 experts: ~12 copies per (rank, expert) group
         bad = _compare(f"chunks={chunks}", one, _train(_train_config(chunks), init, batches, env))
         assert not bad, bad
+    # inputs that need no gradient (frozen layers below): only the experts' and router's gradients flow,
+    # and the dispatch's reverse exchange is skipped on every rank alike (no hang, same gradients)
+    grads = []
+    for chunks in (1, 3):
+        cfg = _train_config(chunks)
+        model = MoETransformer(cfg.model)
+        model.load_state_dict(init)
+        parallelize(model, cfg, env)
+        x = torch.randn(2, 12, 32, generator=torch.Generator().manual_seed(7 + rank))
+        y, _ = model.moe_layers[0](x)
+        y.square().sum().backward()
+        grads.append({n: p.grad for n, p in model.moe_layers[0].named_parameters() if p.grad is not None})
+    assert set(grads[0]) == set(grads[1]) and len(grads[0]) >= 4, sorted(grads[0])
+    for name, g in grads[0].items():
+        assert scaled_mismatch(grads[1][name], g, f"frozen input: {name}", rel=LOSS_REL) is None
     # negative control: the sender cuts a group's rows at floor(p C / c) (the receiver at the right
     # cuts): rows of groups that C does not divide reach the wrong expert
     right = chunked_exchange.chunk_of_rows
