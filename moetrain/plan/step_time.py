@@ -145,6 +145,7 @@ def step_time(
         overlapped_s += min(grad_reduce_s, last_backward_s)
     if chunks > 1 and not cluster.get("shared_compute"):
         overlapped_s += min(all_to_all_s, grad_accum * expert_s) * (1 - 1 / chunks)
+    overlapped_s = min(overlapped_s, compute_s)  # both hide behind the same compute at most once
     total_s = compute_s + all_to_all_s + grad_reduce_s + optimizer_s - overlapped_s
     tokens = n * grad_accum * dp_size
     tokens_per_s = tokens / total_s
