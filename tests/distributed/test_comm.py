@@ -31,13 +31,15 @@ COLLECTIVES = {
 }
 PKG = Path(moetrain.__file__).parent
 # Where raw collectives may appear, and why: comm.py is the device-aware layer; expert_parallel.py
-# exchanges activations that already live on the model's device (the all-to-all); the router's
+# and its chunked variant chunked_exchange.py exchange activations that already live on the model's
+# device (the all-to-all); the router's
 # global-batch counts in moe/losses.py are built on the model's device too; testing/spawn.py is the CPU
 # test harness (gloo only).
 # plan/calibrate.py times the collectives themselves (bandwidth of a raw all-reduce / all-to-all).
 ALLOWED = {
     "distributed/comm.py",
     "distributed/expert_parallel.py",
+    "distributed/chunked_exchange.py",
     "moe/losses.py",
     "testing/spawn.py",
     "plan/calibrate.py",
