@@ -134,7 +134,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 and not name.endswith("_bias") else no_decay).append(p)
+            dims = len(getattr(p, "ds_shape", p.shape))  # a ZeRO-3 partitioned parameter's data is empty
+            (decay if dims >= 2 and not name.endswith("_bias") else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})
