@@ -22,7 +22,6 @@ import math
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from moetrain.distributed.expert_parallel import EXPERT_PARAM_NAMES, ExpertParallelInfo, moe_layer_with_base
@@ -174,7 +173,7 @@ class PartitionWriter:
         """(this rank's slice of the partition, the matching slice of ``value`` flattened)."""
         part = self.param.ds_tensor.view(-1)
         n = part.numel()
-        start = n * (dist.get_rank(group=self.param.ds_process_group) if dist.is_initialized() else 0)
+        start = n * self.param.ds_zero_partition_rank  # its rank in the parameter's partition group
         flat = value.to(self.dtype).expand(self.shape).reshape(-1)
         lo, hi = max(start, self.offset), min(start + n, self.offset + flat.numel())
         if lo >= hi:
