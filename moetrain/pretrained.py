@@ -330,7 +330,10 @@ def load_pretrained(
     from moetrain.hf import gpt_oss, hf_key_spec
 
     folder = Path(folder)
-    params = {**dict(model.named_buffers()), **dict(model.named_parameters())}
+    from moetrain.distributed.zero3 import writable_parameters
+
+    # a ZeRO-3 build's parameters are partitioned: each rank keeps its own elements of what it reads
+    params = {**dict(model.named_buffers()), **writable_parameters(model)}
     layers = {f"layers.{i}.ffn": b.ffn for i, b in enumerate(model.layers) if b.is_moe}
     get_slice = _slice_reader(folder)
     for path in weight_files(folder):

@@ -37,7 +37,7 @@ from moetrain.checkpoint.manager import CheckpointManager, fault_point, step_dir
 from moetrain.checkpoint.model_file import CONFIG_FILE, TOKENIZER_DIR
 from moetrain.checkpoint.rank_state import write_rank_state
 from moetrain.checkpoint.save_errors import SavePolicy
-from moetrain.checkpoint.shards import Written, write_index, write_shard
+from moetrain.checkpoint.shards import ShardStream, Written, write_index, write_shard
 from moetrain.distributed import all_gather_object, any_rank, broadcast_object
 
 STATE_FILE = "trainer_state.json"
@@ -107,7 +107,7 @@ class Checkpointer:
                 problem = f"rank 0: {e}"
         problem = broadcast_object(problem)
         if problem is None:
-            model_part, optim_part = self._stage(model, view, copy=self.async_save and not final)
+            model_part, optim_part = self._stage(model, view, copy=self.async_save and not final, tmp=tmp)
         blocked = time.perf_counter() - t0
         self._pending = {
             "step": step,
@@ -127,42 +127,77 @@ class Checkpointer:
             self._write(*job)
         return self.wait()
 
-    def _stage(self, model: torch.nn.Module, view: Any, *, copy: bool):
+    def _stage(self, model: torch.nn.Module, view: Any, *, copy: bool, tmp: Path):
         """This rank's pieces: fp32 values of the model and of each optimizer state key, in host
         memory. ``view.master`` / ``view.state`` are collective under ZeRO (every rank calls them for
-        every parameter, in order); only the writer keeps a piece."""
+        every parameter, in order); only the writer keeps a piece.
+
+        A synchronous save of gathered values (ZeRO; ``view.gathers``) writes each piece to its
+        file as it is gathered (``ShardStream``) instead: the share of masters and AdamW moments
+        is never staged whole (the peak of a ZeRO-3 save). The parts returned are then the streams."""
         all_pieces = layout.pieces(model, self.world, self.ep_size)
         writer = layout.writers(all_pieces, self.world)
         here = layout.held_here(all_pieces, self.rank, model)
         keys = view.state_keys()
         step_count = view.step_count()
-        model_part: list[tuple[str, torch.Tensor]] = []
-        optim_part: list[tuple[str, torch.Tensor]] = []
+        plan = [
+            (name, t, is_param, [p for p in here.get(name, []) if writer[p.name] == self.rank])
+            for name, t, is_param in layout.stored_tensors(model)
+        ]
+        parts: dict[str, Any] = {"model": [], "optimizer": []}
+        stream = not copy and view.gathers
+        if stream:
+            parts = {
+                kind: ShardStream(tmp / shard_name(kind, self.rank, self.world), entries, {"format": "pt"})
+                for kind, entries in self._entries(plan, keys, torch.tensor(step_count)).items()
+            }
 
         # An expert's piece is a view of its whole tensor; of a gathered one (ZeRO) it is copied, so
         # each gathered tensor is freed after its turn: otherwise every rank keeps the whole model's
         # masters and AdamW moments alive until written (measured: ZeRO-3's peak above ZeRO-0's).
         own = copy or view.gathers
 
-        def keep(dst, name, t):
+        def keep(kind: str, name: str, t: torch.Tensor) -> None:
             t = t.detach()
-            dst.append((name, t.to("cpu", copy=True) if own or t.device.type != "cpu" else t))
+            if stream:
+                parts[kind].write(name, t)
+            else:
+                parts[kind].append((name, t.to("cpu", copy=True) if own or t.device.type != "cpu" else t))
 
-        for name, t, is_param in layout.stored_tensors(model):
-            mine = [p for p in here.get(name, []) if writer[p.name] == self.rank]
+        for _, t, is_param, mine in plan:
             value = view.master(t) if is_param else t
             for p in mine:
-                keep(model_part, p.name, layout.piece_of(value, p))
+                keep("model", p.name, layout.piece_of(value, p))
             if not is_param:
                 continue
             for key in keys:
                 state = view.state(t, key)
                 for p in mine:
-                    keep(optim_part, f"{key}/{p.name}", layout.piece_of(state, p))
+                    keep("optimizer", f"{key}/{p.name}", layout.piece_of(state, p))
             if keys:
                 for p in mine:
-                    optim_part.append((f"step/{p.name}", torch.tensor(step_count)))
-        return model_part, optim_part
+                    keep("optimizer", f"step/{p.name}", torch.tensor(step_count))
+        return parts["model"], parts["optimizer"]
+
+    @staticmethod
+    def _entries(plan: list[Any], keys: list[str], step: torch.Tensor) -> dict[str, list[Any]]:
+        """(name, dtype, shape) of every piece ``_stage`` keeps, in its order: parameters and their
+        optimizer state in fp32, buffers as they are, the step counters as ``step``."""
+        out: dict[str, list[Any]] = {"model": [], "optimizer": []}
+        for _, t, is_param, mine in plan:
+            shape = tuple(getattr(t, "ds_shape", t.shape))  # ZeRO-3: data is empty outside the forward
+            shapes = [shape if p.local is None else shape[1:] for p in mine]
+            out["model"] += [
+                (p.name, torch.float32 if is_param else t.dtype, s) for p, s in zip(mine, shapes, strict=True)
+            ]
+            if is_param:
+                for key in keys:
+                    out["optimizer"] += [
+                        (f"{key}/{p.name}", torch.float32, s) for p, s in zip(mine, shapes, strict=True)
+                    ]
+                if keys:
+                    out["optimizer"] += [(f"step/{p.name}", step.dtype, ()) for p in mine]
+        return out
 
     def _write(self, pending, model_part, optim_part, trainer_state, loader_state, config, tokenizer) -> None:
         """Files only (no collectives): runs in the background thread or inline."""
@@ -172,7 +207,10 @@ class Checkpointer:
             files: dict[str, dict[str, Any]] = {}
             shards: dict[str, Written] = {}
             for kind, part in (("model", model_part), ("optimizer", optim_part)):
-                w = write_shard(tmp / shard_name(kind, self.rank, self.world), part, {"format": "pt"})
+                if isinstance(part, ShardStream):  # written while staged: only its end is left
+                    w = part.close()
+                else:
+                    w = write_shard(tmp / shard_name(kind, self.rank, self.world), part, {"format": "pt"})
                 shards[kind] = w
                 files[w.file] = {"bytes": w.bytes, "sha256": w.sha256}
             del model_part, optim_part

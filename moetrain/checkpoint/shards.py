@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -60,30 +61,79 @@ class Written:
 def write_shard(path: Path, tensors: list[tuple[str, torch.Tensor]], metadata: dict[str, str]) -> Written:
     """Write ``tensors`` (in this order) as one safetensors file, fsynced; return its size and
     SHA-256, computed from the bytes as they were written."""
-    header: dict[str, Any] = {"__metadata__": metadata}
-    offset = 0
+    stream = ShardStream(path, [(name, t.dtype, tuple(t.shape)) for name, t in tensors], metadata)
     for name, t in tensors:
-        n = _nbytes(t)
-        header[name] = {
-            "dtype": DTYPES[t.dtype],
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + n],
-        }
-        offset += n
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)  # safetensors aligns the data to 8 bytes
-    h = hashlib.sha256()
-    with open(path, "wb") as f:
-        for chunk in (struct.pack("<Q", len(head)), head):
-            f.write(chunk)
-            h.update(chunk)
-        for _, t in tensors:
-            raw = _raw(t)
-            f.write(raw)
-            h.update(raw)
-        f.flush()
-        os.fsync(f.fileno())
-    return Written(path.name, 8 + len(head) + offset, h.hexdigest(), [n for n, _ in tensors])
+        stream.write(name, t)
+    return stream.close()
+
+
+class ShardStream:
+    """``write_shard`` one tensor at a time, for tensors made one after another (a ZeRO save gathers
+    each in turn): the names, dtypes and shapes come first (the header leads the file), then each
+    tensor is written and hashed as it arrives, and its memory can be freed at once.
+
+    A failure (a full disk, a tensor that is not what the header announced) is kept in ``error``
+    and later tensors are dropped: the caller goes on (its collectives must) and ``close`` raises it."""
+
+    def __init__(
+        self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]
+    ) -> None:
+        header: dict[str, Any] = {"__metadata__": metadata}
+        offset = 0
+        for name, dtype, shape in entries:
+            n = math.prod(shape) * dtype.itemsize
+            header[name] = {
+                "dtype": DTYPES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + n],
+            }
+            offset += n
+        head = json.dumps(header, separators=(",", ":")).encode()
+        head += b" " * (-len(head) % 8)  # safetensors aligns the data to 8 bytes
+        self.path, self.bytes, self.names = path, 8 + len(head) + offset, [e[0] for e in entries]
+        self._todo = iter(entries)
+        self._hash = hashlib.sha256()
+        self.error: Exception | None = None
+        self._f: BinaryIO | None = None
+        try:
+            self._f = open(path, "wb")  # noqa: SIM115  (closed by close(), after the last tensor)
+            self._put(struct.pack("<Q", len(head)))
+            self._put(head)
+        except Exception as e:
+            self._fail(e)
+
+    def _put(self, chunk: bytes | memoryview) -> None:
+        assert self._f is not None
+        self._f.write(chunk)
+        self._hash.update(chunk)
+
+    def _fail(self, e: Exception) -> None:
+        self.error = e
+        if self._f is not None:
+            self._f.close()
+
+    def write(self, name: str, t: torch.Tensor) -> None:
+        if self.error is not None:
+            return
+        try:
+            want = next(self._todo, None)
+            got = (name, t.dtype, tuple(t.shape))
+            if got != want:
+                raise ValueError(f"{self.path.name}: {got} written where the header has {want}")
+            self._put(_raw(t))
+        except Exception as e:
+            self._fail(e)
+
+    def close(self) -> Written:
+        if self.error is None and next(self._todo, None) is not None:
+            self._fail(ValueError(f"{self.path.name}: closed before its last tensor"))
+        if self.error is not None:
+            raise self.error
+        assert self._f is not None
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        return Written(self.path.name, self.bytes, self._hash.hexdigest(), self.names)
 
 
 def read_header(f: BinaryIO) -> tuple[int, dict[str, Any], bytes]:

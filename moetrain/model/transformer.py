@@ -169,34 +169,44 @@ class MoETransformer(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Normal(0, init_std); residual output projections scaled by 1/sqrt(2 * num_layers) (GPT-2);
-        norm weights 1, biases 0.
+        norm weights 1, biases 0 (``init_parameter``); then the buffers (``reset_buffers``).
+        A no-op on the meta device."""
+        for name, p in self.named_parameters():
+            if not p.is_meta:
+                self.init_parameter(name, p)
+        self.reset_buffers()
+
+    @torch.no_grad()
+    def init_parameter(self, name: str, p: torch.Tensor) -> None:
+        """Initialise parameter ``name`` in place, into ``p`` (the parameter itself, or a full-size
+        tensor standing in for it: a ZeRO-3 build partitions it afterwards, distributed/zero3.py).
 
         Every tensor draws from its own CPU generator, seeded from the global seed and its name, and
         every expert from its own (seed, name, global expert id): a model built on the meta device
-        and sharded over expert-parallel ranks initialises exactly the slice that a full model would
-        hold, on any device, one tensor at a time (host memory: the largest tensor, not the model).
-        A no-op on the meta device."""
+        and sharded over expert-parallel ranks or ZeRO-3 partitions initialises exactly the values
+        that a full model would hold, on any device, one tensor at a time (host memory: the largest
+        tensor, not the model)."""
         std = self.cfg.init_std
-        out_std = std / math.sqrt(2 * self.cfg.num_layers)
         base = self._init_seed
-        for name, p in self.named_parameters():
-            if p.is_meta:
-                continue
-            if name.endswith((".bias", "_bias", ".sinks")):  # biases (experts' too), attention sinks
-                p.zero_()
-                continue
-            if p.dim() == 1:
-                p.fill_(1.0)
-                continue
-            residual_out = ("o_proj.weight", "ffn.w2.weight", "experts.w2", "shared_expert.w2.weight")
-            sigma = out_std if name.endswith(residual_out) else std
-            if name.endswith(("experts.w1", "experts.v1", "experts.w2")):
-                first = getattr(self.get_submodule(name.rsplit(".", 1)[0]), "first_expert", 0)
-                for e in range(p.shape[0]):
-                    p[e].copy_(_normal(p.shape[1:], sigma, _seed(base, name, first + e)))
-            else:
-                p.copy_(_normal(p.shape, sigma, _seed(base, name)))
-        for layer in self.moe_layers:  # state, not parameters: starts at zero
+        if name.endswith((".bias", "_bias", ".sinks")):  # biases (experts' too), attention sinks
+            p.zero_()
+            return
+        if p.dim() == 1:
+            p.fill_(1.0)
+            return
+        residual_out = ("o_proj.weight", "ffn.w2.weight", "experts.w2", "shared_expert.w2.weight")
+        sigma = std / math.sqrt(2 * self.cfg.num_layers) if name.endswith(residual_out) else std
+        if name.endswith(("experts.w1", "experts.v1", "experts.w2")):
+            first = getattr(self.get_submodule(name.rsplit(".", 1)[0]), "first_expert", 0)
+            for e in range(p.shape[0]):
+                p[e].copy_(_normal(p.shape[1:], sigma, _seed(base, name, first + e)))
+        else:
+            p.copy_(_normal(p.shape, sigma, _seed(base, name)))
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """The router's expert bias (state, not a parameter: starts at zero) and RoPE's tables."""
+        for layer in self.moe_layers:
             bias = layer.router.expert_bias
             if bias is not None and not bias.is_meta:
                 bias.zero_()

@@ -14,7 +14,11 @@ from typing import Any
 import torch
 
 from moetrain.config import TrainConfig, training_dtype
-from moetrain.distributed.deepspeed_patches import install_lean_bf16_step, skip_single_rank_allreduce
+from moetrain.distributed.deepspeed_patches import (
+    install_lean_bf16_step,
+    share_fp32_zero3_masters,
+    skip_single_rank_allreduce,
+)
 from moetrain.moe.experts import onednn_runs_cpu_gemm
 from moetrain.trainer.schedule import lr_multiplier
 
@@ -143,7 +147,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 and not name.endswith("_bias") else no_decay).append(p)
+            dims = len(getattr(p, "ds_shape", p.shape))  # a ZeRO-3 partitioned parameter's data is empty
+            (decay if dims >= 2 and not name.endswith("_bias") else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})
@@ -167,6 +172,8 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, dp_world_size: int):
     def make_scheduler(optimizer):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
+    if cfg.parallel.zero_stage == 3:
+        share_fp32_zero3_masters()
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=groups, config=ds_config, lr_scheduler=make_scheduler
     )

@@ -22,7 +22,7 @@ from moetrain.distributed import DistEnv, barrier, broadcast_object
 from moetrain.distributed.expert_parallel import build_model as build_local_model
 from moetrain.distributed.expert_parallel import parallelize
 from moetrain.model.compile import compile_blocks, compile_unavailable_reason
-from moetrain.trainer.engine import build_engine, resolve_dtype
+from moetrain.trainer.engine import build_engine, deepspeed_config, resolve_dtype
 from moetrain.trainer.host_memory import configure_host_allocator
 
 
@@ -125,34 +125,61 @@ class BuiltModel:
 def build_model(cfg: TrainConfig, env: DistEnv, run_dir: Path) -> BuiltModel:
     """The model (pretrained weights, LoRA, parallelism, compile applied) and its DeepSpeed engine."""
     seed_everything(cfg.trainer.seed)  # same init on every rank
-    # Meta-device build: each rank allocates and initialises only its own experts, on its device.
-    # DeepSpeed's expert groups are consecutive ranks, so the expert-parallel rank is rank % ep.
-    ep_size = cfg.parallel.ep_size
-    model = build_local_model(cfg, env.device, env.rank % ep_size, ep_size)
     m = cfg.model
-    if m.init_from or m.upcycle_from:  # this rank's experts only, before DeepSpeed sees the model
+    dtype = resolve_dtype(cfg.parallel.dtype)
+    if cfg.parallel.zero_stage == 3 and not m.lora.rank:
+        model, ep = _build_partitioned(cfg, env, dtype)
+        lora_base = None
+    else:
+        model, ep, lora_base = _build_whole(cfg, env)
+    model.activation_checkpointing = cfg.parallel.activation_checkpointing
+    if cfg.parallel.compile:  # after parallelize: the all-to-all exchanges stay eager too
+        compile_blocks(model)
+    engine, _, scheduler, ds_config = build_engine(model, cfg, env.world_size)
+    if env.is_main:  # the generated DeepSpeed JSON, for reference and for reuse outside moetrain
+        (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
+    return BuiltModel(model, ep, lora_base, dtype, engine, scheduler)
+
+
+def _load_pretrained(cfg: TrainConfig, model: Any) -> None:
+    m = cfg.model
+    if m.init_from or m.upcycle_from:  # this rank's experts (or partitions) only
         from moetrain.pretrained import load_pretrained
 
         load_pretrained(
             model, m.init_from or m.upcycle_from, upcycle=bool(m.upcycle_from), noise=m.upcycle_noise
         )
+
+
+def _build_whole(cfg: TrainConfig, env: DistEnv) -> tuple[Any, Any, dict[str, Any] | None]:
+    """Every parameter of this rank's experts and the dense layers, on every rank (ZeRO 0-2; ZeRO-3
+    with LoRA, partitioned by DeepSpeed's engine afterwards)."""
+    # Meta-device build: each rank allocates and initialises only its own experts, on its device.
+    # DeepSpeed's expert groups are consecutive ranks, so the expert-parallel rank is rank % ep.
+    ep_size = cfg.parallel.ep_size
+    model = build_local_model(cfg, env.device, env.rank % ep_size, ep_size)
+    _load_pretrained(cfg, model)  # before DeepSpeed sees the model
     lora_base = None
-    if m.lora.rank:  # freeze the base, add the adapters (this rank's experts' only)
+    if cfg.model.lora.rank:  # freeze the base, add the adapters (this rank's experts' only)
         from moetrain.checkpoint.base_ref import base_reference
         from moetrain.model.lora import apply_lora
 
-        apply_lora(model, m.lora)
-        lora_base = base_reference(m.init_from, cfg.trainer.seed)
-    model.activation_checkpointing = cfg.parallel.activation_checkpointing
+        apply_lora(model, cfg.model.lora)
+        lora_base = base_reference(cfg.model.init_from, cfg.trainer.seed)
     ep = parallelize(model, cfg, env)
     if cfg.parallel.zero_stage == 3:  # DeepSpeed's ZeRO-3 expert contract (distributed/zero3.py)
         from moetrain.distributed.zero3 import prepare_zero3
 
         prepare_zero3(model, ep)
-    if cfg.parallel.compile:  # after parallelize: the all-to-all exchanges stay eager too
-        compile_blocks(model)
-    dtype = resolve_dtype(cfg.parallel.dtype)
-    engine, _, scheduler, ds_config = build_engine(model, cfg, env.world_size)
-    if env.is_main:  # the generated DeepSpeed JSON, for reference and for reuse outside moetrain
-        (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
-    return BuiltModel(model, ep, lora_base, dtype, engine, scheduler)
+    return model, ep, lora_base
+
+
+def _build_partitioned(cfg: TrainConfig, env: DistEnv, dtype: torch.dtype) -> tuple[Any, Any]:
+    """ZeRO-3: each parameter partitioned as it is made, never the whole model on a rank
+    (distributed/zero3.py); the pretrained weights are written into the partitions."""
+    from moetrain.distributed.zero3 import build_partitioned, cast_partitions
+
+    model, ep = build_partitioned(cfg, env, deepspeed_config(cfg, env.world_size, env.device))
+    _load_pretrained(cfg, model)
+    cast_partitions(model, dtype)
+    return model, ep
