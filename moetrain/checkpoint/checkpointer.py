@@ -142,23 +142,25 @@ class Checkpointer:
         # An expert's piece is a view of its whole tensor; of a gathered one (ZeRO) it is copied, so
         # each gathered tensor is freed after its turn: otherwise every rank keeps the whole model's
         # masters and AdamW moments alive until written (measured: ZeRO-3's peak above ZeRO-0's).
-        own = copy or view.gathers
-
-        def keep(dst, name, t):
-            t = t.detach()
+        # A whole gathered tensor is already this rank's own fresh copy: kept as it is, not copied
+        # a second time. A live tensor (ZeRO-0) is copied for a background write only.
+        def keep(dst, name, t, piece, gathered):
+            t, fresh = t.detach(), gathered and piece.local is None
+            own = (copy and not gathered) or (gathered and not fresh)
             dst.append((name, t.to("cpu", copy=True) if own or t.device.type != "cpu" else t))
 
         for name, t, is_param in layout.stored_tensors(model):
             mine = [p for p in here.get(name, []) if writer[p.name] == self.rank]
+            gathered = is_param and view.gathers
             value = view.master(t) if is_param else t
             for p in mine:
-                keep(model_part, p.name, layout.piece_of(value, p))
+                keep(model_part, p.name, layout.piece_of(value, p), p, gathered)
             if not is_param:
                 continue
             for key in keys:
                 state = view.state(t, key)
                 for p in mine:
-                    keep(optim_part, f"{key}/{p.name}", layout.piece_of(state, p))
+                    keep(optim_part, f"{key}/{p.name}", layout.piece_of(state, p), p, view.gathers)
             if keys:
                 for p in mine:
                     optim_part.append((f"step/{p.name}", torch.tensor(step_count)))
