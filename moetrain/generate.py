@@ -211,6 +211,7 @@ def generate_text(
     return text, out.numel() - ids.numel()
 
 
+# The command line's options: generate_text's keyword arguments, each (type, default, help).
 _OPTIONS: dict[str, tuple[type, Any, str]] = {
     "prompt": (str, "To be, or not to be", "text to continue"),
     "max_new_tokens": (int, 40, "tokens to generate at most"),
@@ -259,18 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     path = args.path or args.pos_path
     if path is None:
         parser.error("give a checkpoint, run or exported folder")
+    options = {name: getattr(args, name) for name in _OPTIONS}  # generate_text's keyword arguments
+    options["ignore_eos"] = _parse_bool(options["ignore_eos"])
     start = time.perf_counter()
     try:
-        text, n = generate_text(
-            path,
-            args.prompt,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            seed=args.seed,
-            device=args.device,
-            ignore_eos=_parse_bool(args.ignore_eos),
-        )
+        text, n = generate_text(path, **options)
     except (ValueError, OSError) as e:  # CheckpointError / ConfigError are ValueErrors
         lines = str(e).strip().splitlines()
         print(f"error: {lines[0] if lines else type(e).__name__}", file=sys.stderr)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+# Before torch loads its OpenMP runtime: idle threads sleep rather than spin (see offline_env).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Two threads per test process on CI's 2 cores; under pytest-xdist the workers share them (several
 # workers x 2 threads would oversubscribe the cores: OpenMP threads spin while they wait).

@@ -329,3 +329,17 @@ def test_zero3_and_offload_are_validated():
         ConfigError, match=r"parallel.compile=True is invalid: not supported with parallel.zero_stage=3"
     ):
         parallel_config_from_dict({"zero_stage": 3, "compile": True}).validate()
+
+
+def test_communication_options_are_validated():
+    assert parallel_config_from_dict({}).grad_reduce_dtype == "fp32"
+    assert parallel_config_from_dict({"grad_reduce_dtype": "bf16"}).grad_reduce_dtype == "bf16"
+    with pytest.raises(ConfigError) as err:
+        parallel_config_from_dict({"grad_reduce_dtype": "fp16"})
+    assert str(err.value) == "parallel.grad_reduce_dtype='fp16' is invalid: one of fp32, bf16"
+    assert parallel_config_from_dict({}).overlap_comm is None
+    assert parallel_config_from_dict({"zero_stage": 2, "overlap_comm": True}).overlap_comm is True
+    with pytest.raises(
+        ConfigError, match=r"^parallel.overlap_comm=True is invalid: needs parallel.zero_stage"
+    ):
+        parallel_config_from_dict({"overlap_comm": True})

@@ -755,3 +755,63 @@ def test_sweep_over_ep_size():
     assert rows[-1]["device_total"] < rows[0]["device_total"]
     bad = run_plan("model=mixtral_tiny", "plan.sweep=ep_size")
     assert bad.returncode == 2 and "plan.cluster" in bad.stderr
+
+
+def test_grad_reduce_dtype_halves_the_reduced_bytes():
+    from moetrain.plan.clusters import load_cluster
+    from moetrain.plan.step_time import step_time
+
+    cfg = preset("mixtral_8x7b")
+    no_latency = {**load_cluster("h100_nvlink_ib400"), "intra_node_latency": 0.0, "inter_node_latency": 0.0}
+    kw = dict(dtype="bf16", micro_batch_size=1, seq_len=4096, zero_stage=1, ep_size=8, dp_size=16)
+    fp32 = step_time(cfg, no_latency, **kw)
+    bf16 = step_time(cfg, no_latency, grad_reduce_dtype="bf16", **kw)
+    assert fp32["grad_reduce_s"] > 0
+    assert bf16["grad_reduce_s"] == pytest.approx(fp32["grad_reduce_s"] / 2, rel=1e-12)
+    assert bf16["compute_s"] == fp32["compute_s"] and bf16["total_s"] < fp32["total_s"]
+
+
+def test_overlap_comm_hides_the_reduction_behind_the_backward_on_a_gpu_only():
+    from moetrain.plan.clusters import load_cluster
+    from moetrain.plan.step_time import step_time
+
+    cfg = preset("mixtral_8x7b")
+    h100 = load_cluster("h100_nvlink_ib400")
+    kw = dict(dtype="bf16", micro_batch_size=1, seq_len=4096, ep_size=8, dp_size=16)
+    off = step_time(cfg, h100, zero_stage=2, **kw)
+    on = step_time(cfg, h100, zero_stage=2, overlap_comm=True, **kw)
+    assert off["overlapped_s"] == 0
+    assert 0 < on["overlapped_s"] <= on["grad_reduce_s"]
+    assert on["total_s"] == pytest.approx(off["total_s"] - on["overlapped_s"])
+    # DeepSpeed's default: on at ZeRO-3 only; never at ZeRO-0
+    assert step_time(cfg, h100, zero_stage=3, **kw)["overlapped_s"] > 0
+    assert step_time(cfg, h100, zero_stage=0, overlap_comm=True, **kw)["overlapped_s"] == 0
+    # a CPU host has no communication streams: DeepSpeed reduces in line there
+    cpu = {**h100, "shared_compute": True}
+    assert step_time(cfg, cpu, zero_stage=2, overlap_comm=True, **kw)["overlapped_s"] == 0
+
+
+def test_a2a_chunks_hide_part_of_the_exchange_on_a_gpu_and_cost_latency_everywhere():
+    from moetrain.plan.clusters import load_cluster
+    from moetrain.plan.step_time import step_time
+
+    cfg = preset("mixtral_8x7b")
+    h100 = load_cluster("h100_nvlink_ib400")
+    # ep 16 over 2 nodes: the exchange crosses InfiniBand, about half the expert GEMMs' time
+    kw = dict(dtype="bf16", micro_batch_size=1, seq_len=4096, zero_stage=1, ep_size=16, dp_size=16)
+    one = step_time(cfg, h100, **kw)
+    four = step_time(cfg, h100, a2a_chunks=4, **kw)
+    experts = four["compute_breakdown_s"]["experts"]
+    assert four["overlapped_s"] == pytest.approx(min(four["all_to_all_s"], experts) * (1 - 1 / 4))
+    # three more latencies per exchange; smaller expert GEMMs run a little less efficiently
+    exchanges = 32 * 2 * 2  # 32 MoE layers x (dispatch + combine) x (forward + backward)
+    extra = exchanges * 3 * (16 - 1) * h100["inter_node_latency"]  # 3 more chunks, 15 peers each
+    assert four["all_to_all_s"] - one["all_to_all_s"] == pytest.approx(extra)
+    assert four["expert_gemm_efficiency"] < one["expert_gemm_efficiency"]
+    assert four["total_s"] < one["total_s"]  # the hidden exchange outweighs both costs here
+    assert set(four) == set(one)  # the JSON keeps its keys
+    # ep 1 has no exchange to chunk; a CPU host copies the exchange on its GEMM cores: nothing hidden
+    assert step_time(cfg, h100, a2a_chunks=4, **{**kw, "ep_size": 1})["overlapped_s"] == 0
+    cpu = step_time(cfg, {**h100, "shared_compute": True}, a2a_chunks=4, **kw)
+    assert cpu["overlapped_s"] == 0
+    assert cpu["total_s"] > step_time(cfg, {**h100, "shared_compute": True}, **kw)["total_s"]

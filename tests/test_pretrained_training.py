@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,9 +17,8 @@ from moetrain.testing import (
     assert_equivalent,
     cached_run,
     describe,
-    offline_env,
     peak_lr,
-    run_command,
+    run_tool_in_process,
     run_train,
     tiny,
     tiny_hf_model,
@@ -118,11 +116,7 @@ def test_finetune_recipe_uses_the_checkpoint_tokenizer_and_exports_its_family(tm
     assert proc.returncode == 0, describe(proc)
     assert f"tokenizer: {src}" in proc.stdout
     assert peak_lr(run_dir) == 2e-5  # the recipe's
-    proc = run_command(
-        [sys.executable, "-m", "moetrain.export", str(run_dir), str(tmp_path / "hf")],
-        env=offline_env(),
-        timeout=120,
-    )
+    proc = run_tool_in_process("moetrain.export", str(run_dir), str(tmp_path / "hf"))
     assert proc.returncode == 0, describe(proc)
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == [
         "Qwen3MoeForCausalLM"

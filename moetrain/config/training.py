@@ -9,6 +9,7 @@ from moetrain.config.errors import _require
 from moetrain.config.model import ModelConfig
 
 HOST_ALLOCATORS = ("retain", "system")  # parallel.host_allocator (trainer/host_memory.py)
+GRAD_REDUCE_DTYPES = ("fp32", "bf16")  # parallel.grad_reduce_dtype: DeepSpeed's communication_data_type
 
 
 @dataclass
@@ -56,6 +57,16 @@ class ParallelConfig:
     # CPU training: retain = freed host memory stays in the process for reuse (no page faults per
     # step on large tensors; trainer/host_memory.py); system = malloc's defaults. No effect on CUDA.
     host_allocator: str = "retain"
+    # dtype gradients are summed in across ranks (DeepSpeed's communication_data_type): fp32 keeps 23
+    # mantissa bits in a sum over every data-parallel rank; bf16 halves the bytes on the wire.
+    grad_reduce_dtype: str = "fp32"
+    # DeepSpeed's zero_optimization.overlap_comm (ZeRO 1-3: reduce gradient buckets while the backward
+    # goes on). null = DeepSpeed's own choice: on at ZeRO-3, off at 1 and 2. No CUDA streams on CPU.
+    overlap_comm: bool | None = None
+    # Expert parallelism: cut each MoE layer's token exchange into this many chunks, chunk i+1's
+    # all-to-all in flight while chunk i's experts run (distributed/chunked_exchange.py). 1 = one
+    # blocking exchange; on 2 CPU ranks sharing 2 cores chunks did not pay (docs/EXPERT_PARALLEL.md).
+    a2a_chunks: int = 1
 
     def validate(self, prefix: str = "parallel") -> None:
         _require(self.ep_size >= 1, f"{prefix}.ep_size", self.ep_size, "must be >= 1")
@@ -82,6 +93,27 @@ class ParallelConfig:
             f"{prefix}.host_allocator",
             self.host_allocator,
             f"one of {', '.join(HOST_ALLOCATORS)}",
+        )
+        _require(
+            self.overlap_comm is None or self.zero_stage >= 1,
+            f"{prefix}.overlap_comm",
+            self.overlap_comm,
+            "needs parallel.zero_stage=1, 2 or 3 (ZeRO-0 reduces after the backward); or null",
+        )
+        _require(
+            self.a2a_chunks >= 1, f"{prefix}.a2a_chunks", self.a2a_chunks, "must be >= 1 (1 = no chunks)"
+        )
+        _require(
+            self.a2a_chunks == 1 or self.ep_size > 1,
+            f"{prefix}.a2a_chunks",
+            self.a2a_chunks,
+            "chunks the expert all-to-all, which needs parallel.ep_size > 1; or 1",
+        )
+        _require(
+            self.grad_reduce_dtype in GRAD_REDUCE_DTYPES,
+            f"{prefix}.grad_reduce_dtype",
+            self.grad_reduce_dtype,
+            f"one of {', '.join(GRAD_REDUCE_DTYPES)}",
         )
 
 

@@ -28,6 +28,7 @@ from torch import nn
 
 from moetrain.checkpoint.layout import EXPERT_PARAM_NAMES  # noqa: F401  (re-exported: zero3, tests)
 from moetrain.config import TrainConfig
+from moetrain.distributed.chunked_exchange import ChunkedAllToAllExchange
 from moetrain.distributed.env import DistEnv
 from moetrain.moe import MoELayer
 
@@ -185,7 +186,12 @@ def parallelize(model: nn.Module, cfg: TrainConfig, env: DistEnv) -> ExpertParal
             param.group_name = group_name
         if getattr(layer.experts, "first_expert", 0) != ep_rank * El:
             raise ValueError(f"model was sharded for another expert-parallel rank than {ep_rank}")
-        layer.exchange = AllToAllExchange(group, ep_size, El)
+        chunks = cfg.parallel.a2a_chunks
+        layer.exchange = (
+            ChunkedAllToAllExchange(group, ep_size, El, chunks)
+            if chunks > 1
+            else AllToAllExchange(group, ep_size, El)
+        )
         layer.__class__ = _ep_layer_class()
         layer.ep_size, layer.expert_group_name, layer.num_local_experts = ep_size, group_name, El
         layer.enable_expert_tensor_parallelism = False

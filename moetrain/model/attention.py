@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetrain.model.layers import RMSNorm, apply_rotary
+from moetrain.model.rope import Rope
 
 
 @dataclass
@@ -92,11 +93,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(head_dim, norm_eps)
 
     def forward(
-        self,
-        x_BTH: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        cache: KVCache | None = None,
-        mask: torch.Tensor | None = None,
+        self, x_BTH: torch.Tensor, rope: Rope, cache: KVCache | None = None, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``mask``: a boolean [B, 1, T, T] attention mask replacing the causal / sliding-window one
         (document masking, model/documents.py); not with a cache."""

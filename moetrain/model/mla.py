@@ -22,7 +22,7 @@ from torch import nn
 from moetrain.config import MLAConfig, ModelConfig
 from moetrain.model.attention import KVCache, _causal_mask
 from moetrain.model.layers import RMSNorm, apply_rotary
-from moetrain.model.rope import yarn_softmax_mscale
+from moetrain.model.rope import Rope, yarn_softmax_mscale
 
 LATENT_NORM_EPS = 1e-6  # DeepseekV3RMSNorm's default, which transformers uses for q_a / kv_a norms
 
@@ -61,11 +61,7 @@ class MultiHeadLatentAttention(nn.Module):
         return apply_rotary(x, cos, sin)
 
     def forward(
-        self,
-        x_BTH: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        cache: KVCache | None = None,
-        mask: torch.Tensor | None = None,
+        self, x_BTH: torch.Tensor, rope: Rope, cache: KVCache | None = None, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``mask``: a boolean [B, 1, T, T] mask replacing the causal one (document masking)."""
         B, T, _ = x_BTH.shape

@@ -26,6 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
+# The (cos, sin) tables RotaryEmbedding returns and every attention layer takes.
+Rope = tuple[torch.Tensor, torch.Tensor]
+
 # rope_type -> (required fields, optional fields)
 ROPE_SCALINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "linear": (("factor",), ()),
@@ -202,7 +205,7 @@ class RotaryEmbedding(nn.Module):
         if not self.inv_freq.is_meta:
             self.inv_freq.copy_(inv_freq)
 
-    def forward(self, positions_T: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions_T: torch.Tensor, dtype: torch.dtype) -> Rope:
         inv_freq = self.inv_freq
         if rope_type(self.scaling) == "dynamic":
             seq_len = int(positions_T.max()) + 1 if positions_T.numel() else 0

@@ -21,6 +21,7 @@ from moetrain.model.documents import document_mask, document_positions
 from moetrain.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
 from moetrain.model.lm_loss import LMHead
 from moetrain.model.mla import MultiHeadLatentAttention, mla_softmax_scale
+from moetrain.model.rope import Rope
 from moetrain.moe import (
     MoELayer,
     RouterStats,
@@ -86,11 +87,7 @@ class Block(nn.Module):
         )
 
     def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        cache: KVCache | None = None,
-        mask: torch.Tensor | None = None,
+        self, x: torch.Tensor, rope: Rope, cache: KVCache | None = None, mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, RouterStats | None]:
         x = x + self.attention(self.attention_norm(x), rope, cache, mask)
         h = self.ffn_norm(x)

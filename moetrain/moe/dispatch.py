@@ -106,14 +106,20 @@ def _positions(order: torch.Tensor, N: int, K: int) -> torch.Tensor:
     return torch.empty_like(order).scatter_(0, order, arange).view(N, K)
 
 
-class _GatherCopies(torch.autograd.Function):
-    """x_NH -> x_SH, row s = x[token_idx_S[s]]. Backward: each token's k copy gradients, found by
-    their sorted positions, summed by ``embedding_bag`` in one pass (no [N, k, H] temporary)."""
+class GatherRows(torch.autograd.Function):
+    """x -> the rows ``index`` of x. Each subclass gives the backward, a gather again (never a
+    scatter-add) through ``inverse``: an index the dispatch plan already holds, saved here for it."""
 
     @staticmethod
-    def forward(ctx, x_NH: torch.Tensor, token_idx_S: torch.Tensor, position_NK: torch.Tensor):  # type: ignore[override]
-        ctx.save_for_backward(position_NK)
-        return x_NH.index_select(0, token_idx_S)
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor):  # type: ignore[override]
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, index)
+
+
+class _GatherCopies(GatherRows):
+    """x_NH -> x_SH, row s = x[token_idx_S[s]] (inverse: position_NK). Backward: each token's k copy
+    gradients, found by their sorted positions, summed by ``embedding_bag`` in one pass (no [N, k, H]
+    temporary)."""
 
     @staticmethod
     def backward(ctx, grad_SH: torch.Tensor):  # type: ignore[override]

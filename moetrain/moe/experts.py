@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moetrain.moe.dispatch import padded_rows
+from moetrain.moe.dispatch import GatherRows, padded_rows
 
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 
@@ -81,14 +81,10 @@ def default_row_block(device: torch.device, dtype: torch.dtype) -> int:
     return 1
 
 
-class _PadRows(torch.autograd.Function):
-    """x_SH -> x_PH: every expert's rows followed by padding rows (copies of row 0: finite, never
-    used). Backward keeps the real rows' gradients; the padding rows' are zero (see _UnpadRows)."""
-
-    @staticmethod
-    def forward(ctx, x_SH: torch.Tensor, src_P: torch.Tensor, dest_S: torch.Tensor):  # type: ignore[override]
-        ctx.save_for_backward(dest_S)
-        return x_SH.index_select(0, src_P)
+class _PadRows(GatherRows):
+    """x_SH -> x_PH (index: src_P, inverse: dest_S): every expert's rows followed by padding rows
+    (copies of row 0: finite, never used). Backward keeps the real rows' gradients; the padding rows'
+    are zero (see _UnpadRows)."""
 
     @staticmethod
     def backward(ctx, grad_PH: torch.Tensor):  # type: ignore[override]

@@ -80,20 +80,7 @@ class MoELayer(nn.Module):
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
         self.capacity_factor = cfg.capacity_factor
-        self.router = TopKRouter(
-            hidden_size,
-            num_experts,
-            top_k,
-            cfg.normalize_top_k,
-            cfg.jitter_eps,
-            cfg.score_function,
-            cfg.bias_update_rate,
-            cfg.n_group,
-            cfg.topk_group,
-            cfg.routed_scaling_factor,
-            selection_bias=cfg.selection_bias,
-            gate_bias=cfg.router_bias,
-        )
+        self.router = TopKRouter(hidden_size, num_experts, top_k, cfg)
         self.seq_aux_loss = cfg.seq_aux_loss_weight > 0
         # A one-line ConfigError here, at model construction, when megablocks was asked for but can't run.
         self.moe_backend = resolve_backend(cfg.backend)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moetrain.config import SCORE_FUNCTIONS
+from moetrain.config import SCORE_FUNCTIONS, MoEConfig
 
 
 @dataclass
@@ -45,35 +45,25 @@ class Routing:
 
 
 class TopKRouter(nn.Module):
-    def __init__(
-        self,
-        hidden_size: int,
-        num_experts: int,
-        top_k: int,
-        normalize_top_k: bool = True,
-        jitter_eps: float = 0.0,
-        score_function: str = "softmax",
-        bias_update_rate: float = 0.0,
-        n_group: int = 1,
-        topk_group: int = 1,
-        routed_scaling_factor: float = 1.0,
-        selection_bias: bool = False,
-        gate_bias: bool = False,
-    ) -> None:
+    """Top-k expert choice over ``num_experts`` as ``model.moe`` (``cfg``, defaults when None) sets it:
+    the score function, group-limited routing, the selection bias and the gate's bias."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, cfg: MoEConfig | None = None) -> None:
         super().__init__()
-        if score_function not in SCORE_FUNCTIONS:
+        cfg = cfg or MoEConfig()
+        if cfg.score_function not in SCORE_FUNCTIONS:
             raise ValueError(
-                f"model.moe.score_function={score_function!r} is invalid: one of {SCORE_FUNCTIONS}"
+                f"model.moe.score_function={cfg.score_function!r} is invalid: one of {SCORE_FUNCTIONS}"
             )
         self.num_experts, self.top_k = num_experts, top_k
-        self.normalize_top_k, self.jitter_eps = normalize_top_k, jitter_eps
-        self.score_function = score_function
-        self.bias_update_rate = float(bias_update_rate)
-        self.n_group, self.topk_group = n_group, topk_group
-        self.routed_scaling_factor = float(routed_scaling_factor)
-        self.gate = nn.Linear(hidden_size, num_experts, bias=gate_bias)  # gate_bias: gpt-oss
+        self.normalize_top_k, self.jitter_eps = cfg.normalize_top_k, cfg.jitter_eps
+        self.score_function = cfg.score_function
+        self.bias_update_rate = float(cfg.bias_update_rate)
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.routed_scaling_factor = float(cfg.routed_scaling_factor)
+        self.gate = nn.Linear(hidden_size, num_experts, bias=cfg.router_bias)  # router_bias: gpt-oss
         self.expert_bias: torch.Tensor | None
-        if self.bias_update_rate > 0 or selection_bias:
+        if self.bias_update_rate > 0 or cfg.selection_bias:
             # Full [E] on every rank (also under expert parallelism): not an expert parameter.
             self.register_buffer(
                 "expert_bias", torch.zeros(num_experts, dtype=torch.float32), persistent=True

@@ -45,6 +45,10 @@ def _plan_from_cfg(cfg: Any) -> dict[str, Any]:
         activation_checkpointing=par.activation_checkpointing,
         offload_optimizer=par.offload_optimizer,
     )
+    # what only the step time reads
+    comm = dict(
+        grad_reduce_dtype=par.grad_reduce_dtype, overlap_comm=par.overlap_comm, a2a_chunks=par.a2a_chunks
+    )
     plan = build_plan(
         model_cfg,
         ep_size=par.ep_size,
@@ -68,6 +72,7 @@ def _plan_from_cfg(cfg: Any) -> dict[str, Any]:
             dp_size=dp_size,
             grad_accum=grad_accum,
             **layout,
+            **comm,
         )
     sweep = plan_cfg.get("sweep")
     if sweep:
@@ -75,13 +80,19 @@ def _plan_from_cfg(cfg: Any) -> dict[str, Any]:
             raise ConfigError(
                 f"plan.sweep={sweep!r} is invalid: ep_size (with plan.cluster=NAME_OR_FILE for the step time)"
             )
-        plan["sweep"] = _sweep_ep(model_cfg, layout, dp_size, plan, grad_accum, str(cluster_name))
+        plan["sweep"] = _sweep_ep(model_cfg, layout, dp_size, plan, grad_accum, str(cluster_name), comm)
     plan["vocab_source"] = _vocab_source(cfg)
     return {"format": fmt, "plan": plan}
 
 
 def _sweep_ep(
-    model_cfg: Any, layout: dict[str, Any], dp: int, plan: dict[str, Any], grad_accum: int, cluster_name: str
+    model_cfg: Any,
+    layout: dict[str, Any],
+    dp: int,
+    plan: dict[str, Any],
+    grad_accum: int,
+    cluster_name: str,
+    comm: dict[str, Any],
 ) -> list[dict[str, Any]]:
     """Predicted tokens/s and device memory for every ep_size that divides the experts and the ``dp``
     ranks, the other ``layout`` settings held."""
@@ -95,7 +106,7 @@ def _sweep_ep(
         if dp % ep or (ep > 1 and model_cfg.num_experts % ep):
             continue
         kw = dict(layout, ep_size=ep, dp_size=dp)
-        st = step_time(model_cfg, cluster, grad_accum=grad_accum, **kw)
+        st = step_time(model_cfg, cluster, grad_accum=grad_accum, **kw, **comm)
         mem = memory_plan(model_cfg, device_memory_gib=plan["memory"]["device_memory_gib"], **kw)
         rows.append(
             {

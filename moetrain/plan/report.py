@@ -121,7 +121,9 @@ def plan_summary(
     counts = count_params(model_cfg)
     seq_len = seq_len or model_cfg.max_seq_len
     flops = flops_per_token(model_cfg, seq_len)
-    mem = memory_plan(model_cfg, ep_size=ep_size, dp_size=dp_size, zero_stage=zero_stage, dtype=dtype)
+    mem = memory_plan(
+        model_cfg, ep_size=ep_size, dp_size=dp_size, zero_stage=zero_stage, dtype=dtype, seq_len=seq_len
+    )
     r = mem["per_rank"]
     return [
         f"params: {fmt_count(counts['total'])} total, {fmt_count(counts['active'])} active per token "
@@ -323,10 +325,14 @@ def render(plan: dict[str, Any], console: Any = None) -> None:
         console.print(
             f"[bold]Step time on {st['cluster']}[/bold] (predicted, {st['tokens_per_step']:,} tokens per step): "
             f"compute {st['compute_s']:.3g} s + all-to-all {st['all_to_all_s']:.3g} s + gradient reduction "
-            f"{st['grad_reduce_s']:.3g} s + optimizer {st['optimizer_s']:.3g} s = {st['total_s']:.3g} s "
-            f"(nothing overlaps); {st['tokens_per_s']:,.0f} tokens/s, "
+            f"{st['grad_reduce_s']:.3g} s + optimizer {st['optimizer_s']:.3g} s "
+            f"{overlap_text(st['overlapped_s'])}= {st['total_s']:.3g} s; {st['tokens_per_s']:,.0f} tokens/s, "
             f"{st['tokens_per_s_per_device']:,.0f} per device, MFU {st['mfu']:.1%}"
         )
+
+
+def overlap_text(overlapped_s: float) -> str:
+    return f"- overlapped {overlapped_s:.3g} s " if overlapped_s > 0 else "(nothing overlaps) "
 
 
 def _family_options(s: dict[str, Any]) -> list[str]:

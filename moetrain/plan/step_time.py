@@ -10,13 +10,23 @@ Per rank and step (``grad_accum`` micro-batches of ``micro_batch_size x seq_len`
 * all-to-all: dispatch + combine per MoE layer, forward and backward (and the recomputed forward),
   the share leaving the rank over NVLink-class or network bandwidth by where the ep group sits.
 * gradient reduction: a ring all-reduce (ZeRO-0) or reduce-scatter + all-gather (ZeRO 1-3, the same
-  bytes) of fp32 gradients (moetrain reduces in fp32), dense params over all ranks, experts over
-  their expert-data-parallel group.
+  bytes) of the gradients in ``parallel.grad_reduce_dtype`` (fp32 by default; bf16 halves the bytes),
+  dense params over all ranks, experts over their expert-data-parallel group.
 * optimizer: AdamW streams its state through memory (about 32 bytes per parameter it owns), or
   through the host with offload.
 
-moetrain overlaps none of them today (the all-to-all blocks, DeepSpeed's reduction runs after the
-backward), so ``total_s`` is their sum.
+``total_s`` is their sum less ``overlapped_s``, what runs hidden behind compute:
+
+* ``parallel.overlap_comm`` (DeepSpeed's, ZeRO 1-3; on by DeepSpeed's default at ZeRO-3 only): the
+  gradient reduction behind the last micro-batch's backward, on a device with its own communication
+  streams. A CPU host (``shared_compute``) has none: DeepSpeed's CPU accelerator runs the reduction
+  in line, so nothing is hidden there.
+* ``parallel.a2a_chunks`` = C > 1 (expert parallelism): each exchange in C pieces, chunk i+1's
+  all-to-all in flight while chunk i's experts run, hides ``min(all-to-all, experts) * (1 - 1/C)``
+  (the first dispatch and the last combine stay exposed); it costs C - 1 more latencies per exchange
+  and expert GEMMs of 1/C the rows (lower efficiency). On a CPU host the exchange is copied by the
+  same cores that run the GEMMs (gloo's threads), so nothing is hidden there either: only the costs
+  remain (measured: docs/EXPERT_PARALLEL.md, "Overlap").
 """
 
 from __future__ import annotations
@@ -28,7 +38,7 @@ from moetrain.plan.activations import activation_memory
 from moetrain.plan.params import count_params, flops_per_token
 
 ADAMW_BYTES_PER_PARAM = 32  # read grad, master, m, v; write master, m, v, weight (fp32/bf16 mixed)
-GRAD_REDUCE_BYTES = 4  # communication_data_type fp32 (trainer/engine.py)
+GRAD_REDUCE_BYTES = {"fp32": 4, "bf16": 2}  # parallel.grad_reduce_dtype (communication_data_type)
 
 
 def gemm_efficiency(cluster: dict[str, Any], rows: float, dtype: str | None = None) -> float:
@@ -62,6 +72,9 @@ def step_time(
     grad_accum: int = 1,
     activation_checkpointing: bool = False,
     offload_optimizer: bool = False,
+    grad_reduce_dtype: str = "fp32",
+    overlap_comm: bool | None = None,
+    a2a_chunks: int = 1,
 ) -> dict[str, Any]:
     """Predicted seconds per optimizer step and its parts; tokens/s (global) and MFU."""
     cfg = model_cfg
@@ -81,10 +94,11 @@ def step_time(
     moe_layers = counts["moe_layers"]
     expert_s = 0.0
     rows_per_expert = 0.0
+    chunks = a2a_chunks if moe_layers and ep_size > 1 else 1
     if moe_layers:
         rows_per_expert = n * cfg.top_k * ep_size / cfg.num_experts  # uniform routing, per local expert
         expert_flops = passes * 2 * a["experts"] * n
-        expert_s = expert_flops / (peak * gemm_efficiency(cluster, rows_per_expert, dtype))
+        expert_s = expert_flops / (peak * gemm_efficiency(cluster, rows_per_expert / chunks, dtype))
     f = flops_per_token(cfg, seq_len)
     attention_flops = 3 * f["forward_attention"] * n  # fwd + bwd, counted as plan counts them
     if dtype in cluster.get("attention_flops", {}):  # a measured fused-attention rate
@@ -105,14 +119,15 @@ def step_time(
         sent = n * cfg.top_k * cfg.hidden_size * elem * (ep_size - 1) / ep_size  # one direction, one layer
         exchanges = moe_layers * 2 * (2 if not activation_checkpointing else 3)  # dispatch+combine, fwd/bwd
         bw, lat = _link(cluster, ep_size, ep_size)
-        all_to_all_s = grad_accum * exchanges * (sent / bw + (ep_size - 1) * lat)
+        all_to_all_s = grad_accum * exchanges * (sent / bw + chunks * (ep_size - 1) * lat)
 
     edp = dp_size // ep_size
     dense_p, local_expert_p = counts["non_expert_params"], counts["expert_params"] // ep_size
     bw_d, lat_d = _link(cluster, dp_size, dp_size)
     bw_e, lat_e = _link(cluster, edp, dp_size)  # expert-dp ranks sit ep apart: they span the world
-    grad_reduce_s = _ring_time(dense_p * GRAD_REDUCE_BYTES, dp_size, bw_d, lat_d) + _ring_time(
-        local_expert_p * GRAD_REDUCE_BYTES, edp, bw_e, lat_e
+    grad_bytes = GRAD_REDUCE_BYTES[grad_reduce_dtype]
+    grad_reduce_s = _ring_time(dense_p * grad_bytes, dp_size, bw_d, lat_d) + _ring_time(
+        local_expert_p * grad_bytes, edp, bw_e, lat_e
     )
 
     owned = dense_p / (dp_size if zero_stage >= 1 else 1) + local_expert_p / (edp if zero_stage >= 1 else 1)
@@ -123,7 +138,15 @@ def step_time(
     else:
         optimizer_s = owned * ADAMW_BYTES_PER_PARAM / memory_bandwidth
 
-    total_s = compute_s + all_to_all_s + grad_reduce_s + optimizer_s
+    overlapped_s = 0.0
+    reduce_overlaps = overlap_comm if overlap_comm is not None else zero_stage == 3  # DeepSpeed's default
+    if zero_stage >= 1 and reduce_overlaps and not cluster.get("shared_compute"):
+        last_backward_s = compute_s / grad_accum * (passes - 1) / passes
+        overlapped_s += min(grad_reduce_s, last_backward_s)
+    if chunks > 1 and not cluster.get("shared_compute"):
+        overlapped_s += min(all_to_all_s, grad_accum * expert_s) * (1 - 1 / chunks)
+    overlapped_s = min(overlapped_s, compute_s)  # both hide behind the same compute at most once
+    total_s = compute_s + all_to_all_s + grad_reduce_s + optimizer_s - overlapped_s
     tokens = n * grad_accum * dp_size
     tokens_per_s = tokens / total_s
     mfu = f["training"] * tokens_per_s / (dp_size * peak)
@@ -137,11 +160,13 @@ def step_time(
             "elementwise": grad_accum * elementwise_s,
         },
         "expert_rows": rows_per_expert,
-        "expert_gemm_efficiency": gemm_efficiency(cluster, rows_per_expert, dtype) if moe_layers else None,
+        "expert_gemm_efficiency": gemm_efficiency(cluster, rows_per_expert / chunks, dtype)
+        if moe_layers
+        else None,
         "all_to_all_s": all_to_all_s,
         "grad_reduce_s": grad_reduce_s,
         "optimizer_s": optimizer_s,
-        "overlapped_s": 0.0,
+        "overlapped_s": overlapped_s,
         "total_s": total_s,
         "tokens_per_step": tokens,
         "tokens_per_s": tokens_per_s,

@@ -9,6 +9,8 @@ and torch.
   --nproc_per_node=N``) with ``hydra.run.dir=run_dir``, offline (no network: ``HF_HUB_OFFLINE=1`` and an
   HTTP proxy that refuses connections, so any HTTP attempt fails loudly), returning the
   ``CompletedProcess``.
+- ``run_tool_in_process(module, *args)``: export / generate / analyze through their ``main(argv)`` in
+  this process (no interpreter start), returning a ``CompletedProcess``.
 - ``cached_run(*overrides, nproc=1)``: the same, memoised per test session, so test modules can share
   an expensive reference run (its run dir lives in a session temp dir).
 - ``read_metrics(run_dir)`` / ``metric_by_step(run_dir, key)``: the run's ``metrics.jsonl``.
@@ -58,6 +60,7 @@ from moetrain.testing.process import (
     merge_overrides,
     offline_env,
     run_command,
+    run_tool_in_process,
     run_train,
     train_command,
 )

@@ -74,6 +74,13 @@ def offline_env(extra: dict[str, str] | None = None, nproc: int = 1) -> dict[str
     )
     if nproc > 1:
         env["OMP_NUM_THREADS"] = "1"
+    # OpenMP threads that wait sleep instead of spinning. A training subprocess takes every core
+    # (trainer/setup.py), and beside it run the other pytest worker's subprocess (`make test -n 2`) and
+    # whatever else the host runs: spinning waiters then burn the cores the busy threads need. Two
+    # concurrent 40-step mixtral_tiny runs on a loaded 2-core EPYC (2026-12-05): 47 s and 75 s
+    # spinning, 25 s and 12 s passive; alone 13.7 / 27.7 s vs 11.7 / 12.0 s. Results are bit for bit
+    # the same (only the waiting changes).
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     if extra:
         env.update(extra)
@@ -158,3 +165,33 @@ def check_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     if proc.returncode != 0:
         raise AssertionError("training run failed\n" + describe(proc))
     return proc
+
+
+def run_tool_in_process(module: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -m module *args`` for moetrain's command-line tools (export, generate, analyze) run in
+    this process, through their ``main(argv)``: the result of :func:`run_command` (exit code, stdout,
+    stderr) without the ~5 s a new interpreter spends importing torch and transformers.
+
+    For tools only, never training (Hydra and torch.distributed keep process-wide state). During the
+    call the offline variables of :func:`offline_env` are set (HTTP goes to a dead proxy), and
+    ``DS_ACCELERATOR=cpu`` on a machine without CUDA, as the tools' ``__main__`` sets it."""
+    import contextlib
+    import importlib
+    import io
+
+    from moetrain.cli import quiet_cpu_accelerator
+
+    saved = dict(os.environ)
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        os.environ.update({k: v for k, v in offline_env().items() if k not in ("PYTHONPATH",)})
+        quiet_cpu_accelerator()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = importlib.import_module(module).main(list(args))
+            except SystemExit as e:  # argparse errors exit 2
+                code = e.code if isinstance(e.code, int) else 1
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return subprocess.CompletedProcess(["python", "-m", module, *args], code, out.getvalue(), err.getvalue())

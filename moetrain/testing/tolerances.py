@@ -117,17 +117,10 @@ def scaled_mismatch(
     )
 
 
-def assert_close_scaled(
-    actual: Any,
-    expected: Any,
-    name: str,
-    *,
-    rel: float,
-    update_scale: float = 0.0,
-    scale: float | None = None,
-) -> None:
-    """:func:`scaled_mismatch` as an assertion (``AssertionError`` with the description)."""
-    msg = scaled_mismatch(actual, expected, name, rel=rel, update_scale=update_scale, scale=scale)
+def assert_close_scaled(actual: Any, expected: Any, name: str, **bounds: Any) -> None:
+    """:func:`scaled_mismatch` (same ``rel``, ``update_scale``, ``scale``) as an assertion
+    (``AssertionError`` with the description)."""
+    msg = scaled_mismatch(actual, expected, name, **bounds)
     if msg is not None:
         raise AssertionError(msg)
 

@@ -71,11 +71,14 @@ def deepspeed_config(
         # ZeRO-0: the loop clips with the exact global norm (DeepSpeed's fp32 path averages per-rank
         # norms, which is not the global norm once experts are sharded). ZeRO-1/2: DeepSpeed clips.
         "gradient_clipping": o.grad_clip if p.zero_stage > 0 else 0.0,
-        "zero_optimization": zero_config(p.zero_stage, p.offload_optimizer, device, cfg.model.hidden_size),
+        "zero_optimization": zero_config(
+            p.zero_stage, p.offload_optimizer, device, cfg.model.hidden_size, p.overlap_comm
+        ),
         "bf16": {"enabled": resolve_dtype(p.dtype) == torch.bfloat16},
-        # Gradients are summed across ranks in fp32 even in bf16 runs (DeepSpeed's default would
-        # reduce in the model dtype: 8 mantissa bits for a sum over every data-parallel rank).
-        "communication_data_type": "fp32",
+        # Gradients are summed across ranks in fp32 by default even in bf16 runs (DeepSpeed's default
+        # would reduce in the model dtype: 8 mantissa bits for a sum over every data-parallel rank);
+        # parallel.grad_reduce_dtype=bf16 halves the bytes instead.
+        "communication_data_type": p.grad_reduce_dtype,
         "optimizer": {
             "type": "AdamW",
             # torch_adam: the torch implementation; DeepSpeed's fused Adam would JIT-compile on CPU.
@@ -105,7 +108,11 @@ def deepspeed_config(
 
 
 def zero_config(
-    stage: int, offload_optimizer: bool, device: torch.device | str, hidden_size: int
+    stage: int,
+    offload_optimizer: bool,
+    device: torch.device | str,
+    hidden_size: int,
+    overlap_comm: bool | None = None,
 ) -> dict[str, Any]:
     """DeepSpeed's ``zero_optimization`` block. Offload: the fp32 masters and AdamW state live in host
     memory and the step runs there, with the same torch AdamW (``torch_adam``) as without offload:
@@ -117,6 +124,8 @@ def zero_config(
     small model. Parameters below 10 x
     hidden elements (norms) stay gathered; everything else is partitioned, as plan counts it."""
     out: dict[str, Any] = {"stage": stage}
+    if overlap_comm is not None:  # parallel.overlap_comm; null leaves DeepSpeed's default
+        out["overlap_comm"] = overlap_comm
     if stage == 3:
         out.update(
             reduce_bucket_size=hidden_size * hidden_size,

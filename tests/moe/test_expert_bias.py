@@ -33,7 +33,7 @@ U = 0.01  # bias update rate in these tests: a wrong sign or a missed update is 
 def router_with_logits(logits: list[list[float]], k: int, **kw) -> tuple[TopKRouter, torch.Tensor]:
     """A router whose gate reproduces ``logits`` exactly: H = E, gate = identity, x = logits."""
     E = len(logits[0])
-    r = TopKRouter(E, E, k, **kw)
+    r = TopKRouter(E, E, k, MoEConfig(**kw))
     with torch.no_grad():
         r.gate.weight.copy_(torch.eye(E))
     return r, torch.tensor(logits, dtype=torch.float32)
@@ -63,7 +63,7 @@ def test_bias_chooses_weights_stay_unbiased():
 def test_zero_bias_routes_exactly_like_no_bias():
     torch.manual_seed(0)
     x = torch.randn(64, 16)
-    a, b = TopKRouter(16, 8, 2), TopKRouter(16, 8, 2, bias_update_rate=U)
+    a, b = TopKRouter(16, 8, 2), TopKRouter(16, 8, 2, MoEConfig(bias_update_rate=U))
     b.gate.load_state_dict(a.gate.state_dict())
     ra, rb = a(x), b(x)
     assert ra.expert_ids_NK.equal(rb.expert_ids_NK)

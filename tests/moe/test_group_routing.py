@@ -27,10 +27,10 @@ def _pair(n_group: int, topk_group: int, scale: float, bias: bool = True, normal
         routed_scaling_factor=scale, norm_topk_prob=normalize,
     )  # fmt: skip
     theirs = DeepseekV3TopkRouter(hf_cfg)
-    ours = TopKRouter(
-        H, E, K, normalize, score_function="sigmoid", n_group=n_group, topk_group=topk_group,
+    ours = TopKRouter(H, E, K, MoEConfig(
+        normalize_top_k=normalize, score_function="sigmoid", n_group=n_group, topk_group=topk_group,
         routed_scaling_factor=scale, selection_bias=bias,
-    )  # fmt: skip
+    ))  # fmt: skip
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         w = torch.randn(E, H, generator=g) * 0.5

@@ -10,7 +10,6 @@ import os
 import random
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +26,7 @@ from moetrain.testing import (
     check_ok,
     describe,
     metric_by_step,
-    offline_env,
-    run_command,
+    run_tool_in_process,
     run_train,
     tiny,
 )
@@ -61,8 +59,9 @@ def _errors(proc: subprocess.CompletedProcess) -> list[str]:
 
 
 def _tool(module: str, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", module, *args]
-    return run_command(cmd, env=offline_env(), timeout=240, cwd=REPO_ROOT)
+    """export / generate / analyze in this process: a code-running pickle they unpickled would run here
+    and create the sentinel just the same."""
+    return run_tool_in_process(module, *args)
 
 
 # ---- unit level ---------------------------------------------------------------------------------------

@@ -1,11 +1,12 @@
 """Training on a weighted mixture, on token files, and with document masking, end to end.
 
-- three local sources at 0.6 / 0.3 / 0.1: after 40 steps each source's share of the training tokens
+- three local sources at 0.6 / 0.3 / 0.1: after 20 steps each source's share of the training tokens
   (metrics.jsonl, data/tokens/<domain>) is within 3 points of its weight (the schedule keeps it within
-  one block: 1/160 here), val_loss/<domain> is logged; stopped at step 20 and resumed, steps 21-40
+  one block: 1/80 here), val_loss/<domain> is logged; resumed from its step-10 checkpoint, steps 11-20
   are exactly those of the uninterrupted run;
 - expert parallelism over 2 processes with masking on trains like one process (and the mixture gives
-  both the same blocks: the data/tokens counts are equal);
+  both the same blocks: the data/tokens counts are equal); the same run without masking (the mixture
+  run above, shared) trains differently;
 - data.on_exhausted=stop ends the run with a checkpoint when a source is read to its end;
 - token files written by python -m moetrain.data.prepare train to the same losses as the fixture;
 - a 600 MB uint16 token file trains with peak RSS under 200 MB above the same run on the fixture.
@@ -23,9 +24,11 @@ import pytest
 from moetrain.data.corpus import SPLITS
 from moetrain.testing import (
     REPO_ROOT,
+    TrainRun,
     assert_equivalent,
     cached_run,
     check_ok,
+    describe,
     offline_env,
     read_metrics,
     reference_run,
@@ -63,27 +66,35 @@ def shares(record: dict) -> dict[str, float]:
     return {d: n / sum(tokens.values()) for d, n in tokens.items()}
 
 
+def mixture_run(files: dict[str, Path]) -> TrainRun:
+    """The uninterrupted 20-step mixture run (mixtral_tiny: eval and checkpoint every 10), shared by the
+    share / resume test and, as the masking-off run, by the masking test's negative control."""
+    return cached_run(*tiny(*mixture(files)), name="mixture").check()
+
+
 @pytest.mark.slow
 def test_mixture_shares_and_exact_resume_mid_mixture(domain_files, tmp_path: Path):
-    args = tiny(*mixture(domain_files), "trainer.max_steps=40", "trainer.eval_every=20")
-    whole = cached_run(*args, name="mixture").check()
+    whole = mixture_run(domain_files)
     last = whole.metrics()[-1]
-    assert last["step"] == 40 and last["tokens"] == sum(last[f"data/tokens/{d}"] for d in WEIGHTS)
+    assert last["step"] == 20 and last["tokens"] == sum(last[f"data/tokens/{d}"] for d in WEIGHTS)
+    blocks = 20 * 4  # steps x micro-batch 4 (one process)
     for d, share in shares(last).items():
         assert abs(share - WEIGHTS[d]) <= 0.03, (d, share)
-        assert abs(share - WEIGHTS[d]) <= 1 / 160 + 1e-12  # the schedule's own bound: one block
+        assert abs(share - WEIGHTS[d]) <= 1 / blocks + 1e-12  # the schedule's own bound: one block
     assert {f"val_loss/{d}" for d in WEIGHTS} <= set(last)
     assert "mixture: literature 0.600" in whole.proc.stdout
 
+    # resumed mid-mixture from the uninterrupted run's step-10 checkpoint: the same blocks from 11 on
     run_dir = tmp_path / "resumed"
-    check_ok(run_train(run_dir, *args, "trainer.stop_at=20"))
-    check_ok(run_train(run_dir, *args, "trainer.resume=auto"))
+    proc = check_ok(run_train(run_dir, *tiny(*mixture(domain_files), f"trainer.resume={whole.step_dir(10)}")))
+    assert "at step 10" in proc.stdout, describe(proc)
     resumed = {r["step"]: r for r in read_metrics(run_dir)}
     keys = ["loss", "lm_loss", "aux_loss", "grad_norm", *(f"data/tokens/{d}" for d in WEIGHTS)]
+    assert sorted(s for s in resumed if s > 0) == list(range(11, 21))
     for r in whole.metrics():
-        if r["step"] > 20:
+        if r["step"] > 10:
             assert {k: resumed[r["step"]][k] for k in keys} == {k: r[k] for k in keys}, r["step"]
-    assert resumed[40]["val_loss"] == last["val_loss"]
+    assert resumed[20]["val_loss"] == last["val_loss"]
 
 
 @pytest.mark.slow
@@ -102,8 +113,8 @@ def test_ep2_with_document_masking_equals_one_process(domain_files):
     )
     for d in WEIGHTS:  # the same blocks at world size 1 and 2
         assert one.by_step(f"data/tokens/{d}") == two.by_step(f"data/tokens/{d}")
-    # masking changes the training (negative control: it is on)
-    plain = cached_run(*tiny(*mixture(domain_files)), name="mask-off").check()
+    # masking changes the training (negative control: it is on); the plain mixture run is shared
+    plain = mixture_run(domain_files)
     assert plain.by_step("loss")[20] != one.by_step("loss")[20]
 
 

@@ -81,3 +81,19 @@ def test_slow_dtype_warning_only_where_half_gemms_fall_back(monkeypatch):
     assert slow_dtype_warning(torch.device("cuda", 0), torch.bfloat16) is None  # GPUs: not this check
     monkeypatch.setattr(engine, "onednn_runs_cpu_gemm", lambda dtype: True)  # AVX-512 / AMX
     assert slow_dtype_warning(cpu, torch.bfloat16) is None
+
+
+def test_communication_options_reach_the_deepspeed_config():
+    """parallel.grad_reduce_dtype -> communication_data_type; parallel.overlap_comm ->
+    zero_optimization.overlap_comm (left out when null: DeepSpeed's own default)."""
+    from moetrain.config import ParallelConfig, TrainConfig
+
+    def ds(**parallel):
+        return engine.deepspeed_config(TrainConfig(parallel=ParallelConfig(**parallel)).validate(), 2)
+
+    assert ds()["communication_data_type"] == "fp32"
+    assert ds(grad_reduce_dtype="bf16")["communication_data_type"] == "bf16"
+    assert "overlap_comm" not in ds(zero_stage=2)["zero_optimization"]
+    for stage in (1, 2, 3):
+        for on in (True, False):
+            assert ds(zero_stage=stage, overlap_comm=on)["zero_optimization"]["overlap_comm"] is on

@@ -7,6 +7,7 @@ the same layout replays the same operations on the same shapes (tests/README.md,
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -167,9 +168,9 @@ def _damage(path: Path, how: str) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["bitflip"])  # truncation and missing files: test_verify_names_the_damage
 def test_damaged_checkpoint_falls_back_or_fails_in_one_line(tmp_path: Path, how: str):
-    run = tmp_path / "damaged"
-    check_ok(run_train(run, *tiny(*STEPS, "trainer.max_steps=8", "trainer.keep_last=3")))
-    newest = run / "checkpoints" / "step_00000008"
+    run = tmp_path / "damaged"  # a copy of the uninterrupted run's checkpoints (keep_last=2: steps 8, 12)
+    shutil.copytree(_uninterrupted().checkpoints, run / "checkpoints")
+    newest = run / "checkpoints" / "step_00000012"
     _damage(newest / "model-00001-of-00001.safetensors", how)
     # An explicit path is never replaced by another checkpoint: one line naming the file, exit 2.
     explicit = run_train(tmp_path / "other", *tiny(*STEPS, f"trainer.resume={newest}"))
@@ -183,7 +184,7 @@ def test_damaged_checkpoint_falls_back_or_fails_in_one_line(tmp_path: Path, how:
     resumed = run_train(run, *tiny(*STEPS, "trainer.resume=auto"))
     check_ok(resumed)
     assert f"warning: skipping checkpoint {newest}" in resumed.stdout, describe(resumed)
-    assert f"resumed from {run / 'checkpoints' / 'step_00000004'}" in resumed.stdout
+    assert f"resumed from {run / 'checkpoints' / 'step_00000008'}" in resumed.stdout
 
 
 def test_run_dir_not_writable_fails_before_work(tmp_path: Path):
