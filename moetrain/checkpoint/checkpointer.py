@@ -155,25 +155,36 @@ class Checkpointer:
         # An expert's piece is a view of its whole tensor; of a gathered one (ZeRO) it is copied, so
         # each gathered tensor is freed after its turn: otherwise every rank keeps the whole model's
         # masters and AdamW moments alive until written (measured: ZeRO-3's peak above ZeRO-0's).
-        own = copy or view.gathers
-
-        def keep(kind: str, name: str, t: torch.Tensor) -> None:
+        # A whole gathered tensor is already this rank's own fresh copy: kept as it is, not copied a
+        # second time. A live tensor (ZeRO-0) is copied for a background write only.
+        def keep(kind: str, name: str, t: torch.Tensor, fresh: bool = False) -> None:
             t = t.detach()
             if stream:
                 parts[kind].write(name, t)
             else:
+                own = (copy or view.gathers) and not fresh
                 parts[kind].append((name, t.to("cpu", copy=True) if own or t.device.type != "cpu" else t))
 
         for _, t, is_param, mine in plan:
             value = view.master(t) if is_param else t
             for p in mine:
-                keep("model", p.name, layout.piece_of(value, p))
+                keep(
+                    "model",
+                    p.name,
+                    layout.piece_of(value, p),
+                    fresh=is_param and view.gathers and p.local is None,
+                )
             if not is_param:
                 continue
             for key in keys:
                 state = view.state(t, key)
                 for p in mine:
-                    keep("optimizer", f"{key}/{p.name}", layout.piece_of(state, p))
+                    keep(
+                        "optimizer",
+                        f"{key}/{p.name}",
+                        layout.piece_of(state, p),
+                        fresh=view.gathers and p.local is None,
+                    )
             if keys:
                 for p in mine:
                     keep("optimizer", f"step/{p.name}", torch.tensor(step_count))

@@ -5,8 +5,9 @@ DeepSpeed it relies on. The lean bf16 step checks every attribute it relies on a
 DeepSpeed's own step in place (correct, only slower), never a guess. Callers:
 
 - ``disable_shm_comm_op``: distributed/env.py, before ``deepspeed.init_distributed``;
-- ``skip_single_rank_allreduce`` and ``install_lean_bf16_step``: trainer/engine.py, right after
-  ``deepspeed.initialize``; ``share_fp32_zero3_masters``: trainer/engine.py, before it;
+- ``skip_single_rank_allreduce``, ``reduce_groups_of_one_per_gradient`` and ``install_lean_bf16_step``:
+  trainer/engine.py, right after ``deepspeed.initialize``; ``share_fp32_zero3_masters``: trainer/engine.py,
+  before it;
 - ``UpdateVeto``: trainer/loop.py, once the engine is built (wraps whatever ``optimizer.step`` is then);
 - ``relink_optimizer_state_fragments``: checkpoint/optimizer_state.py, before reading or after
   creating ZeRO-1/2 (and bf16) optimizer state.
@@ -62,6 +63,29 @@ def skip_single_rank_allreduce(engine: Any) -> None:
     three passes over all gradients that change no bit. ``DeepSpeedEngine.enable_backward_allreduce`` is
     the engine's own switch for it (ZeRO-1/2 read their partitions from that path, so they keep it)."""
     engine.enable_backward_allreduce = False
+
+
+def reduce_groups_of_one_per_gradient(engine: Any) -> None:
+    """ZeRO-0 with ``ep_size`` equal to the number of processes: each expert's data-parallel group is
+    one rank, yet DeepSpeed's "all-reduce" of the expert gradients still copies all of a rank's
+    expert gradients into one new flat buffer (``allreduce_no_retain`` fills buckets of 500M
+    elements), scales it by 1 / data-parallel size and copies it back. That buffer is as large as the
+    rank's expert gradients (201 MB per rank for mixtral_small with 16 experts of F 2048 at ep=2) and,
+    under the retaining host allocator, stays resident. For a group of one this makes every gradient
+    its own bucket: DeepSpeed's own arithmetic (``allreduce_and_copy``) one tensor at a time, the same
+    bits, no buffer larger than one gradient. Groups of several ranks keep their buckets (fewer
+    collectives). Relies on ``allreduce_no_retain(bucket, dp_group, numel_per_bucket, dp_world_size)``
+    flushing a bucket once it holds more than ``numel_per_bucket`` elements (DeepSpeed 0.19)."""
+    from deepspeed import comm as dist
+
+    bucketed = engine.allreduce_no_retain
+
+    def per_gradient_when_alone(bucket, dp_group, numel_per_bucket=500000000, dp_world_size=None):
+        if dist.get_world_size(group=dp_group) == 1:
+            numel_per_bucket = 0  # flush after every gradient
+        return bucketed(bucket, dp_group, numel_per_bucket=numel_per_bucket, dp_world_size=dp_world_size)
+
+    engine.allreduce_no_retain = per_gradient_when_alone
 
 
 def lean_bf16_step_applies(opt: Any) -> bool:

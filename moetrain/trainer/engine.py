@@ -16,6 +16,7 @@ import torch
 from moetrain.config import TrainConfig, training_dtype
 from moetrain.distributed.deepspeed_patches import (
     install_lean_bf16_step,
+    reduce_groups_of_one_per_gradient,
     share_fp32_zero3_masters,
     skip_single_rank_allreduce,
 )
@@ -179,6 +180,8 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, dp_world_size: int):
     )
     if dp_world_size == 1 and cfg.parallel.zero_stage == 0:  # a reduction over a group of one
         skip_single_rank_allreduce(engine)
+    if cfg.parallel.zero_stage == 0:  # ep_size = world size: expert gradients "reduced" over one rank
+        reduce_groups_of_one_per_gradient(engine)
     if cfg.parallel.zero_stage == 0:  # bf16: DeepSpeed's step minus passes the loop already did
         install_lean_bf16_step(engine.optimizer)
     return engine, optimizer, scheduler, ds_config

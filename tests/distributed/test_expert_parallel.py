@@ -433,6 +433,54 @@ def test_single_process_engine_skips_a_reduction_that_changes_nothing(dtype: str
     run_distributed(_single_process_engine_worker, 1, dtype, timeout=120)
 
 
+def _groups_of_one_worker(rank: int, world: int, dtype: str) -> None:
+    import copy
+
+    from moetrain.distributed import init_distributed
+    from moetrain.distributed.expert_parallel import parallelize
+    from moetrain.model import MoETransformer
+    from moetrain.trainer.engine import build_engine
+
+    env = init_distributed()
+    cfg = _train_config(ep_size=world)  # every expert's data-parallel group is one rank
+    cfg.parallel.dtype = dtype
+    torch.manual_seed(0)
+    model = MoETransformer(cfg.model)
+    twin = copy.deepcopy(model)
+    parallelize(model, cfg, env)
+    parallelize(twin, cfg, env)
+    engine, *_ = build_engine(model, cfg, world)
+    stock, *_ = build_engine(twin, cfg, world)
+    del stock.allreduce_no_retain  # DeepSpeed's own: one flat buffer per 500M elements
+    assert "allreduce_no_retain" in vars(engine)
+    flat: dict[str, list[int]] = {"engine": [], "stock": []}
+    for name, e in (("engine", engine), ("stock", stock)):
+        e.flatten = lambda ts, seen=flat[name]: (
+            seen.append(sum(t.numel() for t in ts)) or (torch._utils._flatten_dense_tensors(ts))
+        )
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 13), generator=torch.Generator().manual_seed(1 + rank))
+    for e in (engine, stock):
+        e.backward(e(ids[:, :-1], ids[:, 1:]).loss)
+    # The same bits in every gradient (expert gradients scaled by 1 / world, dense ones all-reduced)...
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert p.grad is not None and torch.equal(p.grad, q.grad), name
+    experts = [p for p in model.parameters() if getattr(p, "allreduce", True) is False]
+    assert experts and all(p.grad.abs().sum() > 0 for p in experts)
+    # ...without DeepSpeed's buffer of all of a rank's expert gradients: the same elements pass, but
+    # no copy is larger than one expert gradient or the dense bucket (reduced over both ranks).
+    dense = sum(p.numel() for p in model.parameters() if getattr(p, "allreduce", True) is not False)
+    expert_total = sum(p.numel() for p in experts)
+    largest = max(dense, *(p.numel() for p in experts))
+    assert expert_total > largest  # else the check below could not tell
+    assert max(flat["stock"]) == expert_total  # the negative control sees DeepSpeed's buffer
+    assert max(flat["engine"]) <= largest and sum(flat["engine"]) == sum(flat["stock"])
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_expert_gradients_reduced_over_one_rank_without_a_flat_buffer(dtype: str):
+    run_distributed(_groups_of_one_worker, 2, dtype, timeout=180)
+
+
 def _lean_bf16_step_worker(rank: int, world: int) -> None:
     import copy
 
