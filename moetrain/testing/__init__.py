@@ -45,6 +45,7 @@ from moetrain.testing.fixtures import (
     HF_FAMILIES,
     TINY_MODEL,
     TINY_OVERRIDES,
+    ep_train_config,
     reference_run,
     tiny,
     tiny_hf_model,

@@ -54,6 +54,39 @@ def tiny_model_config(**overrides: Any):
     return cfg
 
 
+def ep_train_config(
+    ep_size: int,
+    *,
+    top_k: int = 2,
+    aux_loss_scope: str = "global_batch",
+    a2a_chunks: int = 1,
+    name: str = "ep-test",
+):
+    """A validated fp32 ``TrainConfig`` for in-process expert-parallel tests: hidden 32, 2 layers, 4
+    experts, seq 12, micro-batch 2, aux and z losses on, no warm-up."""
+    from moetrain.config import DataConfig, ModelConfig, MoEConfig, OptimConfig, ParallelConfig, TrainConfig
+
+    model = ModelConfig(
+        name=name,
+        vocab_size=96,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        ffn_hidden_size=64,
+        num_experts=4,
+        top_k=top_k,
+        max_seq_len=16,
+        moe=MoEConfig(aux_loss_weight=0.1, z_loss_weight=0.01, aux_loss_scope=aux_loss_scope),
+    )
+    return TrainConfig(
+        model=model,
+        data=DataConfig(seq_len=12),
+        optim=OptimConfig(micro_batch_size=2, warmup_steps=0),
+        parallel=ParallelConfig(ep_size=ep_size, dtype="fp32", a2a_chunks=a2a_chunks),
+    ).validate()
+
+
 # Tiny transformers models of every family moetrain maps (moetrain/hf/): vocab 512 (the fixture
 # BPE's size), hidden 32, 2 layers, 4 experts top-2. Each family's own options are switched on.
 _HF_TINY = {

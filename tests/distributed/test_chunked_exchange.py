@@ -26,6 +26,7 @@ from moetrain.testing import (
     WEIGHT_RMS_LR,
     assert_equivalent,
     check_ok,
+    ep_train_config,
     margins_paused,
     reference_run,
     rounding_rel,
@@ -62,27 +63,7 @@ def test_chunk_cuts_cover_every_copy_once(chunks: int):
 
 
 def _train_config(chunks: int):
-    from moetrain.config import DataConfig, ModelConfig, MoEConfig, OptimConfig, ParallelConfig, TrainConfig
-
-    model = ModelConfig(
-        name="chunk-test",
-        vocab_size=96,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        ffn_hidden_size=64,
-        num_experts=4,
-        top_k=2,
-        max_seq_len=16,
-        moe=MoEConfig(aux_loss_weight=0.1, z_loss_weight=0.01, aux_loss_scope="global_batch"),
-    )
-    return TrainConfig(
-        model=model,
-        data=DataConfig(seq_len=12),
-        optim=OptimConfig(micro_batch_size=2, warmup_steps=0),
-        parallel=ParallelConfig(ep_size=2, dtype="fp32", a2a_chunks=chunks),
-    ).validate()
+    return ep_train_config(2, a2a_chunks=chunks, name="chunk-test")
 
 
 def _train(cfg, init, batches, env) -> tuple[list[float], dict[str, torch.Tensor]]:

@@ -31,6 +31,7 @@ from moetrain.testing import (
     cached_run,
     check_ok,
     describe,
+    ep_train_config,
     equivalence_mismatches,
     margins_paused,
     metric_by_step,
@@ -194,27 +195,7 @@ def test_two_node_localhost_launch(tmp_path: Path):
 
 # ---- in-process tests ------------------------------------------------------------------------------
 def _train_config(ep_size: int, top_k: int = 2, scope: str = "global_batch"):
-    from moetrain.config import DataConfig, ModelConfig, MoEConfig, OptimConfig, ParallelConfig, TrainConfig
-
-    model = ModelConfig(
-        name="ep-test",
-        vocab_size=96,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        ffn_hidden_size=64,
-        num_experts=4,
-        top_k=top_k,
-        max_seq_len=16,
-        moe=MoEConfig(aux_loss_weight=0.1, z_loss_weight=0.01, aux_loss_scope=scope),
-    )
-    return TrainConfig(
-        model=model,
-        data=DataConfig(seq_len=12),
-        optim=OptimConfig(micro_batch_size=2, warmup_steps=0),
-        parallel=ParallelConfig(ep_size=ep_size, dtype="fp32"),
-    ).validate()
+    return ep_train_config(ep_size, top_k=top_k, aux_loss_scope=scope)
 
 
 def _expert_slice(name: str, full: torch.Tensor, ep_rank: int, ep_size: int) -> torch.Tensor:
