@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from moetrain.data.cache import atomic_dir, resolve_data_dir, sha256_file
+from moetrain.data.cache import atomic_dir, fingerprint_files, resolve_data_dir, sha256_file
 from moetrain.data.errors import DataError
 
 CORPUS_NAME = "builtin"
@@ -38,6 +38,7 @@ CORPUS_VERSION = 1  # bump when the document extraction changes
 VALIDATION_FRACTION = 0.005
 MIN_VALIDATION_DOCS = 4  # per domain, so per-domain validation loss is never empty
 SPLITS = ("train", "validation")
+FIXTURE_DIR = Path(__file__).parent / "fixture"  # the small committed corpus (make_fixture.py)
 
 Document = dict[str, str]
 
@@ -298,6 +299,16 @@ def build_corpus(data_dir: str | Path | None = None, *, verbose: bool = True) ->
             flush=True,
         )
     return final
+
+
+def local_source(name: str, data_dir: str | Path | None, *, verbose: bool = True) -> tuple[dict[str, str], str] | None:
+    """``data.name=builtin`` (built on first use) or ``fixture``: its split files and its content key
+    (name and file hash, so no ``datasets`` is needed to know it); None for any other source."""
+    if name not in (CORPUS_NAME, "fixture"):
+        return None
+    root = build_corpus(data_dir, verbose=verbose) if name == CORPUS_NAME else FIXTURE_DIR
+    files = {s: str(root / f"{s}.jsonl") for s in SPLITS}
+    return files, f"{name}-{fingerprint_files(files.values())[:16]}"
 
 
 def _print_stats(manifest: dict[str, Any]) -> None:

@@ -30,12 +30,13 @@ from transformers import PreTrainedTokenizerBase
 
 from moetrain.config import DATA_LOADERS, DataConfig
 from moetrain.data import corpus
-from moetrain.data.cache import fingerprint_files, resolve_data_dir
+from moetrain.data.cache import resolve_data_dir
 from moetrain.data.errors import DataError
+from moetrain.data.packed_cache import load_packed, packed_dir, packed_stats, save_packed
 from moetrain.data.packing import PackedDataset, pack
 
 LOADERS = DATA_LOADERS
-FIXTURE_DIR = Path(__file__).parent / "fixture"
+FIXTURE_DIR = corpus.FIXTURE_DIR
 TOKENIZED_VERSION = 1  # bump when tokenisation output changes
 HUB_PROBE_TIMEOUT_S = 3.0
 
@@ -112,10 +113,9 @@ def _load(cfg: DataConfig, cache_dir: Path, verbose: bool) -> tuple[datasets.Dat
     """(all splits, content key, validation split name or None to carve one)."""
     datasets.logging.set_verbosity_error()  # its progress bars and notes would drown ours
     datasets.disable_progress_bars()
-    if cfg.name in ("builtin", "fixture"):
-        root = corpus.build_corpus(cfg.data_dir, verbose=verbose) if cfg.name == "builtin" else FIXTURE_DIR
-        files = {s: str(root / f"{s}.jsonl") for s in corpus.SPLITS}
-        key = f"{cfg.name}-{fingerprint_files(files.values())[:16]}"
+    local = corpus.local_source(cfg.name, cfg.data_dir, verbose=verbose)
+    if local is not None:
+        files, key = local
         return datasets.load_dataset("json", data_files=files, cache_dir=str(cache_dir)), key, "validation"
     if cfg.name in LOADERS:
         _check_local_files(cfg.name, cfg.data_files)
@@ -317,19 +317,22 @@ def pack_tokenized(
 def tokenize_and_pack(
     docs: Documents, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, tokenizer_fp: str
 ) -> tuple[dict[str, PackedDataset], dict[str, Any]]:
-    """Packed train/validation sets and their statistics."""
-    cache_dir, key = tokenized_cache(docs, cfg, tokenizer_fp)
-    packed: dict[str, PackedDataset] = {}
-    stats: dict[str, Any] = {"documents": {}, "tokens": {}, "blocks": {}, "tokens_per_domain": {}}
+    """Packed train/validation sets, memory-mapped from the packed cache (packed_cache.py; built on
+    first use), and their statistics."""
     start = time.perf_counter()
-    cached = all((cache_dir / f"{s}.arrow").is_file() for s in corpus.SPLITS)
-    for split, ds in (("train", docs.train), ("validation", docs.validation)):
-        tokenized = tokenize(ds, docs, tokenizer, cache_dir / f"{split}.arrow", f"{key}-{split}")
-        packed[split] = p = pack_tokenized(tokenized, cfg.seq_len, docs.domains, split)
-        stats["documents"][split] = p.num_documents
-        stats["tokens"][split] = p.num_tokens
-        stats["blocks"][split] = len(p)
-        stats["tokens_per_domain"][split] = p.tokens_per_domain
+    target = packed_dir(cfg, docs.key, tokenizer_fp)
+    cached = (target / "meta.json").is_file()
+    if not cached:
+        cache_dir, key = tokenized_cache(docs, cfg, tokenizer_fp)
+        cached = all((cache_dir / f"{s}.arrow").is_file() for s in corpus.SPLITS)
+        packed: dict[str, PackedDataset] = {}
+        for split, ds in (("train", docs.train), ("validation", docs.validation)):
+            tokenized = tokenize(ds, docs, tokenizer, cache_dir / f"{split}.arrow", f"{key}-{split}")
+            packed[split] = pack_tokenized(tokenized, cfg.seq_len, docs.domains, split)
+        save_packed(target, packed, docs.domains)
+    loaded = load_packed(target)
+    assert loaded is not None, f"packed cache {target} vanished while in use"
+    stats = packed_stats(loaded[0])
     stats["tokenize_seconds"] = round(time.perf_counter() - start, 3)
     stats["tokenize_cached"] = cached
-    return packed, stats
+    return loaded[0], stats

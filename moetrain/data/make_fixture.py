@@ -15,6 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from moetrain.data.corpus import (
+    FIXTURE_DIR,
     SPLITS,
     Document,
     build_corpus,
@@ -24,7 +25,6 @@ from moetrain.data.corpus import (
     write_jsonl,
 )
 
-FIXTURE_DIR = Path(__file__).parent / "fixture"
 CHARS_PER_DOMAIN = {"train": 300_000, "validation": 12_000}
 EXCERPT_CHARS = 4_000
 

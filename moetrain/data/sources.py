@@ -1,7 +1,8 @@
 """From ``data.*`` to train / validation blocks: one text source, token files, or a weighted mixture.
 
 - a text source (builtin, fixture, a ``datasets`` loader or hub dataset): documents -> tokenizer ->
-  tokenised (cached) -> packed in memory (datasets.py, packing.py);
+  tokenised (cached) -> packed (datasets.py, packing.py) into the packed cache, memory-mapped
+  (packed_cache.py); the builtin corpus and the fixture, once packed, skip ``datasets`` entirely;
 - ``tokens``: memory-mapped token files (tokens.py), with the tokenizer that wrote them;
 - ``mixture``: each source built as above with one shared tokenizer, kept apart (a block never mixes
   sources) and drawn by weight in training (mixture.py); validation per source.
@@ -39,7 +40,37 @@ def _tokens_tokenizer_cfg(cfg: DataConfig) -> DataConfig:
     return replace(cfg, tokenizer=beside)
 
 
+def _packed_local(cfg: DataConfig, verbose: bool) -> DataBundle | None:
+    """The builtin corpus or the fixture when its blocks are already packed: read from the packed
+    cache without importing ``datasets`` (packed_cache.py). None when anything must be built."""
+    from moetrain.data import DataBundle
+    from moetrain.data.corpus import local_source
+    from moetrain.data.packed_cache import load_packed, packed_dir, packed_stats
+    from moetrain.data.tokenizer import is_trained, load_or_train_tokenizer, tokenizer_fingerprint
+
+    start = time.perf_counter()
+    local = local_source(cfg.name, cfg.data_dir, verbose=verbose)
+    if local is None or not is_trained(cfg, local[1]):
+        return None
+    tokenizer = load_or_train_tokenizer(cfg, corpus_key=local[1], verbose=verbose)
+    loaded = load_packed(packed_dir(cfg, local[1], tokenizer_fingerprint(tokenizer)))
+    if loaded is None:
+        return None
+    packed, domains = loaded
+    stats = packed_stats(packed)
+    stats.update(
+        source=local[1],
+        tokenize_cached=True,
+        tokenize_seconds=round(time.perf_counter() - start, 3),
+        vocab_size=len(tokenizer),
+    )
+    return DataBundle(tokenizer, packed["train"], packed["validation"], domains, stats)
+
+
 def build_text(cfg: DataConfig, verbose: bool) -> DataBundle:
+    warm = _packed_local(cfg, verbose)
+    if warm is not None:
+        return warm
     from moetrain.data import DataBundle
     from moetrain.data.datasets import load_documents, tokenize_and_pack
     from moetrain.data.tokenizer import load_or_train_tokenizer, tokenizer_fingerprint

@@ -90,10 +90,12 @@ def load_or_train_tokenizer(
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         return tok
-    if corpus_key is None or texts is None:
-        raise ValueError("training the builtin tokenizer needs corpus_key and texts")
+    if corpus_key is None:
+        raise ValueError("the builtin tokenizer needs corpus_key")
     path = tokenizer_dir(cfg.data_dir, corpus_key, cfg.vocab_size)
     if not (path / "tokenizer.json").is_file():
+        if texts is None:
+            raise ValueError(f"no builtin tokenizer trained at {path}, and no texts to train one")
         start = time.perf_counter()
         with atomic_dir(path) as tmp:
             train_bpe(texts, cfg.vocab_size).save_pretrained(tmp)
@@ -104,6 +106,11 @@ def load_or_train_tokenizer(
                 flush=True,
             )
     return PreTrainedTokenizerFast.from_pretrained(path)
+
+
+def is_trained(cfg: DataConfig, corpus_key: str) -> bool:
+    """Whether the tokenizer ``cfg`` asks for loads without training (always, for ``data.tokenizer``)."""
+    return cfg.tokenizer is not None or (tokenizer_dir(cfg.data_dir, corpus_key, cfg.vocab_size) / "tokenizer.json").is_file()
 
 
 def tokenizer_fingerprint(tok: PreTrainedTokenizerFast) -> str:
