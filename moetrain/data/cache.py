@@ -16,6 +16,8 @@ import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+TOKENIZED_VERSION = 1  # bump when tokenisation output changes: part of the tokenized and packed keys
+
 
 def resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> Path:
     """``data.data_dir``, else ``$MOETRAIN_DATA_DIR``, else ``~/.cache/moetrain``."""

@@ -30,14 +30,13 @@ from transformers import PreTrainedTokenizerBase
 
 from moetrain.config import DATA_LOADERS, DataConfig
 from moetrain.data import corpus
-from moetrain.data.cache import resolve_data_dir
+from moetrain.data.cache import TOKENIZED_VERSION, resolve_data_dir
 from moetrain.data.errors import DataError
 from moetrain.data.packed_cache import load_packed, packed_dir, packed_stats, save_packed
 from moetrain.data.packing import PackedDataset, pack
 
 LOADERS = DATA_LOADERS
 FIXTURE_DIR = corpus.FIXTURE_DIR
-TOKENIZED_VERSION = 1  # bump when tokenisation output changes
 HUB_PROBE_TIMEOUT_S = 3.0
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from moetrain.config import DataConfig
-from moetrain.data.cache import atomic_dir, resolve_data_dir
+from moetrain.data.cache import TOKENIZED_VERSION, atomic_dir, resolve_data_dir
 from moetrain.data.packing import PackedDataset
 
 PACKED_VERSION = 1  # bump when packing or this layout changes
@@ -39,6 +39,7 @@ def packed_dir(cfg: DataConfig, source_key: str, tokenizer_fp: str) -> Path:
     """Where ``cfg``'s packed blocks of the source ``source_key`` live."""
     parts = [
         PACKED_VERSION,
+        TOKENIZED_VERSION,
         source_key,
         tokenizer_fp,
         cfg.split,

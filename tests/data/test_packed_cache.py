@@ -39,7 +39,7 @@ def test_blocks_are_memory_mapped_from_the_cache_on_every_build(tmp_path: Path) 
         for split, blocks in (("train", bundle.train), ("validation", bundle.validation)):
             backing = _backing_file(blocks.blocks_NL)
             assert backing is not None and backing.endswith(f"{split}_blocks.npy"), backing
-            assert Path(backing).parent.parent == tmp_path / "packed"
+            assert Path(backing).parent.parent == (tmp_path / "packed").resolve()
     assert torch.equal(first.train.blocks_NL, second.train.blocks_NL)
     assert torch.equal(first.validation.domain_N, second.validation.domain_N)
     assert first.domains == second.domains and first.stats["blocks"] == second.stats["blocks"]
