@@ -87,7 +87,7 @@ def main(raw: DictConfig) -> int:
     from moetrain.checkpoint.model_file import CheckpointError
     from moetrain.checkpoint.save_errors import SaveFailure
     from moetrain.data import DataError
-    from moetrain.distributed.env import LaunchError
+    from moetrain.distributed.env import LaunchError, shutdown_distributed
     from moetrain.trainer import Trainer
     from moetrain.trainer.guards import TrainingDiverged
 
@@ -104,6 +104,9 @@ def main(raw: DictConfig) -> int:
     except TrainingDiverged as e:  # numeric fault beyond trainer.on_nonfinite's policy
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(3)
+    # Every rank has passed the run's last barrier. Not on the error paths above: a rank that failed
+    # may still have a collective in flight, which destroying its group would wait for.
+    shutdown_distributed()  # before interpreter exit (env.py says why)
     if code:
         sys.exit(code)
     return 0

@@ -17,6 +17,7 @@ from moetrain.distributed.env import (
     LaunchError,
     discover_launch_env,
     init_distributed,
+    shutdown_distributed,
     strip_launcher_args,
 )
 
@@ -34,5 +35,6 @@ __all__ = [
     "discover_launch_env",
     "gather_to_first",
     "init_distributed",
+    "shutdown_distributed",
     "strip_launcher_args",
 ]

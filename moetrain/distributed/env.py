@@ -158,3 +158,16 @@ def init_distributed(*, shm_comm: bool = False) -> DistEnv:
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     rank, world = dist.get_rank(), dist.get_world_size()
     return DistEnv(rank, local_rank, world, device, backend)
+
+
+def shutdown_distributed() -> None:
+    """Destroy the process group (if any) while the interpreter is still whole.
+
+    Left to interpreter exit, gloo's worker threads may still hold finished work objects whose tensors
+    need the GIL when they are freed during finalization; the process then aborts with "terminate
+    called without an active exception" (SIGABRT) after a run that succeeded, and the launcher
+    reports the run failed (pytorch/pytorch#190489; seen here about once per full test suite on 2 CPU
+    cores). torch asks every program to call ``destroy_process_group`` before it exits (NCCL warns
+    otherwise); it is local to each rank, no collective."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

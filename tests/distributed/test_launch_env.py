@@ -86,3 +86,24 @@ def test_multi_process_without_master_addr_is_one_line():
     with pytest.raises(LaunchError, match="MASTER_ADDR is not set") as e:
         discover_launch_env({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "4"})
     assert "\n" not in str(e.value) and "openmpi" in str(e.value)
+
+
+def _shutdown_worker(rank: int, world: int) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from moetrain.distributed import shutdown_distributed
+
+    dist.init_process_group("gloo")
+    out = [torch.empty(1) for _ in range(world)]
+    dist.all_gather(out, torch.tensor([float(rank)]))  # gloo's worker threads have run
+    shutdown_distributed()
+    assert not dist.is_initialized()
+    shutdown_distributed()  # no group: nothing to do
+
+
+@pytest.mark.multiprocess
+def test_shutdown_distributed_destroys_the_group_on_every_rank() -> None:
+    from moetrain.testing import run_distributed
+
+    run_distributed(_shutdown_worker, 3)
