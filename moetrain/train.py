@@ -113,8 +113,7 @@ def main(raw: DictConfig) -> int:
 
 
 if __name__ == "__main__":
-    from moetrain.cli import skip_exit_collection
+    from moetrain.cli import run_then_exit
 
-    skip_exit_collection()
     sys.argv = strip_launcher_args(sys.argv)
-    main()
+    run_then_exit(main)  # no interpreter finalization, where gloo's threads can abort (cli.py says why)

@@ -46,4 +46,50 @@ def test_every_command_skips_the_final_collection():
         if not entry.is_file():  # a package: its __main__.py
             entry = root / command / "__main__.py"
         main_block = entry.read_text().split('if __name__ == "__main__":')[1]
-        assert "skip_exit_collection()" in main_block, f"python -m moetrain.{command} does not skip it"
+        # run_then_exit skips all of finalization, the final collection included
+        skips = "skip_exit_collection()" in main_block or "run_then_exit(" in main_block
+        assert skips, f"python -m moetrain.{command} does not skip it"
+    train = (root / "train.py").read_text().split('if __name__ == "__main__":')[1]
+    assert "run_then_exit(main)" in train  # gloo's threads must not see the interpreter finalize
+
+
+_EXIT_SCRIPT = """
+import atexit, sys, threading, time
+from moetrain.cli import run_then_exit
+
+class Finalized:
+    def __del__(self):
+        print("finalized", flush=True)
+
+KEEP = Finalized()  # alive at exit: a normal exit frees it during finalization, run_then_exit does not
+atexit.register(lambda: print("atexit hook", flush=True))
+
+def late():
+    time.sleep(0.3)
+    print("non-daemon thread done", flush=True)
+
+def main():
+    threading.Thread(target=late).start()
+    print("unflushed", end="")
+    {body}
+
+{call}
+"""
+
+
+def _run_exit(body: str, call: str = "run_then_exit(main)") -> subprocess.CompletedProcess:
+    script = _EXIT_SCRIPT.format(body=body, call=call)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+
+
+def test_run_then_exit_keeps_exit_codes_threads_and_hooks_but_not_finalization():
+    ok = _run_exit("return 0")
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.splitlines() == ["unflushednon-daemon thread done", "atexit hook"]
+    failed = _run_exit("sys.exit(3)")
+    assert failed.returncode == 3 and "atexit hook" in failed.stdout
+    message = _run_exit("sys.exit('error: no')")
+    assert message.returncode == 1 and message.stderr.strip() == "error: no"
+    # The control: the same program ended by the interpreter finalizes the object kept alive.
+    normal = _run_exit("return 0", call="main()")
+    assert normal.returncode == 0 and normal.stdout.splitlines()[-1] == "finalized"
