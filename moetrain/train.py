@@ -104,9 +104,9 @@ def main(raw: DictConfig) -> int:
     except TrainingDiverged as e:  # numeric fault beyond trainer.on_nonfinite's policy
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(3)
-    # Every rank has passed the run's last barrier. Not on the error paths above: a rank that failed
-    # may still have a collective in flight, which destroying its group would wait for.
-    shutdown_distributed()  # before interpreter exit (env.py says why)
+    # Every rank has passed the run's last barrier (not so on the error paths above, where a rank may
+    # still have a collective in flight).
+    shutdown_distributed()
     if code:
         sys.exit(code)
     return 0

@@ -161,13 +161,11 @@ def init_distributed(*, shm_comm: bool = False) -> DistEnv:
 
 
 def shutdown_distributed() -> None:
-    """Destroy the process group (if any) while the interpreter is still whole.
+    """Destroy the process groups (if any) while the interpreter is still whole.
 
-    Left to interpreter exit, gloo's worker threads may still hold finished work objects whose tensors
-    need the GIL when they are freed during finalization; the process then aborts with "terminate
-    called without an active exception" (SIGABRT) after a run that succeeded, and the launcher
-    reports the run failed (pytorch/pytorch#190489; seen here about once per full test suite on 2 CPU
-    cores). torch asks every program to call ``destroy_process_group`` before it exits (NCCL warns
-    otherwise); it is local to each rank, no collective."""
+    torch asks every program to call ``destroy_process_group`` before it exits: it finalizes NCCL
+    communicators (NCCL warns otherwise) and is local to each rank, no collective. It does not stop
+    gloo's worker threads while other references to the groups remain (DeepSpeed keeps some); that the
+    process never finalizes with those threads alive is ``moetrain.cli.run_then_exit``'s job."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
