@@ -320,18 +320,19 @@ def tokenize_and_pack(
     first use), and their statistics."""
     start = time.perf_counter()
     target = packed_dir(cfg, docs.key, tokenizer_fp)
-    cached = (target / "meta.json").is_file()
-    if not cached:
+    packed = load_packed(target)
+    cached = packed is not None
+    if packed is None:
         cache_dir, key = tokenized_cache(docs, cfg, tokenizer_fp)
         cached = all((cache_dir / f"{s}.arrow").is_file() for s in corpus.SPLITS)
-        packed: dict[str, PackedDataset] = {}
+        built = {}
         for split, ds in (("train", docs.train), ("validation", docs.validation)):
             tokenized = tokenize(ds, docs, tokenizer, cache_dir / f"{split}.arrow", f"{key}-{split}")
-            packed[split] = pack_tokenized(tokenized, cfg.seq_len, docs.domains, split)
-        save_packed(target, packed, docs.domains)
-    loaded = load_packed(target)
-    assert loaded is not None, f"packed cache {target} vanished while in use"
-    stats = packed_stats(loaded[0])
+            built[split] = pack_tokenized(tokenized, cfg.seq_len, docs.domains, split)
+        save_packed(target, built, docs.domains)
+        packed = load_packed(target)  # every run reads its blocks the same way: memory-mapped
+        assert packed is not None, f"packed cache {target} vanished while in use"
+    stats = packed_stats(packed)
     stats["tokenize_seconds"] = round(time.perf_counter() - start, 3)
     stats["tokenize_cached"] = cached
-    return loaded[0], stats
+    return packed, stats

@@ -28,10 +28,10 @@ import torch
 
 from moetrain.config import DataConfig
 from moetrain.data.cache import TOKENIZED_VERSION, atomic_dir, resolve_data_dir
+from moetrain.data.corpus import SPLITS
 from moetrain.data.packing import PackedDataset
 
 PACKED_VERSION = 1  # bump when packing or this layout changes
-SPLITS = ("train", "validation")
 META_FILE = "meta.json"
 
 
@@ -57,9 +57,7 @@ def packed_dir(cfg: DataConfig, source_key: str, tokenizer_fp: str) -> Path:
 
 
 def save_packed(path: Path, packed: dict[str, PackedDataset], domains: list[str]) -> None:
-    """Write ``packed`` (both splits) to ``path`` atomically; an existing entry is kept."""
-    if (path / META_FILE).is_file():
-        return
+    """Write ``packed`` (both splits) to ``path`` atomically (a concurrent writer's entry wins)."""
     with atomic_dir(path) as tmp:
         meta: dict[str, Any] = {"version": PACKED_VERSION, "domains": domains, "splits": {}}
         for split in SPLITS:
@@ -74,8 +72,8 @@ def save_packed(path: Path, packed: dict[str, PackedDataset], domains: list[str]
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")  # last: marks it complete
 
 
-def load_packed(path: Path) -> tuple[dict[str, PackedDataset], list[str]] | None:
-    """The memory-mapped splits and the domain names at ``path``, or None when nothing is cached."""
+def load_packed(path: Path) -> dict[str, PackedDataset] | None:
+    """The memory-mapped splits at ``path``, or None when nothing is cached."""
     if not (path / META_FILE).is_file():
         return None
     meta = json.loads((path / META_FILE).read_text())
@@ -92,7 +90,7 @@ def load_packed(path: Path) -> tuple[dict[str, PackedDataset], list[str]] | None
             num_documents=counts["num_documents"],
             tokens_per_domain=counts["tokens_per_domain"],
         )
-    return packed, meta["domains"]
+    return packed
 
 
 def packed_stats(packed: dict[str, PackedDataset]) -> dict[str, Any]:

@@ -53,10 +53,9 @@ def _packed_local(cfg: DataConfig, verbose: bool) -> DataBundle | None:
     if local is None or not is_trained(cfg, local[1]):
         return None
     tokenizer = load_or_train_tokenizer(cfg, corpus_key=local[1], verbose=verbose)
-    loaded = load_packed(packed_dir(cfg, local[1], tokenizer_fingerprint(tokenizer)))
-    if loaded is None:
+    packed = load_packed(packed_dir(cfg, local[1], tokenizer_fingerprint(tokenizer)))
+    if packed is None:
         return None
-    packed, domains = loaded
     stats = packed_stats(packed)
     stats.update(
         source=local[1],
@@ -64,7 +63,7 @@ def _packed_local(cfg: DataConfig, verbose: bool) -> DataBundle | None:
         tokenize_seconds=round(time.perf_counter() - start, 3),
         vocab_size=len(tokenizer),
     )
-    return DataBundle(tokenizer, packed["train"], packed["validation"], domains, stats)
+    return DataBundle(tokenizer, packed["train"], packed["validation"], packed["train"].domains, stats)
 
 
 def build_text(cfg: DataConfig, verbose: bool) -> DataBundle:
